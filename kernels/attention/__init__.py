@@ -1,0 +1,83 @@
+"""Causal softmax attention (MHA/GQA, documents, sliding window).
+
+attention(q, k, v, seq_ids=None, window=None, scale=None, impl="auto", return_lse=False)
+    q: (B, T, H, K); k, v: (B, S, G, K) with S >= T and H % G == 0.
+    seq_ids: (B, S) int64 document ids of the keys (queries use the last T).
+    window: keys at most `window` tokens behind the query are visible.
+    Returns o (B, T, H, K) [, lse (B, T, H) fp32].
+
+impl: "auto" picks flash-attn on CUDA when it is installed and the dtype is
+fp16/bf16 and no lse is requested, else "sdpa" (PyTorch, reference.py).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+
+import torch
+
+from kernels.attention.reference import attention_reference, visibility_mask
+
+__all__ = ["attention", "visibility_mask", "select_impl"]
+log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=None)
+def _have_flash_attn() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _announce(impl: str) -> None:
+    log.info("attention backend: %s", impl)
+
+
+def select_impl(q: torch.Tensor, return_lse: bool) -> str:
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not return_lse and _have_flash_attn():
+        return "flash"
+    return "sdpa"
+
+
+def _flash(q, k, v, seq_ids, window, scale):
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+    B, T, H, K = q.shape
+    S = k.shape[1]
+    win = (window, 0) if window is not None else (-1, -1)
+    if seq_ids is None or T != S:
+        # flash-attn aligns causal masks bottom-right, as the reference does.
+        return flash_attn_func(q, k, v, softmax_scale=scale, causal=True, window_size=win)
+    # Documents: each (row, document) is one varlen sequence.
+    starts = torch.ones_like(seq_ids, dtype=torch.bool)
+    starts[:, 1:] = seq_ids[:, 1:] != seq_ids[:, :-1]
+    idx = torch.nonzero(starts.flatten()).flatten()
+    cu = torch.cat([idx, idx.new_tensor([B * T])]).to(torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max())
+    o = flash_attn_varlen_func(q.reshape(B * T, H, K), k.reshape(B * T, -1, K), v.reshape(B * T, -1, K),
+                               cu, cu, max_len, max_len, softmax_scale=scale, causal=True, window_size=win)
+    return o.reshape(B, T, H, K)
+
+
+def attention(q, k, v, *, seq_ids=None, window=None, scale=None, impl="auto", return_lse=False):
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
+        raise ValueError(f"attention expects q (B,T,H,K), k=v (B,S,G,K); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, T, H, K = q.shape
+    S, G = k.shape[1], k.shape[2]
+    if S < T or H % G or k.shape[0] != B or k.shape[3] != K:
+        raise ValueError(f"incompatible shapes q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if seq_ids is not None and tuple(seq_ids.shape) != (B, S):
+        raise ValueError(f"seq_ids must be (B, S) = ({B}, {S}); got {tuple(seq_ids.shape)}")
+    if impl == "auto":
+        impl = select_impl(q, return_lse)
+    _announce(impl)
+    if impl == "flash":
+        if return_lse:
+            raise ValueError("impl='flash' does not return lse here; use impl='sdpa'")
+        if not _have_flash_attn():
+            raise RuntimeError("impl='flash' requested but flash-attn is not installed (pip install loom-lm[gpu])")
+        return _flash(q, k, v, seq_ids, window, scale)
+    if impl != "sdpa":
+        raise ValueError(f"unknown attention impl {impl!r}; choose auto, sdpa or flash")
+    return attention_reference(q, k, v, seq_ids=seq_ids, window=window, scale=scale, return_lse=return_lse)

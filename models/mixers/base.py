@@ -1,0 +1,122 @@
+"""The mixer contract shared by every sequence-mixing layer.
+
+A *mixer* replaces the attention sub-block of a pre-norm transformer block:
+it maps the normalised hidden state x (B, T, D) to an update (B, T, D) that
+the block adds to its residual stream.
+
+Legend: B batch, T tokens in this call, D model width, H query heads,
+G key/value heads, K head dim.
+
+Each mixer file under models/mixers/ defines one subclass of `Mixer`,
+decorated with `@register("<kind>")`, and a dataclass `Config` holding the
+options a recipe sets under `model.mixers.<kind>`. The package imports every
+module in this folder, so adding a mixer is adding a file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from models.rope import RopeConfig
+
+
+@dataclass(frozen=True)
+class MixerDims:
+    """Model-level sizes a mixer needs; the same for every layer of a model."""
+
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    layer_idx: int
+    n_layers: int
+    rope: RopeConfig
+    init_std: float = 0.02
+
+
+@dataclass
+class SeqContext:
+    """Per-call information about the token sequence, shared by all layers.
+
+    position_ids: (B, T) int64, the position of each token inside its own
+        document (restarts at 0 at every document start). During decoding it
+        continues from the cache length.
+    seq_ids: (B, T) int64 document index inside each row (non-decreasing), or
+        None when each row is a single document. Two tokens may interact only
+        if their seq_ids are equal.
+    want_state: mixers return their final state (KV cache, recurrent state)
+        when True, else None.
+    cp: context-parallel handle (kernels.context_parallel) or None.
+    aux_losses: mixers append scalar auxiliary losses, already weighted
+        (e.g. MoH load balancing); the model adds them to the training loss.
+    stats: when a dict, mixers record diagnostics as detached scalar tensors
+        keyed "<name>/layer<idx>" (gate mean, attention-sink mass, head usage).
+    """
+
+    position_ids: torch.Tensor
+    seq_ids: torch.Tensor | None = None
+    want_state: bool = False
+    cp: Any = None
+    aux_losses: list[torch.Tensor] = field(default_factory=list)
+    stats: dict[str, torch.Tensor] | None = None
+
+    @property
+    def doc_starts(self) -> torch.Tensor:
+        """(B, T) bool, True at the first token of each document."""
+        return self.position_ids == 0
+
+
+class Mixer(nn.Module):
+    """Base class. Subclasses implement `forward` and the accounting hooks.
+
+    forward(x, ctx, state=None) -> (y, new_state)
+        x: (B, T, D) normalised hidden states.
+        state: what this mixer returned for the previous tokens of the same
+            rows (decoding, chunked prefill), or None at the start.
+        y: (B, T, D); new_state: mixer-specific (None unless ctx.want_state).
+    Feeding a sequence in pieces with the state carried must equal feeding it
+    whole; tests check this for every kind.
+    """
+
+    kind: ClassVar[str] = ""
+
+    @dataclass
+    class Config:
+        pass
+
+    def __init__(self, dims: MixerDims, cfg: Any):
+        super().__init__()
+        self.dims = dims
+        self.cfg = cfg
+
+    def mixing_flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token of the parameter-free mixing (e.g. QK^T and
+        AV), averaged over a causal sequence of `seq_len` tokens. Projections
+        are counted by the model through the parameter count."""
+        return 0.0
+
+    def state_bytes(self, seq_len: int, bytes_per_elem: int = 2) -> int:
+        """Bytes of decoding state for one sequence after `seq_len` tokens."""
+        return 0
+
+    def reset_parameters(self) -> None:
+        """Initialise this mixer's parameters (called once by HybridLM.init_weights)."""
+
+
+MIXERS: dict[str, type[Mixer]] = {}
+
+
+def register(kind: str):
+    """Class decorator: make a Mixer subclass available as `kind` in recipes."""
+
+    def wrap(cls: type[Mixer]) -> type[Mixer]:
+        if kind in MIXERS:
+            raise ValueError(f"mixer kind {kind!r} registered twice")
+        cls.kind = kind
+        MIXERS[kind] = cls
+        return cls
+
+    return wrap

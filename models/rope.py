@@ -1,0 +1,98 @@
+"""Rotary position embeddings with context-extension scalings.
+
+Convention: rotate-half (as Llama/Qwen in transformers), so converted
+checkpoints need no permutation. Scalings, chosen by `RopeConfig.scaling`:
+  none    plain RoPE, inv_freq_i = base^(-2i/K)
+  linear  position interpolation: positions divided by `factor`
+  ntk     NTK-aware: base multiplied by factor^(K/(K-2))
+  yarn    YaRN: per-frequency blend of interpolation and extrapolation
+          (ramp between beta_fast and beta_slow rotations over
+          `original_max_len`) and attention temperature 0.1 ln(factor) + 1
+  llama3  Llama 3.1's band-wise frequency scaling
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    base: float = 10000.0
+    scaling: Literal["none", "linear", "ntk", "yarn", "llama3"] = "none"
+    factor: float = 1.0
+    original_max_len: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+
+
+def inv_frequencies(head_dim: int, cfg: RopeConfig) -> tuple[torch.Tensor, float]:
+    """Returns (inv_freq of shape (K/2,), attention scaling of cos/sin)."""
+    k = head_dim
+    exps = torch.arange(0, k, 2, dtype=torch.float64) / k
+    base = cfg.base
+    if cfg.scaling == "ntk":
+        base = base * cfg.factor ** (k / (k - 2))
+    inv = base ** -exps
+    mscale = 1.0
+    if cfg.scaling == "linear":
+        inv = inv / cfg.factor
+    elif cfg.scaling == "yarn":
+        def dim_for(rotations: float) -> float:
+            return (k * math.log(cfg.original_max_len / (rotations * 2 * math.pi))) / (2 * math.log(cfg.base))
+
+        low = max(math.floor(dim_for(cfg.beta_fast)), 0)
+        high = min(math.ceil(dim_for(cfg.beta_slow)), k - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(k // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+        extrapolate = 1 - ramp  # 1 for high frequencies: keep them as they are
+        inv = (inv / cfg.factor) * (1 - extrapolate) + inv * extrapolate
+        mscale = 0.1 * math.log(cfg.factor) + 1.0 if cfg.factor > 1 else 1.0
+    elif cfg.scaling == "llama3":
+        low_wavelen = cfg.original_max_len / cfg.low_freq_factor
+        high_wavelen = cfg.original_max_len / cfg.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        smooth = (cfg.original_max_len / wavelen - cfg.low_freq_factor) / (cfg.high_freq_factor - cfg.low_freq_factor)
+        scaled = torch.where(wavelen > low_wavelen, inv / cfg.factor, inv)
+        mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+        inv = torch.where(mid, (1 - smooth) * inv / cfg.factor + smooth * inv, scaled)
+    return inv.float(), mscale
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for arbitrary position ids.
+
+    Example:
+        rope = Rotary(64, RopeConfig())
+        cos, sin = rope(position_ids)          # (B, T, K) each
+        q = apply_rotary(q, cos, sin)           # q: (B, T, H, K)
+    """
+
+    def __init__(self, head_dim: int, cfg: RopeConfig):
+        super().__init__()
+        inv, self.mscale = inv_frequencies(head_dim, cfg)
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = position_ids.to(torch.float32)[..., None] * self.inv_freq  # (B, T, K/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (B, T, K)
+        return angles.cos() * self.mscale, angles.sin() * self.mscale
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, T, H, K); cos, sin: (B, T, K). Computed in fp32, returned in x's dtype."""
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    xf = x.float()
+    return (xf * c + rotate_half(xf) * s).to(x.dtype)
