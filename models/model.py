@@ -1,0 +1,247 @@
+"""HybridLM: embedding -> blocks (each with its own mixer kind) -> norm -> head.
+
+Legend: B batch, T tokens, D model width, V vocabulary.
+
+A block is pre-norm: x + mixer(norm(x)), then x + mlp(norm(x)). The mixer of
+layer i is `cfg.layer_kinds()[i]`, built from the registry with the options
+under `model.mixers.<kind>`. Parameter, FLOP and cache accounting walk the
+same list.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from models.config import ConfigError, build, nearest
+from models.mixers import MIXERS, MixerDims, SeqContext
+from models.norms import RMSNorm, SwiGLU
+from models.rope import RopeConfig
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int | None = None  # None: taken from the tokenizer, rounded up to a multiple of 64
+    d_model: int = 256
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: = n_heads (MHA)
+    head_dim: int | None = None  # None: d_model // n_heads
+    mlp_hidden: int | None = None  # None: 8/3 d_model rounded up to a multiple of 64
+    layers: list[Any] = field(default_factory=lambda: ["attn", "x4"])
+    mixers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    activation_checkpointing: bool = False
+
+    def layer_kinds(self) -> list[str]:
+        return expand_layers(self.layers)
+
+    def resolved(self) -> "ModelConfig":
+        """Fill derived sizes; validate layers and mixer options (ConfigError naming the key)."""
+        n_kv = self.n_kv_heads or self.n_heads
+        head_dim = self.head_dim or self.d_model // self.n_heads
+        hidden = self.mlp_hidden or 64 * math.ceil(8 * self.d_model / 3 / 64)
+        if self.n_heads % n_kv:
+            raise ConfigError(f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({n_kv})")
+        kinds = self.layer_kinds()
+        for kind in list(kinds) + list(self.mixers):
+            if kind not in MIXERS:
+                raise ConfigError(f"unknown mixer kind {kind!r} in model.layers/model.mixers{nearest(kind, MIXERS)}")
+        mixer_options(self)
+        return ModelConfig(**{**self.__dict__, "n_kv_heads": n_kv, "head_dim": head_dim, "mlp_hidden": hidden})
+
+
+def expand_layers(spec: list[Any]) -> list[str]:
+    """`[[rat, swa], x6, attn]` -> 12 alternating layers then attn. A string
+    `xN` repeats the item before it N times in total."""
+    out: list[str] = []
+    prev: list[str] | None = None
+    for item in spec:
+        if isinstance(item, str) and re.fullmatch(r"x\d+", item):
+            if prev is None:
+                raise ConfigError(f"model.layers: repeat {item!r} has nothing before it")
+            out.extend(prev * (int(item[1:]) - 1))
+            prev = None
+            continue
+        prev = expand_layers(item) if isinstance(item, list) else [str(item)]
+        out.extend(prev)
+    if not out:
+        raise ConfigError("model.layers is empty")
+    return out
+
+
+def mixer_options(cfg: ModelConfig) -> dict[str, Any]:
+    """Typed options per kind used in the model, from cfg.mixers."""
+    return {kind: build(MIXERS[kind].Config, cfg.mixers.get(kind), f"model.mixers.{kind}")
+            for kind in set(cfg.layer_kinds()) | set(cfg.mixers)}
+
+
+class Block(nn.Module):
+    def __init__(self, kind: str, dims: MixerDims, opts: Any, hidden: int, eps: float):
+        super().__init__()
+        self.kind = kind
+        self.mixer_norm = RMSNorm(dims.d_model, eps)
+        self.mixer = MIXERS[kind](dims, opts)
+        self.mlp_norm = RMSNorm(dims.d_model, eps)
+        self.mlp = SwiGLU(dims.d_model, hidden)
+
+    def forward(self, x: torch.Tensor, ctx: SeqContext, state=None):
+        y, new_state = self.mixer(self.mixer_norm(x), ctx, state)
+        x = x + y
+        return x + self.mlp(self.mlp_norm(x)), new_state
+
+
+@dataclass
+class ModelOutput:
+    hidden: torch.Tensor  # (B, T, D), after the final norm
+    aux_loss: torch.Tensor  # scalar: sum of the mixers' weighted auxiliary losses
+    state: list[Any] | None  # per-layer decoding state when requested
+
+
+class HybridLM(nn.Module):
+    """Example:
+        cfg = ModelConfig(vocab_size=256, layers=[["attn"], "x2"]).resolved()
+        model = HybridLM(cfg)
+        out = model(input_ids)                    # input_ids: (B, T)
+        loss = model.loss(out.hidden, labels)     # chunked cross-entropy
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ConfigError("model.vocab_size must be set (the trainer fills it from the tokenizer)")
+        cfg = cfg.resolved()
+        self.cfg = cfg
+        kinds = cfg.layer_kinds()
+        opts = mixer_options(cfg)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(
+            Block(kind, MixerDims(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, i, len(kinds),
+                                  cfg.rope, cfg.init_std), opts[kind], cfg.mlp_hidden, cfg.norm_eps)
+            for i, kind in enumerate(kinds))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.init_weights()
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialisation, in one place:
+        - every nn.Linear and the embedding: N(0, init_std); biases 0;
+        - output projections (names ending in o_proj, out_proj, down_proj):
+          N(0, init_std / sqrt(2 * n_layers)), so the residual stream's
+          variance does not grow with depth;
+        - norms: weight 1;
+        - then each mixer's `reset_parameters()` for its special parameters
+          (gate biases, decay rates, memory initial weights, ...).
+        """
+        std, n = self.cfg.init_std, len(self.blocks)
+        for name, mod in self.named_modules():
+            if isinstance(mod, (nn.Linear, nn.Embedding)):
+                out = name.rsplit(".", 1)[-1] in ("o_proj", "out_proj", "down_proj")
+                nn.init.normal_(mod.weight, 0.0, std / math.sqrt(2 * n) if out else std)
+                if getattr(mod, "bias", None) is not None:
+                    nn.init.zeros_(mod.bias)
+            elif isinstance(mod, RMSNorm):
+                nn.init.ones_(mod.weight)
+        for block in self.blocks:
+            block.mixer.reset_parameters()
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                seq_ids: torch.Tensor | None = None, state: list[Any] | None = None,
+                want_state: bool = False, cp: Any = None, stats: dict | None = None) -> ModelOutput:
+        """input_ids, position_ids, seq_ids: (B, T). With `state` (from a
+        previous call with want_state=True) the tokens continue those rows."""
+        B, T = input_ids.shape
+        if position_ids is None:
+            start = 0 if state is None else state_length(state)
+            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        ctx = SeqContext(position_ids=position_ids, seq_ids=seq_ids, want_state=want_state, cp=cp, stats=stats)
+        x = self.embed(input_ids)
+        new_state = [] if want_state else None
+        for i, block in enumerate(self.blocks):
+            layer_state = None if state is None else state[i]["mixer"]
+            if self.cfg.activation_checkpointing and self.training and layer_state is None and not want_state:
+                x, s = checkpoint(block, x, ctx, None, use_reentrant=False)
+            else:
+                x, s = block(x, ctx, layer_state)
+            if want_state:
+                new_state.append({"mixer": s, "length": T + (0 if state is None else state[i]["length"])})
+        aux = torch.stack(ctx.aux_losses).sum() if ctx.aux_losses else x.new_zeros(())
+        return ModelOutput(self.norm(x), aux, new_state)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.head_weight).float()
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 1024,
+             reduction: str = "mean") -> torch.Tensor:
+        """Chunked cross-entropy. hidden (B, T, D), labels (B, T) with -100 ignored.
+
+        Logits exist for at most `chunk` tokens at a time, forward and backward
+        (each chunk is recomputed in backward), so the peak is chunk x V
+        floats instead of B*T x V."""
+        h = hidden.reshape(-1, hidden.shape[-1])
+        y = labels.reshape(-1)
+        w = self.head_weight
+        total = h.new_zeros((), dtype=torch.float32)
+        for i in range(0, h.shape[0], chunk):
+            hi, yi = h[i:i + chunk], y[i:i + chunk]
+            if torch.is_grad_enabled() and h.requires_grad:
+                total = total + checkpoint(_ce_sum, hi, w, yi, use_reentrant=False)
+            else:
+                total = total + _ce_sum(hi, w, yi)
+        if reduction == "sum":
+            return total
+        return total / (y != -100).sum().clamp_min(1)
+
+    # ----- accounting -----
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 x (parameters used in matmuls, including
+        the LM head) + 3 x the forward mixing FLOPs (attention scores etc.)."""
+        matmul_params = self.num_params(non_embedding=True) + self.head_weight.numel() * (self.lm_head is None)
+        mixing = sum(b.mixer.mixing_flops_per_token(seq_len) for b in self.blocks)
+        return 6 * matmul_params + 3 * mixing
+
+    def state_bytes(self, seq_len: int, bytes_per_elem: int = 2) -> dict[str, int]:
+        """Decoding-cache bytes per sequence after `seq_len` tokens, per layer."""
+        return {f"{i}:{b.kind}": b.mixer.state_bytes(seq_len, bytes_per_elem) for i, b in enumerate(self.blocks)}
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_id: int | None = None) -> torch.Tensor:
+        """Greedy decoding with the per-layer state. input_ids: (B, T) -> (B, T + new)."""
+        out = self(input_ids, want_state=True)
+        state, tokens = out.state, [input_ids]
+        nxt = self.logits(out.hidden[:, -1]).argmax(-1, keepdim=True)
+        for _ in range(max_new_tokens - 1):
+            tokens.append(nxt)
+            if eos_id is not None and bool((nxt == eos_id).all()):
+                break
+            out = self(nxt, state=state, want_state=True)
+            state = out.state
+            nxt = self.logits(out.hidden[:, -1]).argmax(-1, keepdim=True)
+        else:
+            tokens.append(nxt)
+        return torch.cat(tokens, dim=1)
+
+
+def state_length(state: list[Any]) -> int:
+    return state[0]["length"]
+
+
+def _ce_sum(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(h, w).float(), y, ignore_index=-100, reduction="sum")
