@@ -33,13 +33,19 @@ class RopeConfig:
 
 
 def inv_frequencies(head_dim: int, cfg: RopeConfig) -> tuple[torch.Tensor, float]:
-    """Returns (inv_freq of shape (K/2,), attention scaling of cos/sin)."""
+    """Returns (inv_freq of shape (K/2,), attention scaling of cos/sin).
+
+    Computed in float32 in the same order of operations as Meta's Llama code
+    and transformers: pretrained checkpoints learned these exact fp32 values
+    (a float64 table differs by 1-2 ulp, a phase error that grows with the
+    position), and imported models then match their source bit for bit.
+    """
     k = head_dim
-    exps = torch.arange(0, k, 2, dtype=torch.float64) / k
     base = cfg.base
     if cfg.scaling == "ntk":
         base = base * cfg.factor ** (k / (k - 2))
-    inv = base ** -exps
+    pos_freqs = base ** (torch.arange(0, k, 2, dtype=torch.int64).float() / k)  # (K/2,) fp32
+    inv = 1.0 / pos_freqs
     mscale = 1.0
     if cfg.scaling == "linear":
         inv = inv / cfg.factor
@@ -51,9 +57,9 @@ def inv_frequencies(head_dim: int, cfg: RopeConfig) -> tuple[torch.Tensor, float
         high = min(math.ceil(dim_for(cfg.beta_slow)), k - 1)
         if low == high:
             high += 0.001
-        ramp = ((torch.arange(k // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+        ramp = ((torch.arange(k // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
         extrapolate = 1 - ramp  # 1 for high frequencies: keep them as they are
-        inv = (inv / cfg.factor) * (1 - extrapolate) + inv * extrapolate
+        inv = (1.0 / (cfg.factor * pos_freqs)) * (1 - extrapolate) + inv * extrapolate
         mscale = 0.1 * math.log(cfg.factor) + 1.0 if cfg.factor > 1 else 1.0
     elif cfg.scaling == "llama3":
         low_wavelen = cfg.original_max_len / cfg.low_freq_factor
@@ -63,7 +69,7 @@ def inv_frequencies(head_dim: int, cfg: RopeConfig) -> tuple[torch.Tensor, float
         scaled = torch.where(wavelen > low_wavelen, inv / cfg.factor, inv)
         mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
         inv = torch.where(mid, (1 - smooth) * inv / cfg.factor + smooth * inv, scaled)
-    return inv.float(), mscale
+    return inv, mscale
 
 
 class Rotary(nn.Module):

@@ -1,0 +1,73 @@
+"""HybridLM assembly: layer expansion, accounting, chunked loss, init, RoPE scalings."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import ConfigError, HybridLM, ModelConfig, expand_layers
+from models.rope import RopeConfig, Rotary
+
+
+def test_expand_layers():
+    assert expand_layers([["rat", "swa"], "x3"]) == ["rat", "swa"] * 3
+    assert expand_layers(["attn", "x2", "rat"]) == ["attn", "attn", "rat"]
+    with pytest.raises(ConfigError):
+        expand_layers(["x2"])
+
+
+def test_unknown_kind_and_option_name_the_key():
+    with pytest.raises(ConfigError, match="did you mean 'attn'"):
+        ModelConfig(layers=["atn"]).resolved()
+    with pytest.raises(ConfigError, match="model.mixers.attn.qkv_bais"):
+        ModelConfig(mixers={"attn": {"qkv_bais": True}}).resolved()
+
+
+def test_chunked_loss_equals_full_cross_entropy():
+    torch.manual_seed(0)
+    model = HybridLM(ModelConfig(vocab_size=96, d_model=32, n_heads=2, layers=["attn"]))
+    h = torch.randn(2, 50, 32, requires_grad=True)
+    y = torch.randint(0, 96, (2, 50))
+    y[0, :3] = -100
+    chunked = model.loss(h, y, chunk=7)
+    full = F.cross_entropy(F.linear(h, model.head_weight).flatten(0, 1), y.flatten(), ignore_index=-100)
+    torch.testing.assert_close(chunked, full)
+    g1, = torch.autograd.grad(chunked, h)
+    g2, = torch.autograd.grad(full, h)
+    torch.testing.assert_close(g1, g2)
+
+
+def test_accounting():
+    cfg = ModelConfig(vocab_size=128, d_model=64, n_heads=4, layers=["attn", "x2"])
+    model = HybridLM(cfg)
+    n = model.num_params()
+    assert n == sum(p.numel() for p in model.parameters())
+    # 6N for matmul weights (tied head counted once as a matmul) + attention term.
+    flops = model.flops_per_token(256)
+    assert flops > 6 * model.num_params(non_embedding=True)
+    assert model.state_bytes(100)["0:attn"] == 2 * 100 * 4 * 16 * 2
+
+
+def test_init_scales_output_projections():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=256, n_heads=4, layers=["attn", "x8"], init_std=0.02)
+    model = HybridLM(cfg)
+    o = model.blocks[0].mixer.o_proj.weight.std().item()
+    q = model.blocks[0].mixer.q_proj.weight.std().item()
+    assert abs(q - 0.02) < 0.002
+    assert abs(o - 0.02 / math.sqrt(16)) < 0.001
+
+
+@pytest.mark.parametrize("scaling", ["none", "linear", "ntk", "yarn", "llama3"])
+def test_rope_scalings_are_finite_and_identity_at_zero(scaling):
+    rope = Rotary(32, RopeConfig(scaling=scaling, factor=4.0, original_max_len=64))
+    cos, sin = rope(torch.arange(10)[None])
+    assert torch.isfinite(cos).all() and torch.isfinite(sin).all()
+    torch.testing.assert_close(sin[0, 0], torch.zeros(32))
+
+
+def test_linear_scaling_is_position_interpolation():
+    a = Rotary(16, RopeConfig(scaling="linear", factor=2.0))
+    b = Rotary(16, RopeConfig())
+    pos = torch.arange(0, 20, 2)[None]
+    torch.testing.assert_close(a(pos)[0], b(pos // 2)[0])

@@ -1,0 +1,111 @@
+"""End-to-end runs of a tiny model through the real CLI and trainer:
+exact resume, SIGTERM, finished runs, corrupt checkpoints, CLI errors.
+Cost: about a minute in all (the SIGTERM test spawns a process)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from trainer.cli import main
+
+TINY = """
+model: {d_model: 32, n_heads: 2, layers: [attn, x2]}
+data:
+  seq_len: 96
+  sources:
+    - {kind: stdlib, weight: 3.0, max_bytes: 300000}
+    - {kind: passkey, weight: 1.0}
+  val_windows: 2
+optim: {lr: 3.0e-3, warmup_steps: 2}
+train: {steps: 8, batch_size: 2, log_every: 1, eval_every: 4, save_every: 2, keep_last: 2}
+eval: {passkey_n: 2, passkey_depths: [0.5]}
+"""
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    p = tmp_path / "tiny.yaml"
+    p.write_text(TINY)
+    return p
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if "split" not in r}
+
+
+def test_resume_is_exact(recipe, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", str(recipe), f"output_dir={a}"]) == 0
+    assert main(["train", str(recipe), f"output_dir={b}", "train.stop_after_steps=3"]) == 0
+    assert "stopped at step 3" in capsys.readouterr().out
+    assert max(losses(b)) == 3
+    assert main(["train", str(recipe), f"output_dir={b}"]) == 0
+    la, lb = losses(a), losses(b)
+    assert sorted(la) == sorted(lb) == list(range(1, 9))
+    for step in la:
+        assert abs(la[step] - lb[step]) <= 1e-6, (step, la[step], lb[step])
+    evals = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines() if '"split"' in x]
+    assert [e["step"] for e in evals] == [4, 8] and all("ppl" in e for e in evals)
+    # keep_last=2, and the latest pointer names the final step.
+    steps = sorted(p.name for p in (a / "checkpoints").glob("step-*"))
+    assert steps == ["step-00000006", "step-00000008"]
+    assert (a / "checkpoints" / "latest").read_text().strip() == "step-00000008"
+
+
+def test_finished_run_says_so(recipe, tmp_path, capsys):
+    out = tmp_path / "done"
+    assert main(["train", str(recipe), f"output_dir={out}", "train.steps=2"]) == 0
+    capsys.readouterr()
+    assert main(["train", str(recipe), f"output_dir={out}", "train.steps=2"]) == 0
+    assert "already finished at step 2" in capsys.readouterr().out
+
+
+def test_corrupt_checkpoint_falls_back(recipe, tmp_path, capsys):
+    out = tmp_path / "c"
+    assert main(["train", str(recipe), f"output_dir={out}", "train.stop_after_steps=4"]) == 0
+    weights = out / "checkpoints" / "step-00000004" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["train", str(recipe), f"output_dir={out}", "train.stop_after_steps=1"]) == 0
+    captured = capsys.readouterr()
+    assert "skipping corrupt checkpoint step-00000004" in captured.err
+    assert "resumed" in captured.out and "from step 2" in captured.out
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["train", "recipes/does-not-exist.yaml"], "error: recipe not found"),
+    (["train", "{recipe}", "model.nonexistent=3"], "error: unknown key 'model.nonexistent'"),
+    (["train", "{recipe}", "data.sources=[{kind: files, path: /no/such/file.jsonl}]"], "/no/such/file.jsonl"),
+])
+def test_cli_errors_are_one_line(recipe, tmp_path, capsys, args, needle):
+    args = [a.replace("{recipe}", str(recipe)) for a in args] + [f"output_dir={tmp_path / 'e'}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+
+
+def test_sigterm_checkpoints_and_resumes(recipe, tmp_path):
+    out = tmp_path / "s"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "trainer", "train", str(recipe), f"output_dir={out}", "train.steps=400",
+           "train.save_every=1000", "train.eval_every=1000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "checkpoint saved" in stdout
+    step = int((out / "checkpoints" / "latest").read_text().split("-")[1])
+    assert 3 <= step < 400
+    assert max(losses(out)) == step

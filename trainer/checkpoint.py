@@ -1,0 +1,414 @@
+"""Atomic, checksummed checkpoints of one training run.
+
+Layout of a run folder::
+
+    <run_dir>/checkpoints/
+        step-00000040/              one finished checkpoint
+            model.safetensors       model tensors (contiguous, CPU)
+            trainer_state.pt        optimizer, scheduler, RNG states, data position (torch.save)
+            meta.json               JSON: step, config dump, loss, versions, ...
+            manifest.json           {"format": 1, "step": 40, "files": {name: {"sha256", "bytes"}}}
+        latest                      text file naming the checkpoint to resume from
+
+Why a crash never damages the run: a save writes everything into
+``checkpoints/.tmp-step-XXXXXXXX-<pid>/``, hashes and fsyncs every file, writes
+the manifest last, and only then renames the folder to ``step-XXXXXXXX`` (one
+atomic rename on a POSIX file system), points ``latest`` at it (``os.replace``
+of a small file) and prunes old checkpoints (renamed into a ``.tmp-`` folder
+before deletion, so a half-deleted checkpoint is never visible). Re-saving an
+existing step moves the old folder aside to ``.old-step-XXXXXXXX-<pid>`` for
+the moment of the swap; if the process dies in that moment, the next manager
+renames it back. Leftover ``.tmp-*`` entries of dead processes are deleted when
+a manager is created and before every save.
+
+One writer per run folder. Cleaning leftovers skips entries whose pid is a live
+process on this host, so a reader (``loom eval`` on a live run) does not delete
+the trainer's in-flight save.
+
+Extending to sharded checkpoints: ``_write_payload`` / ``_read_payload`` are the
+only places that know how tensors and state become files, and the manifest
+covers every file found under the temporary folder, recursively. A
+torch.distributed.checkpoint variant overrides those two methods (every rank
+writes its shards into one shared temporary folder, whose name the coordinator
+broadcasts) and runs ``save``'s commit steps (manifest, rename, ``latest``,
+prune) and ``_remove_stale`` on the coordinator only, after a barrier.
+
+Example::
+
+    manager = CheckpointManager("runs/debug", keep_last=3)
+    manager.save(step, model.state_dict(), {"optim": opt.state_dict(), "rng": rng_state()},
+                 meta={"loss": 2.31})
+    path = manager.latest_valid()
+    if path is not None:
+        tensors, state, meta = manager.load(path)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT = 1
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "trainer_state.pt"
+META_FILE = "meta.json"
+MANIFEST_FILE = "manifest.json"
+LATEST_FILE = "latest"
+
+_STEP_DIR = re.compile(r"step-(\d{8,})")
+_TMP_PREFIX = ".tmp-"
+_OLD_PREFIX = ".old-"
+_PID_SUFFIX = re.compile(r"-(\d+)$")
+_HASH_BLOCK = 8 << 20  # bytes read per hash update
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be written, found or trusted. The message is one user-facing line."""
+
+
+def step_dir_name(step: int) -> str:
+    """``40 -> "step-00000040"``."""
+    return f"step-{step:08d}"
+
+
+class CheckpointManager:
+    """Saves, lists, verifies, prunes and loads the checkpoints under ``<run_dir>/checkpoints``.
+
+    Args:
+        run_dir: the run folder; ``checkpoints/`` is created by the first save.
+        keep_last: how many of the newest checkpoints to keep after a save
+            (the one ``latest`` names is always kept); ``<= 0`` keeps all.
+    """
+
+    def __init__(self, run_dir: str | Path, keep_last: int = 3):
+        self.run_dir = Path(run_dir)
+        self.root = self.run_dir / "checkpoints"
+        self.keep_last = keep_last
+        # resolved path -> (dir inode, manifest mtime_ns) of checkpoints that passed verify
+        self._verified: dict[Path, tuple[int, int]] = {}
+        self._remove_stale()
+
+    # ------------------------------------------------------------------ save
+
+    def save(
+        self,
+        step: int,
+        tensors: dict[str, torch.Tensor],
+        state: dict[str, Any],
+        meta: dict | None = None,
+    ) -> Path:
+        """Write checkpoint ``step`` atomically and return its folder.
+
+        ``tensors`` go to model.safetensors, ``state`` (anything picklable) to
+        trainer_state.pt, ``meta`` (JSON-able; ``step`` is filled in) to
+        meta.json. Raises CheckpointError on bad meta or a failed write; the
+        previous checkpoints and ``latest`` are untouched in that case.
+        """
+        if step < 0:
+            raise CheckpointError(f"cannot save a checkpoint for negative step {step}")
+        name = step_dir_name(step)
+        try:
+            meta_text = json.dumps({**(meta or {}), "step": step}, indent=2, sort_keys=True)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"cannot save {name}: meta is not JSON-serialisable ({e})") from None
+
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._remove_stale()
+            tmp = self.root / f"{_TMP_PREFIX}{name}-{os.getpid()}"
+            tmp.mkdir()
+            self._write_payload(tmp, tensors, state)
+            _write_text(tmp / META_FILE, meta_text)
+            self._write_manifest(tmp, step)
+            final = self._swap_in(tmp, name)
+            self._point_latest(name)
+            self._prune()
+        except OSError as e:
+            raise CheckpointError(f"could not save checkpoint {name}: {e}") from e
+        return final
+
+    def _write_payload(self, tmp: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        """Turn tensors and state into files under ``tmp`` (the seam for sharded writers)."""
+        save_file(_saveable(tensors), str(tmp / MODEL_FILE))
+        torch.save(state, tmp / STATE_FILE)
+
+    def _write_manifest(self, tmp: Path, step: int) -> None:
+        """Hash and fsync every file under ``tmp``, then write the manifest last."""
+        names = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        digests = _sha256_files([tmp / n for n in names], fsync=True)
+        files = {n: {"sha256": d, "bytes": (tmp / n).stat().st_size} for n, d in zip(names, digests)}
+        manifest = {"format": FORMAT, "step": step, "files": files}
+        _write_text(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2))
+        _fsync_dir(tmp)
+
+    def _swap_in(self, tmp: Path, name: str) -> Path:
+        """Rename ``tmp`` to ``name``, replacing an existing folder of the same step."""
+        final = self.root / name
+        old = None
+        if final.exists():
+            old = self.root / f"{_OLD_PREFIX}{name}-{os.getpid()}"
+            os.rename(final, old)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if old is not None:
+                os.rename(old, final)
+            raise
+        _fsync_dir(self.root)
+        if old is not None:
+            shutil.rmtree(old)
+        return final
+
+    def _point_latest(self, name: str) -> None:
+        tmp = self.root / f"{_TMP_PREFIX}{LATEST_FILE}-{os.getpid()}"
+        _write_text(tmp, name + "\n")
+        os.replace(tmp, self.root / LATEST_FILE)
+        _fsync_dir(self.root)
+
+    def _prune(self) -> None:
+        if self.keep_last <= 0:
+            return
+        pinned = self._read_latest()
+        for _, path in self.list()[: -self.keep_last]:
+            if path.name == pinned:
+                continue
+            trash = self.root / f"{_TMP_PREFIX}prune-{path.name}-{os.getpid()}"
+            os.rename(path, trash)
+            shutil.rmtree(trash)
+
+    def _remove_stale(self) -> None:
+        """Delete leftovers of dead writers; restore a step folder a crash left moved aside."""
+        if not self.root.is_dir():
+            return
+        for entry in self.root.iterdir():
+            if not entry.name.startswith((_TMP_PREFIX, _OLD_PREFIX)):
+                continue
+            match = _PID_SUFFIX.search(entry.name)
+            if match and _is_other_live_process(int(match.group(1))):
+                continue
+            if entry.name.startswith(_OLD_PREFIX):
+                final = self.root / _PID_SUFFIX.sub("", entry.name[len(_OLD_PREFIX):])
+                if not final.exists():
+                    os.rename(entry, final)
+                    continue
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+    # ------------------------------------------------------------ inspection
+
+    def list(self) -> list[tuple[int, Path]]:
+        """Finished checkpoints as ``(step, folder)``, ascending by step."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for entry in self.root.iterdir():
+            match = _STEP_DIR.fullmatch(entry.name)
+            if match and entry.is_dir():
+                found.append((int(match.group(1)), entry))
+        return sorted(found)
+
+    def verify(self, path: str | Path) -> None:
+        """Check the manifest, every file's size and SHA-256; raise CheckpointError if any fails."""
+        path = Path(path)
+        problem = self._problem(path)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {problem}")
+        self._verified[path.resolve()] = _identity(path)
+
+    def latest_valid(self, log: Callable[[str], Any] = print) -> Path | None:
+        """The checkpoint to resume from, or None if there is no valid one.
+
+        Tries the folder ``latest`` names, then the others from newest to
+        oldest; each one that fails verification is reported through ``log``
+        in one ``warning: ...`` line.
+        """
+        candidates = [path for _, path in reversed(self.list())]
+        skipped: list[tuple[str, str]] = []
+        pointer = self._read_latest()
+        if pointer is not None:
+            named = [p for p in candidates if p.name == pointer]
+            if named:
+                candidates.remove(named[0])
+                candidates.insert(0, named[0])
+            else:
+                skipped.append((pointer, "directory missing"))
+
+        chosen = None
+        for path in candidates:
+            problem = self._problem(path)
+            if problem is None:
+                chosen = path
+                self._verified[path.resolve()] = _identity(path)
+                break
+            skipped.append((path.name, problem))
+
+        fallback = f"using {chosen.name}" if chosen is not None else "no valid checkpoint left"
+        for name, problem in skipped:
+            log(f"warning: skipping corrupt checkpoint {name} ({problem}); {fallback}")
+        return chosen
+
+    def load(self, path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict]:
+        """Verify, then return ``(tensors, state, meta)``, all on CPU.
+
+        A checkpoint this manager verified already (via ``verify`` or
+        ``latest_valid``) is not hashed again unless its folder or manifest
+        changed since. ``state`` is unpickled with ``weights_only=False``
+        (it holds RNG states and numpy values): load only checkpoints you trust.
+        """
+        path = Path(path)
+        if self._verified.get(path.resolve()) != _identity(path):
+            self.verify(path)
+        tensors, state = self._read_payload(path)
+        meta = json.loads((path / META_FILE).read_text())
+        return tensors, state, meta
+
+    def _read_payload(self, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Inverse of ``_write_payload`` (the seam for sharded readers)."""
+        tensors = load_file(str(path / MODEL_FILE), device="cpu")
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+        return tensors, state
+
+    def _problem(self, path: Path) -> str | None:
+        """Why ``path`` is not a valid checkpoint, in a few words; None if it is valid."""
+        if not path.is_dir():
+            return "directory missing"
+        try:
+            manifest = json.loads((path / MANIFEST_FILE).read_text())
+        except FileNotFoundError:
+            return "missing manifest"
+        except ValueError:
+            return "unreadable manifest"
+        try:
+            if manifest["format"] != FORMAT:
+                return f"unsupported manifest format {manifest['format']!r}"
+            expected = {n: (int(e["bytes"]), str(e["sha256"])) for n, e in manifest["files"].items()}
+        except (KeyError, TypeError, AttributeError, ValueError):
+            return "unreadable manifest"
+
+        for name, (size, _) in expected.items():
+            file = path / name
+            if not file.is_file():
+                return f"missing file {name}"
+            if file.stat().st_size != size:
+                return f"{name} size mismatch ({file.stat().st_size} bytes, manifest says {size})"
+        digests = _sha256_files([path / name for name in expected])
+        for (name, (_, sha)), digest in zip(expected.items(), digests):
+            if digest != sha:
+                return f"{name} checksum mismatch"
+        return None
+
+    def _read_latest(self) -> str | None:
+        try:
+            name = (self.root / LATEST_FILE).read_text().strip()
+        except FileNotFoundError:
+            return None
+        return name if _STEP_DIR.fullmatch(name) else None
+
+
+# ---------------------------------------------------------------- RNG state
+
+
+def rng_state() -> dict[str, Any]:
+    """Python ``random``, numpy's global, torch CPU and (when present) all CUDA RNG states."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` captured; CUDA states are skipped on a machine without CUDA."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _saveable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU tensors; tensors sharing storage (tied weights) get their own copy,
+    which safetensors requires."""
+    out, seen = {}, set()
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr in seen:
+            tensor = tensor.clone()
+        elif ptr != 0:
+            seen.add(ptr)
+        out[name] = tensor
+    return out
+
+
+def _sha256(path: Path, fsync: bool = False) -> str:
+    digest = hashlib.sha256()
+    buf = bytearray(_HASH_BLOCK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+        if fsync:
+            os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
+def _sha256_files(paths: list[Path], fsync: bool = False) -> list[str]:
+    """Hash files in parallel threads (hashlib and file reads release the GIL)."""
+    if len(paths) <= 1:
+        return [_sha256(p, fsync) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(4, len(paths))) as pool:
+        return list(pool.map(lambda p: _sha256(p, fsync), paths))
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    """Changes when the folder is replaced or its manifest rewritten; (-1, -1) if either is gone."""
+    try:
+        return path.stat().st_ino, (path / MANIFEST_FILE).stat().st_mtime_ns
+    except FileNotFoundError:
+        return -1, -1
+
+
+def _is_other_live_process(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

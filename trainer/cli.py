@@ -1,0 +1,136 @@
+"""`loom` command line (also `python -m trainer`).
+
+    loom train RECIPE [key=value ...]       train, or resume the run in output_dir
+    loom eval RECIPE [key=value ...]        evaluate the run's latest checkpoint
+    loom generate RECIPE --prompt TEXT      greedy generation from the latest checkpoint
+    loom info RECIPE [key=value ...]        parameters, FLOPs per token, cache size per layer
+    loom convert hf SRC OUT                 import a Llama/Qwen2 checkpoint folder
+
+User errors print one line `error: ...` on stderr and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError,
+                                                 PermissionError)
+
+
+def _load(args):
+    from trainer.config import load_config
+
+    return load_config(args.recipe, args.overrides)
+
+
+def cmd_train(args) -> int:
+    from trainer.train import train
+
+    return train(_load(args))
+
+
+def _restore(cfg):
+    """Model and tokenizer of the run's latest valid checkpoint (or fresh weights)."""
+    from trainer.checkpoint import CheckpointManager
+    from trainer.data import load_tokenizer
+    from trainer.train import build_model
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    model = build_model(cfg, tokenizer)
+    path = CheckpointManager(cfg.run_dir).latest_valid(log=lambda m: print(m, file=sys.stderr))
+    if path is None:
+        raise FileNotFoundError(f"no checkpoint in {cfg.run_dir}; train first with `loom train`")
+    tensors, _, meta = CheckpointManager(cfg.run_dir).load(path)
+    model.load_state_dict(tensors)
+    model.eval()
+    return model, tokenizer, meta
+
+
+def cmd_eval(args) -> int:
+    from trainer.data import eval_windows
+    from trainer.train import evaluate, fmt_eval
+
+    cfg = _load(args)
+    model, tokenizer, meta = _restore(cfg)
+    val = eval_windows(cfg.data, tokenizer, cfg.seed, batch_size=cfg.train.batch_size)
+    ev = evaluate(model, cfg, tokenizer, val)
+    print(fmt_eval(meta["step"], ev))
+    for k, v in ev.items():
+        if k.startswith("passkey@") and "/" in k:
+            print(f"  {k}: {v:.0%}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    cfg = _load(args)
+    model, tokenizer, _ = _restore(cfg)
+    ids = torch.tensor([tokenizer.encode(args.prompt)])
+    out = model.generate(ids, args.max_new_tokens, eos_id=tokenizer.eos_id)
+    print(tokenizer.decode(out[0, ids.shape[1]:].tolist()))
+    return 0
+
+
+def cmd_info(args) -> int:
+    from trainer.data import load_tokenizer
+    from trainer.train import model_config_for
+    from models import HybridLM
+
+    cfg = _load(args)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    model = HybridLM(model_config_for(cfg, tokenizer.vocab_size))
+    T = cfg.data.seq_len
+    print(f"{cfg.name}: {model.num_params() / 1e6:.2f}M parameters "
+          f"({model.num_params(non_embedding=True) / 1e6:.2f}M without embeddings)")
+    print(f"training FLOPs per token at {T} tokens: {model.flops_per_token(T) / 1e9:.3f} GFLOPs")
+    print(f"decoding cache per sequence at {T} tokens (bf16):")
+    for layer, nbytes in model.state_bytes(T).items():
+        print(f"  {layer:>16}: {nbytes / 2**20:.3f} MiB")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from trainer.convert import main_convert
+
+    return main_convert([args.src, args.out])
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="loom", description="Train long-context hybrid language models.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, fn, help_ in [("train", cmd_train, "train or resume a run"),
+                            ("eval", cmd_eval, "evaluate the latest checkpoint"),
+                            ("generate", cmd_generate, "greedy generation"),
+                            ("info", cmd_info, "model size, FLOPs and cache accounting")]:
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("recipe", help="recipe YAML, e.g. recipes/quickstart.yaml")
+        s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3")
+        s.set_defaults(fn=fn)
+        if name == "generate":
+            s.add_argument("--prompt", required=True)
+            s.add_argument("--max-new-tokens", type=int, default=64)
+    conv = sub.add_parser("convert", help="import weights from another format")
+    conv_sub = conv.add_subparsers(dest="format", required=True)
+    hf = conv_sub.add_parser("hf", help="Llama/Qwen2 folder (config.json + safetensors)")
+    hf.add_argument("src")
+    hf.add_argument("out")
+    hf.set_defaults(fn=cmd_convert)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from trainer.checkpoint import CheckpointError
+    from trainer.train import TrainingError
+
+    try:
+        return args.fn(args)
+    except (CheckpointError, TrainingError, *USER_ERRORS) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

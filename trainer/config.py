@@ -1,0 +1,167 @@
+"""Recipes: YAML with `base:` inheritance and dotted `key=value` overrides.
+
+Each component owns its typed config (ModelConfig in models/, DataConfig in
+trainer/data/, the optimiser, loop, evaluation and parallel sections here);
+`RunConfig` only composes them. Every key and value is checked before any
+work starts: an unknown key fails naming the nearest valid one.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from models.config import ConfigError, build, to_dict
+from models.model import ModelConfig
+from trainer.data import DataConfig
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 20
+    decay_frac: float = 0.2  # WSD: share of steps spent in the final decay
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 8  # windows per micro-batch per data-parallel rank
+    grad_accum: int = 1
+    log_every: int = 10
+    eval_every: int = 100
+    save_every: int = 100
+    keep_last: int = 3
+    loss_chunk: int = 1024  # tokens per cross-entropy chunk
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    stop_after_steps: int | None = None  # checkpoint and exit after this many steps in this invocation
+
+
+@dataclass
+class EvalConfig:
+    passkey_lengths: list[int] = field(default_factory=list)  # empty: data.seq_len
+    passkey_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
+    passkey_n: int = 8  # examples per (length, depth)
+    position_buckets: int = 8  # loss by position in the context
+
+
+@dataclass
+class ParallelConfig:
+    engine: Literal["single", "ddp", "fsdp", "deepspeed"] = "single"
+    zero: int = 0  # DeepSpeed ZeRO stage 0-3
+    cp: int = 1  # context-parallel degree
+    cp_impl: Literal["ring", "ulysses"] = "ring"
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    deepspeed_config: str | None = None  # a JSON under recipes/deepspeed/; None: generated
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str | None = None  # default runs/<name>
+    seed: int = 0
+    init_from: str | None = None  # a folder written by `loom convert hf`
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir or f"runs/{self.name}")
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def read_recipe(path: str | Path, _seen: tuple = ()) -> dict:
+    """YAML -> dict with `base:` (a path relative to this file) merged under it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    if path.resolve() in _seen:
+        raise ConfigError(f"recipe {path} inherits from itself through `base:`")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of keys")
+    base = data.pop("base", None)
+    name = data.get("name") or path.stem  # a run's name is its own, never inherited
+    if base:
+        data = deep_merge(read_recipe(path.parent / base, _seen + (path.resolve(),)), data)
+    data["name"] = name
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`a.b.c=value` (value parsed as YAML) set into the nested dict."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=1e-3)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.setdefault(p, {}), dict):
+                raise ConfigError(f"override {key!r}: {p!r} is not a section")
+            node = node[p]
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(recipe: str | Path, overrides: list[str] = ()) -> RunConfig:
+    cfg = build(RunConfig, apply_overrides(read_recipe(recipe), list(overrides)))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks that need no data or model (ConfigError on failure)."""
+    cfg.model.resolved()
+    t, p = cfg.train, cfg.parallel
+    for key in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "save_every", "loss_chunk"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+    if cfg.data.seq_len < 1:
+        raise ConfigError(f"data.seq_len must be >= 1, got {cfg.data.seq_len}")
+    if p.cp < 1:
+        raise ConfigError(f"parallel.cp must be >= 1, got {p.cp}")
+    if p.cp > 1 and cfg.data.seq_len % (2 * p.cp):
+        raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) must be divisible by 2 * parallel.cp "
+                          f"({2 * p.cp}) for the load-balanced context-parallel split")
+    if not 0 <= p.zero <= 3:
+        raise ConfigError(f"parallel.zero must be 0, 1, 2 or 3, got {p.zero}")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas must have two values, got {cfg.optim.betas}")
+
+
+def dump(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    return build(RunConfig, data)

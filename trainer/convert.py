@@ -1,0 +1,383 @@
+"""Import Hugging Face Llama- and Qwen2-family checkpoints into HybridLM.
+
+    loom convert hf PATH OUT
+
+PATH is a local folder holding `config.json` and the weights as safetensors:
+`model.safetensors`, or shards listed by `model.safetensors.index.json`.
+transformers is not needed: the config is plain JSON and the tensors are read
+with `safetensors`. OUT receives
+
+    model.safetensors   the HybridLM state dict (dtype of the source kept)
+    model.yaml          `model: {...}`, the model section for a recipe
+
+and a run starts from it with the recipe key `init_from: OUT`, which calls
+`load_converted(OUT)`.
+
+Only settings that HybridLM computes exactly as transformers does are mapped.
+Anything else (dynamic NTK, LongRoPE, partial rotary, biases HybridLM has no
+place for, sliding-window layers, other activations) is refused with a
+one-line ValueError naming the config field, rather than imported into a
+model that would silently compute something else.
+
+Weight names (layer i):
+    model.embed_tokens.weight                    -> embed.weight
+    model.layers.i.input_layernorm.weight        -> blocks.i.mixer_norm.weight
+    model.layers.i.self_attn.{q,k,v,o}_proj.*    -> blocks.i.mixer.{q,k,v,o}_proj.*
+    model.layers.i.post_attention_layernorm.weight -> blocks.i.mlp_norm.weight
+    model.layers.i.mlp.{gate,up,down}_proj.weight  -> blocks.i.mlp.{gate,up,down}_proj.weight
+    model.norm.weight                            -> norm.weight
+    lm_head.weight                               -> lm_head.weight (dropped when tied)
+Both use rotate-half RoPE on the same head layout, so no permutation is needed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from models import HybridLM, ModelConfig
+from models.config import build
+from models.rope import RopeConfig
+
+# model_type -> the one architecture class accepted for it.
+SUPPORTED = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+# Values transformers assumes when a key is absent from config.json (LlamaConfig / Qwen2Config).
+HF_DEFAULTS = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu",
+               "attention_bias": False, "mlp_bias": False, "use_sliding_window": False, "max_window_layers": 28}
+
+_RENAMES = [
+    (r"model\.embed_tokens\.weight", "embed.weight"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"blocks.\1.mixer_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.([qkvo]_proj)\.(weight|bias)", r"blocks.\1.mixer.\2.\3"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"blocks.\1.mlp_norm.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight", r"blocks.\1.mlp.\2.weight"),
+    (r"model\.norm\.weight", "norm.weight"),
+    (r"lm_head\.weight", "lm_head.weight"),
+]
+# Non-persistent RoPE buffers that some old checkpoints contain; recomputed by HybridLM.
+_SKIP = re.compile(r".*rotary_emb\.inv_freq")
+
+
+class ConvertError(ValueError):
+    """A checkpoint that cannot be converted exactly; the message is one line."""
+
+
+# ----- config -----
+
+def read_hf_config(src: str | Path) -> dict:
+    """config.json of a Hugging Face model folder, with a clear error when absent."""
+    src = Path(src)
+    path = src / "config.json"
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: no such folder (expected a Hugging Face model folder with config.json)")
+    if not path.is_file():
+        raise FileNotFoundError(f"{src}: no config.json (expected a Hugging Face model folder with "
+                                f"config.json and *.safetensors)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConvertError(f"{path}: not valid JSON ({e})") from None
+
+
+def check_architecture(hf: dict) -> str:
+    """The architecture name, or ConvertError naming what was found."""
+    model_type = hf.get("model_type")
+    archs = hf.get("architectures") or []
+    expected = SUPPORTED.get(model_type)
+    if expected is None or (archs and archs != [expected]):
+        found = ", ".join(archs) if archs else "no architectures"
+        raise ConvertError(f"unsupported architecture {found} (model_type {model_type!r}); "
+                           f"loom convert hf supports {', '.join(SUPPORTED.values())}")
+    return expected
+
+
+def _get(hf: dict, key: str):
+    return hf[key] if hf.get(key) is not None else HF_DEFAULTS.get(key)
+
+
+def _require(hf: dict, key: str):
+    if hf.get(key) is None:
+        raise ConvertError(f"config.json: missing {key!r}")
+    return hf[key]
+
+
+def rope_from_hf(hf: dict) -> RopeConfig:
+    """RoPE settings from `rope_parameters` (transformers >= 5) or `rope_theta` +
+    `rope_scaling` (transformers 4), mapped only when HybridLM's RoPE is the same
+    function of the position."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if params and all(isinstance(v, dict) for v in params.values()):
+        raise ConvertError(f"config.json: rope parameters per layer type ({', '.join(params)}) are not supported")
+    theta = float(params.get("rope_theta") or _get(hf, "rope_theta"))
+    kind = params.get("rope_type") or params.get("type") or "default"
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise ConvertError(f"config.json: partial_rotary_factor {partial} is not supported (HybridLM rotates the whole head)")
+    original = params.get("original_max_position_embeddings",
+                          hf.get("original_max_position_embeddings", hf.get("max_position_embeddings")))
+    if kind == "default":
+        return RopeConfig(base=theta)
+    if kind == "linear":
+        return RopeConfig(base=theta, scaling="linear", factor=float(_require(params, "factor")))
+    if kind in ("llama3", "yarn") and original is None:
+        raise ConvertError(f"config.json: {kind} rope scaling needs original_max_position_embeddings")
+    if kind == "llama3":
+        return RopeConfig(base=theta, scaling="llama3", factor=float(_require(params, "factor")),
+                          original_max_len=int(original),
+                          low_freq_factor=float(_require(params, "low_freq_factor")),
+                          high_freq_factor=float(_require(params, "high_freq_factor")))
+    if kind == "yarn":
+        return _yarn_from_hf(hf, params, theta, original)
+    if kind == "dynamic":
+        raise ConvertError("config.json: rope scaling 'dynamic' (NTK re-scaled with the sequence length, only past "
+                           "max_position_embeddings) has no exact equivalent; Loom's 'ntk' is static. Remove "
+                           "rope_scaling from config.json to import with plain RoPE")
+    raise ConvertError(f"config.json: rope scaling {kind!r} is not supported (supported: default, linear, yarn, llama3)")
+
+
+def _yarn_from_hf(hf: dict, params: dict, theta: float, original: int) -> RopeConfig:
+    factor = params.get("factor")
+    if factor is None:  # transformers: the ratio of the extended to the pretrained length
+        factor = _require(hf, "max_position_embeddings") / original
+    factor = float(factor)
+    if params.get("truncate", True) is not True:
+        raise ConvertError("config.json: yarn with truncate: false is not supported")
+    rope = RopeConfig(base=theta, scaling="yarn", factor=factor, original_max_len=int(original),
+                      beta_fast=float(params.get("beta_fast") or 32.0), beta_slow=float(params.get("beta_slow") or 1.0))
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    # HybridLM scales cos/sin by mscale(factor); transformers lets configs override it.
+    attn_factor = params.get("attention_factor")
+    if attn_factor is None and params.get("mscale") and params.get("mscale_all_dim"):
+        attn_factor = mscale(factor, params["mscale"]) / mscale(factor, params["mscale_all_dim"])
+    if attn_factor is not None and not math.isclose(attn_factor, mscale(factor), rel_tol=0, abs_tol=1e-12):
+        raise ConvertError(f"config.json: yarn attention factor {attn_factor:g} differs from 0.1 ln(factor) + 1 "
+                           f"= {mscale(factor):g}, the only one HybridLM implements")
+    return rope
+
+
+def model_config_from_hf(hf: dict) -> ModelConfig:
+    """A Loom ModelConfig computing the same function as the transformers model."""
+    arch = check_architecture(hf)
+    act = _get(hf, "hidden_act")
+    if act not in ("silu", "swish"):
+        raise ConvertError(f"config.json: hidden_act {act!r} is not supported (HybridLM's MLP is SwiGLU)")
+    if _get(hf, "mlp_bias"):
+        raise ConvertError("config.json: mlp_bias: true is not supported (HybridLM's MLP has no biases)")
+    if arch == "LlamaForCausalLM" and _get(hf, "attention_bias"):
+        raise ConvertError("config.json: attention_bias: true is not supported (it also biases o_proj, "
+                           "which HybridLM does not have)")
+    n_layers = int(_require(hf, "num_hidden_layers"))
+    if arch == "Qwen2ForCausalLM":
+        sliding = _sliding_layers(hf, n_layers)
+        if sliding:
+            raise ConvertError(f"config.json: use_sliding_window: true makes layers {sliding[0]}..{sliding[-1]} "
+                               f"sliding-window ({hf.get('sliding_window')} tokens); HybridLM imports full "
+                               f"attention only")
+    d_model = int(_require(hf, "hidden_size"))
+    n_heads = int(_require(hf, "num_attention_heads"))
+    return ModelConfig(
+        vocab_size=int(_require(hf, "vocab_size")),
+        d_model=d_model,
+        n_heads=n_heads,
+        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+        head_dim=int(hf.get("head_dim") or d_model // n_heads),
+        mlp_hidden=int(_require(hf, "intermediate_size")),
+        layers=["attn", f"x{n_layers}"] if n_layers > 1 else ["attn"],
+        mixers={"attn": {"qkv_bias": True}} if arch == "Qwen2ForCausalLM" else {},
+        tie_embeddings=bool(_get(hf, "tie_word_embeddings")),
+        norm_eps=float(_get(hf, "rms_norm_eps")),
+        rope=rope_from_hf(hf),
+    )
+
+
+def _sliding_layers(hf: dict, n_layers: int) -> list[int]:
+    """Layers that transformers' Qwen2 runs with a sliding window."""
+    if not _get(hf, "use_sliding_window") or hf.get("sliding_window") is None:
+        return []
+    types = hf.get("layer_types")
+    if types:
+        return [i for i, t in enumerate(types) if t == "sliding_attention"]
+    return list(range(int(_get(hf, "max_window_layers")), n_layers))
+
+
+def model_yaml_dict(cfg: ModelConfig) -> dict:
+    """The architecture fields of `cfg` as a recipe's `model:` mapping (training
+    choices such as init_std and activation_checkpointing are left to the recipe)."""
+    rope = {"base": cfg.rope.base, "scaling": cfg.rope.scaling}
+    used = {"linear": ["factor"], "ntk": ["factor"],
+            "yarn": ["factor", "original_max_len", "beta_fast", "beta_slow"],
+            "llama3": ["factor", "original_max_len", "low_freq_factor", "high_freq_factor"]}
+    rope.update({k: getattr(cfg.rope, k) for k in used.get(cfg.rope.scaling, [])})
+    keys = ["vocab_size", "d_model", "n_heads", "n_kv_heads", "head_dim", "mlp_hidden", "layers", "mixers",
+            "tie_embeddings", "norm_eps"]
+    return {**{k: getattr(cfg, k) for k in keys}, "rope": rope}
+
+
+# ----- weights -----
+
+def weight_files(src: Path) -> list[Path]:
+    """The safetensors files of a folder: the shards named by the index, or model.safetensors."""
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ConvertError(f"{index}: not a safetensors index (expected a 'weight_map' mapping)") from None
+        files = [src / name for name in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{src}: shard {missing[0]} named in {index.name} is missing"
+                                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        return files
+    if (src / "model.safetensors").is_file():
+        return [src / "model.safetensors"]
+    found = sorted(src.glob("*.safetensors"))
+    if found:
+        return found
+    other = [p.name for p in src.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    hint = f"; found {other[0]}, re-save it with safetensors (save_pretrained(..., safe_serialization=True))" \
+        if other else ""
+    raise FileNotFoundError(f"{src}: no *.safetensors weights{hint}")
+
+
+def loom_name(hf_name: str) -> str | None:
+    """HybridLM parameter name for a transformers one; None for ignorable buffers."""
+    if _SKIP.fullmatch(hf_name):
+        return None
+    for pattern, repl in _RENAMES:
+        if re.fullmatch(pattern, hf_name):
+            return re.sub(pattern, repl, hf_name)
+    raise ConvertError(f"unexpected tensor {hf_name!r} in the checkpoint (no HybridLM equivalent)")
+
+
+def convert_state_dict(files: list[Path], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Read, rename and check every tensor against HybridLM(cfg)'s names and shapes."""
+    with torch.device("meta"):  # names and shapes only, no memory
+        expected = {k: tuple(v.shape) for k, v in HybridLM(cfg).state_dict().items()}
+    out: dict[str, torch.Tensor] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for hf_name in f.keys():
+                name = loom_name(hf_name)
+                if name is None or (name == "lm_head.weight" and cfg.tie_embeddings):
+                    continue  # tied: transformers uses embed_tokens for the head as well
+                if name in out:
+                    raise ConvertError(f"tensor {hf_name!r} appears in more than one file ({path.name})")
+                if name not in expected:
+                    raise ConvertError(f"tensor {hf_name!r} does not fit the configured model (layer count "
+                                       f"{len(cfg.layer_kinds())}, tie_word_embeddings {cfg.tie_embeddings})")
+                t = f.get_tensor(hf_name)
+                if tuple(t.shape) != expected[name]:
+                    raise ConvertError(f"tensor {hf_name!r} has shape {tuple(t.shape)}; config.json implies "
+                                       f"{expected[name]}")
+                out[name] = t.contiguous()
+    missing = [k for k in expected if k not in out]
+    if missing:
+        raise ConvertError(f"checkpoint lacks {len(missing)} tensor(s) HybridLM needs, e.g. {missing[0]!r}")
+    return out
+
+
+# ----- public API -----
+
+def convert_hf(src: str | Path, out: str | Path) -> Path:
+    """Convert a Hugging Face Llama/Qwen2 folder into a Loom model folder.
+
+    Writes `out/model.safetensors` and `out/model.yaml` atomically (a temporary
+    sibling folder renamed into place), refusing an `out` that exists and is not
+    empty. Returns `out`. Raises FileNotFoundError for missing files and
+    ConvertError (a ValueError) for anything that cannot be converted exactly.
+
+    Example:
+        convert_hf("Llama-3.2-1B", "runs/init/llama-1b")
+        cfg, state = load_converted("runs/init/llama-1b")
+    """
+    src, out = Path(src), Path(out)
+    hf = read_hf_config(src)
+    cfg = model_config_from_hf(hf)
+    files = weight_files(src)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out}: already exists and is not empty; remove it or choose another output folder")
+    state = convert_state_dict(files, cfg)
+
+    arch = SUPPORTED[hf["model_type"]]
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state.values()})
+    header = (f"# Converted by `loom convert hf` from {src.resolve()} ({arch}, {', '.join(dtypes)}).\n"
+              f"# Pretrained context: max_position_embeddings {hf.get('max_position_embeddings')}.\n"
+              f"# Use this model section in a recipe and set `init_from: {out}` to start from these weights.\n")
+    text = header + yaml.safe_dump({"model": model_yaml_dict(cfg)}, sort_keys=False)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": arch})
+        (tmp / "model.yaml").write_text(text)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_converted(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(ModelConfig, HybridLM state dict on CPU) from a folder written by convert_hf.
+
+    Example:
+        cfg, state = load_converted(out)
+        model = HybridLM(cfg)
+        model.load_state_dict(state)
+    """
+    path = Path(path)
+    cfg = converted_config(path)
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{path}: no model.safetensors (expected a folder written by `loom convert hf`)")
+    return cfg, load_file(str(path / "model.safetensors"))
+
+
+def converted_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of a converted folder, from its model.yaml (no weights read)."""
+    path = Path(path) / "model.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.parent}: no model.yaml (expected a folder written by `loom convert hf`)")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise ConvertError(f"{path}: expected a `model:` mapping")
+    return build(ModelConfig, data["model"], "model")
+
+
+def main_convert(argv: list[str]) -> int:
+    """`loom convert hf PATH OUT`; argv is what follows `convert`. Prints one
+    line; errors print `error: ...` on stderr and return 1."""
+    parser = argparse.ArgumentParser(prog="loom convert", description="Import a checkpoint into Loom.")
+    sub = parser.add_subparsers(dest="format", required=True)
+    hf = sub.add_parser("hf", help="a local Llama/Qwen2 folder (config.json + *.safetensors)")
+    hf.add_argument("src", help="Hugging Face model folder")
+    hf.add_argument("out", help="output folder (must not exist, or be empty)")
+    args = parser.parse_args(argv)
+    try:
+        out = convert_hf(args.src, args.out)
+        cfg = converted_config(out)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    with torch.device("meta"):
+        n_params = HybridLM(cfg).num_params()
+    print(f"converted {args.src} -> {out} ({len(cfg.layer_kinds())} attn layers, {n_params / 1e6:.1f}M params); "
+          f"start a run with `model:` from {out / 'model.yaml'} and `init_from: {out}` in the recipe")
+    return 0

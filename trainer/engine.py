@@ -1,0 +1,74 @@
+"""Engines: the one interface the training loop uses for every parallelism mode.
+
+The loop calls only:
+    engine.module(...)            forward (wrapped model)
+    engine.model                  the unwrapped HybridLM (loss, accounting)
+    engine.backward(loss)         with engine.accumulating(last) around micro-batches
+    engine.step() -> grad_norm    clip, optimiser and scheduler step, zero grads
+    engine.lr
+    engine.checkpoint_state() / engine.load_checkpoint_state(tensors, state)
+`single` is here; the distributed engines live beside it and are chosen by
+`build_engine` from `parallel.engine`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from models import HybridLM
+from trainer.config import OptimConfig
+from trainer.optim import build_optimizer, build_scheduler
+
+
+class SingleEngine:
+    name = "single"
+
+    def __init__(self, model: HybridLM, optim_cfg: OptimConfig, total_steps: int):
+        self.model = model
+        self.module = model
+        self.optimizer = build_optimizer(model, optim_cfg)
+        self.scheduler = build_scheduler(self.optimizer, optim_cfg, total_steps)
+        self.grad_clip = optim_cfg.grad_clip
+
+    def accumulating(self, last_micro_batch: bool):
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
+        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def skip_step(self) -> None:
+        """Drop this step's gradients (non-finite loss); the schedule still advances."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        return tensors, {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_checkpoint_state(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        self.model.load_state_dict(tensors)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def build_engine(name: str, model: HybridLM, optim_cfg: OptimConfig, total_steps: int, **kwargs):
+    if name == "single":
+        return SingleEngine(model, optim_cfg, total_steps)
+    from trainer import distributed
+
+    return distributed.build_engine(name, model, optim_cfg, total_steps, **kwargs)
