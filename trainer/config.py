@@ -50,7 +50,7 @@ class TrainConfig:
 class EvalConfig:
     passkey_lengths: list[int] = field(default_factory=list)  # empty: data.seq_len
     passkey_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
-    passkey_n: int = 8  # examples per (length, depth)
+    passkey_n: int = 8  # examples per (length, depth); 0 turns passkey evaluation off
     position_buckets: int = 8  # loss by position in the context
 
 

@@ -9,6 +9,7 @@ with `safetensors`. OUT receives
 
     model.safetensors   the HybridLM state dict (dtype of the source kept)
     model.yaml          `model: {...}`, the model section for a recipe
+    tokenizer.json      copied from PATH when present (an HF `tokenizers` file)
 
 and a run starts from it with the recipe key `init_from: OUT`, which calls
 `load_converted(OUT)`.
@@ -106,9 +107,9 @@ def _get(hf: dict, key: str):
     return hf[key] if hf.get(key) is not None else HF_DEFAULTS.get(key)
 
 
-def _require(hf: dict, key: str):
+def _require(hf: dict, key: str, where: str = "config.json"):
     if hf.get(key) is None:
-        raise ConvertError(f"config.json: missing {key!r}")
+        raise ConvertError(f"{where}: missing {key!r}")
     return hf[key]
 
 
@@ -123,27 +124,34 @@ def rope_from_hf(hf: dict) -> RopeConfig:
     kind = params.get("rope_type") or params.get("type") or "default"
     partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     if partial not in (None, 1, 1.0):
-        raise ConvertError(f"config.json: partial_rotary_factor {partial} is not supported (HybridLM rotates the whole head)")
+        raise ConvertError(f"config.json: partial_rotary_factor {partial} is not supported "
+                           f"(HybridLM rotates the whole head)")
     original = params.get("original_max_position_embeddings",
                           hf.get("original_max_position_embeddings", hf.get("max_position_embeddings")))
+
+    def need(key: str) -> float:
+        return float(_require(params, key, "config.json rope scaling"))
+
     if kind == "default":
         return RopeConfig(base=theta)
     if kind == "linear":
-        return RopeConfig(base=theta, scaling="linear", factor=float(_require(params, "factor")))
+        return RopeConfig(base=theta, scaling="linear", factor=need("factor"))
     if kind in ("llama3", "yarn") and original is None:
         raise ConvertError(f"config.json: {kind} rope scaling needs original_max_position_embeddings")
     if kind == "llama3":
-        return RopeConfig(base=theta, scaling="llama3", factor=float(_require(params, "factor")),
+        return RopeConfig(base=theta, scaling="llama3", factor=need("factor"),
                           original_max_len=int(original),
-                          low_freq_factor=float(_require(params, "low_freq_factor")),
-                          high_freq_factor=float(_require(params, "high_freq_factor")))
+                          low_freq_factor=need("low_freq_factor"),
+                          high_freq_factor=need("high_freq_factor"))
     if kind == "yarn":
         return _yarn_from_hf(hf, params, theta, original)
     if kind == "dynamic":
         raise ConvertError("config.json: rope scaling 'dynamic' (NTK re-scaled with the sequence length, only past "
-                           "max_position_embeddings) has no exact equivalent; Loom's 'ntk' is static. Remove "
-                           "rope_scaling from config.json to import with plain RoPE")
-    raise ConvertError(f"config.json: rope scaling {kind!r} is not supported (supported: default, linear, yarn, llama3)")
+                           "max_position_embeddings) has no exact equivalent; Loom's 'ntk' is static. Set the "
+                           "rope type to default in config.json to import it with plain RoPE (what transformers "
+                           "computes up to max_position_embeddings)")
+    raise ConvertError(f"config.json: rope scaling {kind!r} is not supported "
+                       f"(supported: default, linear, yarn, llama3)")
 
 
 def _yarn_from_hf(hf: dict, params: dict, theta: float, original: int) -> RopeConfig:
@@ -296,9 +304,9 @@ def convert_state_dict(files: list[Path], cfg: ModelConfig) -> dict[str, torch.T
 def convert_hf(src: str | Path, out: str | Path) -> Path:
     """Convert a Hugging Face Llama/Qwen2 folder into a Loom model folder.
 
-    Writes `out/model.safetensors` and `out/model.yaml` atomically (a temporary
-    sibling folder renamed into place), refusing an `out` that exists and is not
-    empty. Returns `out`. Raises FileNotFoundError for missing files and
+    Writes `out/model.safetensors`, `out/model.yaml` and, when the source has
+    one, `out/tokenizer.json`, atomically (a temporary sibling folder renamed
+    into place); an `out` that exists and is not empty is refused. Returns `out`. Raises FileNotFoundError for missing files and
     ConvertError (a ValueError) for anything that cannot be converted exactly.
 
     Example:
@@ -327,6 +335,8 @@ def convert_hf(src: str | Path, out: str | Path) -> Path:
     try:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": arch})
         (tmp / "model.yaml").write_text(text)
+        if (src / "tokenizer.json").is_file():
+            shutil.copyfile(src / "tokenizer.json", tmp / "tokenizer.json")
         if out.exists():
             out.rmdir()  # empty, checked above
         tmp.rename(out)
@@ -362,20 +372,20 @@ def converted_config(path: str | Path) -> ModelConfig:
 
 
 def main_convert(argv: list[str]) -> int:
-    """`loom convert hf PATH OUT`; argv is what follows `convert`. Prints one
-    line; errors print `error: ...` on stderr and return 1."""
-    parser = argparse.ArgumentParser(prog="loom convert", description="Import a checkpoint into Loom.")
-    sub = parser.add_subparsers(dest="format", required=True)
-    hf = sub.add_parser("hf", help="a local Llama/Qwen2 folder (config.json + *.safetensors)")
-    hf.add_argument("src", help="Hugging Face model folder")
-    hf.add_argument("out", help="output folder (must not exist, or be empty)")
+    """`loom convert hf SRC OUT`; argv is [SRC, OUT], what follows `convert hf`.
+    Prints one line; errors print `error: ...` on stderr and return 2 (the
+    exit code of every other `loom` user error)."""
+    parser = argparse.ArgumentParser(prog="loom convert hf",
+                                     description="Import a local Llama/Qwen2 folder (config.json + *.safetensors).")
+    parser.add_argument("src", help="Hugging Face model folder")
+    parser.add_argument("out", help="output folder (must not exist, or be empty)")
     args = parser.parse_args(argv)
     try:
         out = convert_hf(args.src, args.out)
         cfg = converted_config(out)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     with torch.device("meta"):
         n_params = HybridLM(cfg).num_params()
     print(f"converted {args.src} -> {out} ({len(cfg.layer_kinds())} attn layers, {n_params / 1e6:.1f}M params); "

@@ -59,9 +59,9 @@ class Env:
     def shard_batch(self, batch: dict) -> dict:
         if self.cp is None:
             return batch
-        from kernels.context_parallel import shard
+        from kernels.context_parallel import shard_sequence
 
-        return {k: (shard(v, self.cp, dim=1) if k != "source" else v) for k, v in batch.items()}
+        return {k: (shard_sequence(v, self.cp, dim=1) if k != "source" else v) for k, v in batch.items()}
 
     def reduce_loss(self, model, hidden: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
         """Mean token loss of the whole window. Under cp each rank holds a slice of
@@ -72,7 +72,7 @@ class Env:
         total = model.loss(hidden, labels, chunk=chunk, reduction="sum")
         count = (labels != -100).sum().float()
         tdist.all_reduce(count, group=self.cp.group)
-        return total / count.clamp_min(1) * self.cp.world
+        return total / count.clamp_min(1) * self.cp.world_size
 
     def mean(self, value: torch.Tensor) -> float:
         """Average of a scalar over all ranks (for logging)."""

@@ -71,17 +71,19 @@ def build_model(cfg: RunConfig, tokenizer) -> HybridLM:
         from trainer.convert import load_converted
 
         _, weights = load_converted(cfg.init_from)
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        if missing or unexpected:
-            raise ConfigError(f"init_from {cfg.init_from}: weights do not fit model "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as e:
+            raise ConfigError(f"init_from {cfg.init_from}: the weights do not fit model.* of this recipe "
+                              f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}); "
+                              f"start from the model.yaml written by `loom convert`") from None
     return model
 
 
 def evaluate(model: HybridLM, cfg: RunConfig, tokenizer, val_batches: list[dict]) -> dict:
     out = validation(model, val_batches, cfg.eval.position_buckets)
     lengths = cfg.eval.passkey_lengths or [cfg.data.seq_len]
-    for length in lengths:
+    for length in lengths if cfg.eval.passkey_n > 0 else []:
         accs = []
         for depth in cfg.eval.passkey_depths:
             batches = passkey_examples(tokenizer, length, depth, cfg.eval.passkey_n, cfg.seed + 1,
