@@ -6,11 +6,12 @@
     loom info RECIPE [key=value ...]        parameters, FLOPs per token, cache size per layer
     loom convert hf SRC OUT                 import a Llama/Qwen2 checkpoint folder
 
-User errors print one line `error: ...` on stderr and exit 2.
+User errors print one line `error: ...` on stderr and exit 2 (LOOM_DEBUG=1 shows the traceback).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError,
@@ -98,6 +99,8 @@ def cmd_convert(args) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loom", description="Train long-context hybrid language models.")
+    # the `deepspeed` launcher passes --local_rank=N before the command (LOCAL_RANK is read from the environment)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
     for name, fn, help_ in [("train", cmd_train, "train or resume a run"),
                             ("eval", cmd_eval, "evaluate the latest checkpoint"),
@@ -127,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (CheckpointError, TrainingError, *USER_ERRORS) as e:
+        if os.environ.get("LOOM_DEBUG"):
+            raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         return 2

@@ -1,0 +1,186 @@
+"""Titans neural long-term memory: an MLP per (batch row, head) trained online by
+chunked gradient descent with momentum and weight decay.
+
+neural_memory(q, k, v, theta, eta, alpha, init_weights, *, chunk_size, state=None,
+              reset=None, mask=None, activation="gelu", retrieval="chunk", norm_weight=None,
+              return_state=False, impl="auto")
+doc_chunks(reset, offset, T, size, mask=None) -> DocChunks: the per-document chunk layout
+    the op uses, public for mixers whose segments follow the same grid (MAC).
+
+Legend: B batch, T tokens, H heads, K head dim, E*K the hidden width of a
+deep memory. Maths and decisions: README.md in this folder.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from kernels.memory.chunked import neural_memory_chunked
+from kernels.memory.common import ACTIVATIONS, MemoryState, Weights, mlp_forward
+from kernels.memory.layout import DocChunks, doc_chunks
+
+__all__ = ["neural_memory", "MemoryState", "init_memory_weights", "RETRIEVALS", "DocChunks", "doc_chunks",
+           "memory_read"]
+log = logging.getLogger(__name__)
+
+RETRIEVALS = ("chunk", "token")
+
+
+@functools.lru_cache(maxsize=None)
+def _announce(impl: str) -> None:
+    log.info("neural memory backend: %s", impl)
+
+
+def init_memory_weights(n_heads: int, head_dim: int, depth: int, expansion: int = 4,
+                        dtype=torch.float32, device=None) -> list[torch.Tensor]:
+    """Fresh W0 for a memory of `depth` layers: Xavier-uniform (H, D_in, D_out) matrices.
+
+    depth 1: [(H, K, K)]; depth >= 2: [(H, K, E*K), (H, E*K, E*K) ..., (H, E*K, K)]."""
+    if depth < 1:
+        raise ValueError(f"memory depth must be >= 1; got {depth}")
+    sizes = [head_dim] + [expansion * head_dim] * (depth - 1) + [head_dim]
+    out = []
+    for d_in, d_out in zip(sizes[:-1], sizes[1:]):
+        w = torch.empty(n_heads, d_in, d_out, dtype=dtype, device=device)
+        bound = (6.0 / (d_in + d_out)) ** 0.5
+        out.append(w.uniform_(-bound, bound))
+    return out
+
+
+def memory_read(weights: Weights, x: torch.Tensor, activation: str = "gelu",
+                norm_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """M_W(x) without any update: weights[l] (B or 1, H, D_in, D_out), x (B, T, H, K) -> (B, T, H, K)."""
+    dt = torch.promote_types(x.dtype, torch.float32)
+    weights = tuple(w.to(dt) for w in weights)
+    norm_weight = None if norm_weight is None else norm_weight.to(dt)
+    return mlp_forward(weights, x.to(dt).transpose(1, 2), ACTIVATIONS[activation][0], norm_weight).transpose(1, 2)
+
+
+def _validate(q, k, v, theta, eta, alpha, init_weights, chunk_size, state, reset, mask, activation,
+              retrieval, norm_weight) -> None:
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"neural_memory expects q, k, v of one shape (B, T, H, K); got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, T, H, K = q.shape
+    if T == 0:
+        raise ValueError("neural_memory needs at least one token (T >= 1)")
+    for name, g in (("theta", theta), ("eta", eta), ("alpha", alpha)):
+        if tuple(g.shape) != (B, T, H):
+            raise ValueError(f"{name} must be (B, T, H) = ({B}, {T}, {H}); got {tuple(g.shape)}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
+    if len(init_weights) < 1:
+        raise ValueError("init_weights must hold at least one (H, D_in, D_out) matrix")
+    d_prev = K
+    for l, w in enumerate(init_weights):
+        if w.dim() != 3 or w.shape[0] != H or w.shape[1] != d_prev:
+            raise ValueError(f"init_weights[{l}] must be (H, D_in, D_out) with H = {H}, D_in = {d_prev}; "
+                             f"got {tuple(w.shape)}")
+        d_prev = w.shape[2]
+    if d_prev != K:
+        raise ValueError(f"the last memory matrix must map to K = {K}; got init_weights[-1] "
+                         f"{tuple(init_weights[-1].shape)}")
+    if reset is not None and (tuple(reset.shape) != (B, T) or reset.dtype != torch.bool):
+        raise ValueError(f"reset must be a (B, T) = ({B}, {T}) bool tensor; got {tuple(reset.shape)} "
+                         f"{reset.dtype}")
+    if mask is not None:
+        if tuple(mask.shape) != (B, T) or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a (B, T) = ({B}, {T}) bool tensor; got {tuple(mask.shape)} {mask.dtype}")
+        if reset is not None and bool((reset & ~mask).any()):
+            raise ValueError("reset is set on a masked-out token; put it on the document's first kept token")
+    if norm_weight is not None and tuple(norm_weight.shape) != (H, K):
+        raise ValueError(f"norm_weight must be (H, K) = ({H}, {K}); got {tuple(norm_weight.shape)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown memory activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
+    if retrieval not in RETRIEVALS:
+        raise ValueError(f"unknown retrieval {retrieval!r}; choose one of {RETRIEVALS}")
+    if state is not None:
+        for name, ws in (("weights", state.weights), ("momentum", state.momentum), ("base", state.base)):
+            if len(ws) != len(init_weights):
+                raise ValueError(f"state.{name} has {len(ws)} matrices, init_weights {len(init_weights)}")
+            for l, (w, w0) in enumerate(zip(ws, init_weights)):
+                if tuple(w.shape) != (B, *w0.shape):
+                    raise ValueError(f"state.{name}[{l}] must be (B, H, D_in, D_out) = "
+                                     f"{(B, *w0.shape)}; got {tuple(w.shape)}")
+        if tuple(state.offset.shape) != (B,):
+            raise ValueError(f"state.offset must be (B,) = ({B},); got {tuple(state.offset.shape)}")
+        if bool(((state.offset < 0) | (state.offset >= chunk_size)).any()):
+            raise ValueError(f"state.offset must lie in [0, chunk_size = {chunk_size}); got "
+                             f"{state.offset.tolist()}")
+
+
+def neural_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor,
+                  eta: torch.Tensor, alpha: torch.Tensor, init_weights: Weights, *, chunk_size: int,
+                  state: MemoryState | None = None, reset: torch.Tensor | None = None,
+                  mask: torch.Tensor | None = None, activation: str = "gelu", retrieval: str = "chunk",
+                  norm_weight: torch.Tensor | None = None, return_state: bool = False, impl: str = "auto"):
+    """Store (k, v) pairs in a neural memory by online gradient descent and read it with q.
+
+    Per (batch row, head), the memory M_W is an MLP with weights W (depth =
+    len(init_weights); z = x @ W_l, act between layers, no biases, no
+    residual), optionally with an RMS-normalised output. Tokens are split into chunks of
+    `chunk_size` on a grid that restarts at every reset; all gradients of a
+    chunk are taken at its start weights G:
+
+        u_t = d/dW sum_K (M_W(k_t) - v_t)^2 at W = G
+        S_t = eta_t S_{t-1} - theta_t u_t
+        W_t = (1 - alpha_t) W_{t-1} + S_t
+        y_t = M_G(q_t)        retrieval="chunk" (chunk size 1: read before write)
+        y_t = M_{W_t}(q_t)    retrieval="token" (read after write, the paper's rule)
+
+    Args:
+        q, k, v: (B, T, H, K) queries, keys, values.
+        theta, eta, alpha: (B, T, H) learning rate (already scaled), momentum
+            and forget gates, each in (0, 1).
+        init_weights: the learned W0, a sequence of (H, D_in, D_out) tensors
+            (depth 1: [(H, K, K)]; depth 2: [(H, K, E*K), (H, E*K, K)]).
+        chunk_size: tokens per chunk (the inner mini-batch).
+        state: MemoryState carried from a previous call (W, S, chunk-start
+            weights and the offset inside the current chunk), or None for
+            W = W0, S = 0 in every row. Splitting a sequence at any token and
+            carrying the state gives exactly the result of the whole.
+        reset: (B, T) bool, True at document starts: W <- W0 and S <- 0 before
+            that token, and a new chunk begins there.
+        mask: (B, T) bool or None; tokens with False are skipped as if absent
+            (no update, no place in a chunk) and get y = 0. For padding.
+        activation: "gelu" (exact erf form) or "silu", between memory layers.
+        norm_weight: (H, K) gamma or None. Given, M_W(x) = rmsnorm(MLP_W(x)) * gamma,
+            which keeps a deep memory's inner descent stable as its weights grow;
+            None is the paper's plain MLP.
+        retrieval: "chunk" or "token", see above.
+        return_state: also return the final MemoryState.
+        impl: "auto" or "chunked" (the only backend so far).
+
+    Returns:
+        y (B, T, H, K) in q's dtype [, MemoryState in the compute dtype].
+
+    Example:
+        >>> B, T, H, K = 2, 100, 4, 32
+        >>> q, k, v = (torch.randn(B, T, H, K) for _ in range(3))
+        >>> theta, eta, alpha = (torch.rand(B, T, H) for _ in range(3))
+        >>> W0 = init_memory_weights(H, K, depth=2)
+        >>> y, st = neural_memory(q, k, v, 0.1 * theta, eta, 0.01 * alpha, W0,
+        ...                       chunk_size=16, return_state=True)
+        >>> y.shape, st.weights[0].shape, int(st.offset[0])
+        (torch.Size([2, 100, 4, 32]), torch.Size([2, 4, 32, 128]), 4)
+    """
+    _validate(q, k, v, theta, eta, alpha, init_weights, chunk_size, state, reset, mask, activation, retrieval,
+              norm_weight)
+    if impl == "auto":
+        impl = "chunked"
+    if impl != "chunked":
+        raise ValueError(f"unknown neural_memory impl {impl!r}; choose auto or chunked")
+    _announce(impl)
+    # Float32 at least: the decay products and the fast weights accumulate over the whole sequence.
+    dt = torch.promote_types(q.dtype, torch.float32)
+    cast = lambda xs: tuple(x.to(dt) for x in xs)  # noqa: E731
+    if state is not None:
+        state = MemoryState(cast(state.weights), cast(state.momentum), cast(state.base), state.offset)
+    y, final = neural_memory_chunked(*cast((q, k, v, theta, eta, alpha)), cast(init_weights),
+                                     chunk_size=chunk_size, state=state, reset=reset, mask=mask,
+                                     activation=activation, retrieval=retrieval,
+                                     norm_weight=None if norm_weight is None else norm_weight.to(dt))
+    y = y.to(q.dtype)
+    return (y, final) if return_state else y

@@ -1,0 +1,161 @@
+"""Neural memory (Titans LMM), chunk-parallel: matmuls inside a chunk, a loop over chunks.
+
+Legend: B batch, T tokens, H heads, K head dim, N chunk blocks per row,
+C slots per block (<= chunk_size), D_in / D_out sides of one memory matrix.
+
+Layout (layout.py). Chunks follow a grid that restarts at every document
+reset, so rows may cut their chunks at different tokens. Each chunk is placed
+left-aligned in a block of C slots: block n of row b holds that row's n-th
+chunk; unused tail slots are padding (theta = 0, eta = 1, alpha = 0, and the
+block's end state is read at its last real token). When nothing is reset
+mid-row, nothing is masked and no offset is carried, the layout is a reshape.
+
+Inside a block with start weights G (gradients), initial weights W_s and
+momentum S_s, and local products p_t = prod_{j<=t} eta_j,
+beta_t = prod_{j<=t} (1 - alpha_j):
+    Ep[t, i] = p_t / p_i,    Db[t, j] = beta_t / beta_j          (i, j <= t; segment sums in log space)
+    S_t = p_t S_s - sum_i Ep[t, i] theta_i u_i
+    W_t = beta_t W_s + (Db p)_t S_s - sum_i (Db Ep diag(theta))[t, i] u_i
+and u_i = h_i^T delta_i per layer is a rank-1 matrix (h_i the layer input,
+delta_i the loss gradient w.r.t. the layer output, both at G), so every sum
+over tokens is a matmul H^T diag(c) Delta and no per-token weights are
+built. The "token" read-out uses the same identity on the query side:
+    z_t = beta_t (h_t W_s) + (Db p)_t (h_t S_s) - sum_i Cw[t, i] (h_t . h_i) delta_i
+i.e. a masked (C x C) product, as in chunked linear attention.
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels.memory.common import ACTIVATIONS, NORM_EPS, MemoryState, Weights, mlp_forward, out_norm
+from kernels.memory.layout import doc_chunks
+
+
+def _segsum(x: torch.Tensor) -> torch.Tensor:
+    """x (..., C) -> (..., C, C): out[t, i] = sum_{i < l <= t} x_l, -inf where i > t.
+
+    Summing masked copies (rather than differencing a cumsum) keeps exact
+    zeros and avoids cancellation when the gates are tiny."""
+    C = x.shape[-1]
+    ones = torch.ones(C, C, dtype=torch.bool, device=x.device)
+    xx = x[..., :, None].expand(*x.shape, C).masked_fill(~ones.tril(-1), 0)
+    return xx.cumsum(dim=-2).masked_fill(~ones.tril(), float("-inf"))
+
+
+def _out_norm_backward(z, g, norm_weight):
+    """d loss / dz for o = z / r * gamma, r = sqrt(mean_K z^2 + eps), given g = d loss / do."""
+    rinv = torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + NORM_EPS)
+    gg = g * norm_weight[:, None, :]
+    return rinv * gg - z * rinv.pow(3) * (gg * z).mean(-1, keepdim=True)
+
+
+def _block(q, k, v, theta, eta, alpha, G: Weights, W: Weights, S: Weights, last, act, act_and_grad,
+           retrieval: str, norm_weight):
+    """One block for all (B, H). q, k, v (B, H, C, K); gates (B, H, C); G, W, S per layer
+    (B or 1, H, D_in, D_out); last (B,) index of the last real slot; norm_weight (H, K) or None.
+
+    Returns y (B, H, C, K), W_end, S_end."""
+    depth = len(G)
+    # Keys through the memory at the chunk-start weights G, then the loss gradient by hand.
+    inputs, slopes = [k], []                                # inputs[l]: (B, H, C, D_in) of layer l
+    h = k
+    for l, g in enumerate(G):
+        h = h @ g
+        if l < depth - 1:
+            h, slope = act_and_grad(h)
+            inputs.append(h)
+            slopes.append(slope)
+    err = 2.0 * (out_norm(h, norm_weight) - v)              # d ||M(k) - v||^2 / d M(k), (B, H, C, K)
+    deltas = [err if norm_weight is None else _out_norm_backward(h, err, norm_weight)]
+    for l in range(depth - 1, 0, -1):
+        deltas.insert(0, (deltas[0] @ G[l].transpose(-1, -2)) * slopes[l - 1])
+
+    tiny = torch.finfo(eta.dtype).tiny
+    log_eta = torch.log(eta.clamp_min(tiny))
+    log_keep = torch.log((1 - alpha).clamp_min(tiny))
+    p = torch.exp(log_eta.cumsum(-1))                       # (B, H, C)
+    beta = torch.exp(log_keep.cumsum(-1))
+    Ep = torch.exp(_segsum(log_eta))                        # (B, H, C, C)
+    Db = torch.exp(_segsum(log_keep))
+    E = Ep * theta[..., None, :]                            # S_t coefficient of u_i
+
+    B, H, C = theta.shape
+    row = last.view(-1, 1, 1, 1).expand(B, H, 1, C)
+    E_end = E.gather(-2, row)                               # (B, H, 1, C)
+    Db_end = Db.gather(-2, row)
+    Cw_end = Db_end @ E                                     # W_end coefficient of u_i
+    p_end = p.gather(-1, row[..., 0])[..., None]            # (B, H, 1, 1)
+    beta_end = beta.gather(-1, row[..., 0])[..., None]
+    bS_end = Db_end @ p[..., None]                          # (B, H, 1, 1)
+    coef = torch.cat([E_end, Cw_end], dim=-2).transpose(-1, -2)  # (B, H, C, 2)
+    W_end, S_end = [], []
+    for l in range(depth):
+        d_out = deltas[l].shape[-1]
+        weighted = (coef[..., :, :, None] * deltas[l][..., :, None, :]).flatten(-2)  # (B, H, C, 2 * D_out)
+        sums = inputs[l].transpose(-1, -2) @ weighted       # (B, H, D_in, 2 * D_out)
+        S_end.append(p_end * S[l] - sums[..., :d_out])
+        W_end.append(beta_end * W[l] + bS_end * S[l] - sums[..., d_out:])
+
+    if retrieval == "chunk":
+        y = mlp_forward(G, q, act, norm_weight)
+    else:
+        Cw = Db @ E                                         # (B, H, C, C), lower triangular
+        bS = (Db @ p[..., None])                            # (B, H, C, 1)
+        h = q
+        for l in range(depth):
+            scores = (h @ inputs[l].transpose(-1, -2)) * Cw
+            h_new = beta[..., None] * (h @ W[l]) + bS * (h @ S[l]) - scores @ deltas[l]
+            h = act(h_new) if l < depth - 1 else h_new
+        y = out_norm(h, norm_weight)
+    return y, tuple(W_end), tuple(S_end)
+
+
+def neural_memory_chunked(q, k, v, theta, eta, alpha, init_weights: Weights, *, chunk_size: int,
+                          state: MemoryState | None = None, reset: torch.Tensor | None = None,
+                          mask: torch.Tensor | None = None, activation: str = "gelu",
+                          retrieval: str = "chunk", norm_weight: torch.Tensor | None = None):
+    """Chunk-parallel neural memory. Shapes and semantics as `kernels.memory.neural_memory`.
+
+    Returns (y (B, T, H, K), final MemoryState)."""
+    act, act_and_grad = ACTIVATIONS[activation]
+    B, T, H, K = q.shape
+    if state is None:
+        state = MemoryState.initial(init_weights, B)
+    lay = doc_chunks(reset, state.offset, T, chunk_size, mask)
+    N, C = lay.n_blocks, lay.width
+
+    def blocks(x, pad):  # (B, T, H[, K]) -> N x (B, H, C[, K])
+        # unbind, not indexing: the backward of x[n] would zero-fill all of x once per block.
+        return lay.to_blocks(x, pad).transpose(2, 3).unbind(1)
+
+    qb, kb, vb = (blocks(x, 0.0) for x in (q, k, v))
+    thb, etb, alb = blocks(theta, 0.0), blocks(eta, 1.0), blocks(alpha, 0.0)
+    last = (lay.length - 1).clamp_min(0).T                 # (N, B)
+    any_reset = lay.block_reset.any(dim=0).tolist()
+    all_real = (lay.length > 0).all(dim=0).tolist()
+    W0 = tuple(w[None] for w in init_weights)               # (1, H, D_in, D_out)
+
+    G, W, S = state.base, state.weights, state.momentum
+    G_last = G
+    ys = []
+    for n in range(N):
+        if any_reset[n]:
+            r = lay.block_reset[:, n].view(B, 1, 1, 1)
+            G = tuple(torch.where(r, w0, g) for w0, g in zip(W0, G))
+            W = tuple(torch.where(r, w0, w) for w0, w in zip(W0, W))
+            S = tuple(torch.where(r, 0.0, s) for s in S)
+        y, W_end, S_end = _block(qb[n], kb[n], vb[n], thb[n], etb[n], alb[n], G, W, S, last[n],
+                                 act, act_and_grad, retrieval, norm_weight)
+        ys.append(y)
+        if all_real[n]:
+            G_last, W, S = G, W_end, S_end
+        else:  # rows whose chunks have run out keep their state
+            real = (lay.length[:, n] > 0).view(B, 1, 1, 1)
+            G_last = tuple(torch.where(real, g, gl) for g, gl in zip(G, G_last))
+            W = tuple(torch.where(real, a, b) for a, b in zip(W_end, W))
+            S = tuple(torch.where(real, a, b) for a, b in zip(S_end, S))
+        G = W
+    y = lay.from_blocks(torch.stack(ys, dim=1).transpose(2, 3), T)  # (B, N, H, C, K) -> (B, T, H, K)
+    done = (lay.end_offset == 0).view(B, 1, 1, 1)
+    base = tuple(torch.where(done, w, g) for w, g in zip(W, G_last))
+    return y, MemoryState(W, S, base, lay.end_offset)
