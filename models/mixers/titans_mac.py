@@ -33,6 +33,14 @@ Decoding state:
 - "seg": keys and values (k_h, v_h, k_x, v_x), each (B, segment, G, K). They hold the
   current segment's earlier tokens, right-aligned (the last `position % segment` entries are live).
 - "seg_weights": W^(i-1) of the current segment.
+- "fill": (B,) int64 tokens of the current segment already seen (exact even for a row
+  that began inside a document, which its positions alone do not tell).
+
+Context parallelism (ctx.cp): every part of a segment depends on the memory
+weights at its start, so the whole layer is the pipeline stage: the local chunks
+run in global order with the decoding state above carried rank to rank
+(kernels.context_parallel.cp_recurrent). Serialised: the layer takes about its
+single-process time. Training only: no state in or out.
 """
 from __future__ import annotations
 
@@ -42,7 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.memory import doc_chunks, memory_read
+from kernels.context_parallel import cp_recurrent
+from kernels.memory import MemoryState, doc_chunks, memory_read
 from models.mixers.base import Mixer, MixerDims, SeqContext, register
 from models.mixers.memory import MemoryOptions, NeuralMemory, ShortConv
 from models.mixers.titans_attention import PersistentKV, masked_attention
@@ -68,6 +77,8 @@ class MACConfig(MemoryOptions):
 @register("titans_mac")
 class TitansMAC(Mixer):
     Config = MACConfig
+    # The impl only matters for full softmax layers; this layer always carries its state rank to rank.
+    cp_impls = ("ring", "ulysses")
 
     def __init__(self, dims: MixerDims, cfg: MACConfig):
         super().__init__(dims, cfg)
@@ -102,8 +113,10 @@ class TitansMAC(Mixer):
     def forward(self, x: torch.Tensor, ctx: SeqContext, state=None):
         B, T, _ = x.shape
         if ctx.cp is not None:
-            raise NotImplementedError("titans_mac: context parallelism is not implemented yet (the memory state would "
-                                      "pass between ranks); run with parallel.cp=1")
+            if state is not None or ctx.want_state:
+                raise ValueError("titans_mac under context parallelism keeps no decoding state; decode with "
+                                 "parallel.cp=1")
+            return self._forward_sharded(x, ctx), None
         H, G, K = self.dims.n_heads, self.dims.n_kv_heads, self.dims.head_dim
         Cs = self.cfg.segment
         pos = ctx.position_ids
@@ -118,7 +131,7 @@ class TitansMAC(Mixer):
 
         # Tokens of the current segment already seen (0 at a document start).
         fill = torch.zeros(B, dtype=torch.long, device=x.device) if state is None else \
-            torch.where(pos[:, 0] == 0, 0, pos[:, 0] % Cs)
+            torch.where(pos[:, 0] == 0, 0, state["fill"])
         lay = doc_chunks(pos == 0, fill, T, Cs)
         N, C = lay.n_blocks, lay.width
         qb, kxb, vxb, rqb = (lay.to_blocks(t).unbind(1) for t in (q, kx, vx, rq))
@@ -168,7 +181,38 @@ class TitansMAC(Mixer):
             new = lay.from_blocks(new, T) if i < 2 else new
             old = new.new_zeros(B, Cs, G, K) if state is None else state["seg"][i]
             seg.append(torch.cat([old, new], 1)[:, -Cs:])  # right-aligned: the current segment is at the end
-        return y, {"memory": mem_state, "read_conv": read_cache, "seg": tuple(seg), "seg_weights": read_last}
+        return y, {"memory": mem_state, "read_conv": read_cache, "seg": tuple(seg), "seg_weights": read_last,
+                   "fill": lay.end_offset}
+
+    def _forward_sharded(self, x: torch.Tensor, ctx: SeqContext) -> torch.Tensor:
+        """x (B, L, D) this rank's cp shard -> y (B, L, D): each local chunk is a stateful
+        call of this layer, fed the state of the chunk before it in the full sequence."""
+
+        def step(chunk, flat):
+            x_c, pos_c = chunk
+            y, st = self.forward(x_c, SeqContext(pos_c, want_state=True),
+                                 None if flat is None else self._state_from_tensors(flat))
+            return y, self._state_to_tensors(st)
+
+        params = [p for p in self.parameters() if p.requires_grad]
+        return cp_recurrent(step, [x, ctx.position_ids], params, ctx.cp)
+
+    def _state_to_tensors(self, st: dict) -> tuple[torch.Tensor, ...]:
+        """The decoding state as a flat tuple (which entries exist depends only on the config)."""
+        mem = st["memory"]["memory"]
+        opt = lambda t: () if t is None else (t,)  # noqa: E731
+        return (*opt(st["memory"]["conv"]), *mem.weights, *mem.momentum, *mem.base, mem.offset,
+                *opt(st["read_conv"]), *st["seg"], *st["seg_weights"], st["fill"])
+
+    def _state_from_tensors(self, ts) -> dict:
+        it, depth = iter(ts), len(self.memory.w0)
+        take = lambda n: tuple(next(it) for _ in range(n))  # noqa: E731
+        conv = next(it) if self.memory.conv is not None else None
+        weights, momentum, base, offset = take(depth), take(depth), take(depth), next(it)
+        read_conv = next(it) if self.read_conv is not None else None
+        seg, seg_weights, fill = take(4), take(depth), next(it)
+        return {"memory": {"conv": conv, "memory": MemoryState(weights, momentum, base, offset)},
+                "read_conv": read_conv, "seg": seg, "seg_weights": seg_weights, "fill": fill}
 
     def mixing_flops_per_token(self, seq_len: int) -> float:
         # A query sees about half its segment twice (tokens and their memory tokens) plus P.
