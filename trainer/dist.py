@@ -8,7 +8,6 @@ below is the identity, so the loop has a single code path.
 """
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +56,10 @@ class Env:
             check_cp_support(model, cfg)
 
     def shard_batch(self, batch: dict) -> dict:
+        """This rank's part of a batch, on this rank's device: under cp, the zigzag
+        shard of every (B, T) field (labels are already next-token targets)."""
+        if self.device.type != "cpu":
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         if self.cp is None:
             return batch
         from kernels.context_parallel import shard_sequence
@@ -64,15 +67,30 @@ class Env:
         return {k: (shard_sequence(v, self.cp, dim=1) if k != "source" else v) for k, v in batch.items()}
 
     def reduce_loss(self, model, hidden: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
-        """Mean token loss of the whole window. Under cp each rank holds a slice of
-        the tokens: the sum is local, the count global, so gradients summed over
-        the cp group equal the single-process gradients."""
-        if self.cp is None:
+        """Mean token loss of the global micro-batch (all ranks' rows, whole windows).
+
+        Each rank holds some rows (dp) and a slice of their tokens (cp): the sum is
+        local, the token count global (one all-reduce of a scalar), times the world
+        size, so that the gradients AVERAGED over the dp x cp ranks (what every
+        engine's all-reduce does) equal the single-process gradients even when
+        ranks hold different numbers of labelled tokens, and the logged mean over
+        ranks is the single-process loss (trainer/distributed/mesh.py has the algebra).
+        """
+        if self.world == 1:
             return model.loss(hidden, labels, chunk=chunk)
         total = model.loss(hidden, labels, chunk=chunk, reduction="sum")
         count = (labels != -100).sum().float()
-        tdist.all_reduce(count, group=self.cp.group)
-        return total / count.clamp_min(1) * self.cp.world_size
+        tdist.all_reduce(count)
+        return total / count.clamp_min(1) * self.world
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when `flag` is True on at least one (e.g. a SIGTERM
+        that reached some ranks a step earlier than others)."""
+        if self.world == 1:
+            return flag
+        v = torch.tensor([float(flag)], device=self.device)
+        tdist.all_reduce(v, op=tdist.ReduceOp.MAX)
+        return bool(v.item())
 
     def mean(self, value: torch.Tensor) -> float:
         """Average of a scalar over all ranks (for logging)."""
@@ -88,7 +106,9 @@ _ENV = Env()
 
 def setup(parallel) -> Env:
     global _ENV
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    from trainer.distributed.mesh import launched_world_size
+
+    world = launched_world_size()  # torchrun / deepspeed / accelerate, or SLURM's srun
     if world == 1:
         if parallel.cp > 1:
             raise ConfigError(f"parallel.cp={parallel.cp} needs {parallel.cp} processes per data-parallel group; "

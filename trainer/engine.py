@@ -7,6 +7,9 @@ The loop calls only:
     engine.step() -> grad_norm    clip, optimiser and scheduler step, zero grads
     engine.lr
     engine.checkpoint_state() / engine.load_checkpoint_state(tensors, state)
+and, for parity tests, engine.grads() (full gradients by parameter name).
+Checkpoints hold full (unsharded) weights and the name-keyed optimizer state of
+trainer/optim_state.py, so any engine on any number of ranks can resume them.
 `single` is here; the distributed engines live beside it and are chosen by
 `build_engine` from `parallel.engine`.
 """
@@ -20,6 +23,7 @@ import torch
 from models import HybridLM
 from trainer.config import OptimConfig
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.optim_state import load_named_state, named_state
 
 
 class SingleEngine:
@@ -56,17 +60,31 @@ class SingleEngine:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def grads(self) -> dict[str, torch.Tensor]:
+        """Current gradients as full CPU tensors by parameter name (call between backward and step)."""
+        return {n: p.grad.detach().cpu().clone() for n, p in self.model.named_parameters() if p.grad is not None}
+
     def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        return tensors, {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        return tensors, {"optimizer": named_state(self.model, self.optimizer),
+                         "scheduler": self.scheduler.state_dict()}
 
     def load_checkpoint_state(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
         self.model.load_state_dict(tensors)
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_named_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
 
 def build_engine(name: str, model: HybridLM, optim_cfg: OptimConfig, total_steps: int, **kwargs):
+    """`parallel.engine` around `model`. `single` launched on several processes
+    (e.g. `torchrun ... parallel.cp=4` with the default engine) runs as `ddp`:
+    replicas must average their gradients to stay one model."""
+    env = kwargs.get("env")
+    if name == "single" and env is not None and env.world > 1:
+        from trainer import dist
+
+        dist.log(f"parallel.engine=single on {env.world} processes: using ddp")
+        name = "ddp"
     if name == "single":
         return SingleEngine(model, optim_cfg, total_steps)
     from trainer import distributed

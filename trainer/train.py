@@ -22,9 +22,10 @@ from tqdm import tqdm
 from models import HybridLM
 from models.config import ConfigError
 from trainer import dist
-from trainer.checkpoint import CheckpointManager, rng_state, set_rng_state
+from trainer.checkpoint import CheckpointManager, rng_state
 from trainer.config import RunConfig, dump
 from trainer.data import Batcher, build_dataset, load_tokenizer, passkey_examples, eval_windows
+from trainer.distributed.resume import check_layout, restore_rng, run_layout
 from trainer.engine import build_engine
 from trainer.evaluate import answer_accuracy, validation
 from trainer.metrics import MetricsWriter
@@ -111,11 +112,16 @@ def train(cfg: RunConfig) -> int:
         if done_step >= cfg.train.steps:
             dist.log(f"run {run_dir} already finished at step {done_step} (train.steps={cfg.train.steps}); "
                      "nothing to do")
+            dist.teardown()
             return 0
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     model = build_model(cfg, tokenizer)
     env.check_model(model, cfg)
+    # described before the engine wraps it: ZeRO-3 leaves empty partitions behind
+    model_line = (f"model: {model.num_params() / 1e6:.2f}M parameters, {len(model.blocks)} layers "
+                  f"({', '.join(b.kind for b in model.blocks)}), "
+                  f"{model.flops_per_token(cfg.data.seq_len) / 1e6:.1f} MFLOPs/token (train)")
     engine = build_engine(cfg.parallel.engine, model, cfg.optim, cfg.train.steps, env=env, cfg=cfg)
     train_set = build_dataset(cfg.data, tokenizer, "train", cfg.seed)
     batcher = Batcher(train_set, cfg.train.batch_size, dp_rank=env.dp_rank, dp_size=env.dp_size)
@@ -127,8 +133,9 @@ def train(cfg: RunConfig) -> int:
         tensors, state, meta = dist.load_checkpoint(ckpt, latest)
         engine.load_checkpoint_state(tensors, state["engine"])
         batcher.load_state_dict(state["data"])
-        set_rng_state(state["rng"][env.rank] if isinstance(state["rng"], list) else state["rng"])
         step, tokens, elapsed_before = meta["step"], meta["tokens"], meta.get("elapsed_s", 0.0)
+        check_layout(state.get("layout"), env, cfg)
+        restore_rng(state["rng"], env, cfg.seed, step)
         metrics.truncate_after(step)
         dist.log(f"resumed {run_dir} from step {step}")
     elif env.is_main:
@@ -137,14 +144,12 @@ def train(cfg: RunConfig) -> int:
         tmp = run_dir / "config.yaml.tmp"
         tmp.write_text(dump(cfg))
         os.replace(tmp, run_dir / "config.yaml")
-        n = model.num_params()
-        dist.log(f"model: {n / 1e6:.2f}M parameters, {len(model.blocks)} layers "
-                 f"({', '.join(b.kind for b in model.blocks)}), "
-                 f"{model.flops_per_token(cfg.data.seq_len) / 1e6:.1f} MFLOPs/token (train)")
+        dist.log(model_line)
 
     def save(at_step: int) -> None:
         tensors, engine_state = engine.checkpoint_state()
-        state = {"engine": engine_state, "data": batcher.state_dict(), "rng": dist.gather_object(rng_state())}
+        state = {"engine": engine_state, "data": batcher.state_dict(), "rng": dist.gather_object(rng_state()),
+                 "layout": run_layout(env, cfg)}
         meta = {"step": at_step, "tokens": tokens, "elapsed_s": elapsed_before + time.time() - t_start,
                 "config": cfg.name}
         dist.save_checkpoint(ckpt, at_step, tensors, state, meta)
@@ -203,7 +208,8 @@ def train(cfg: RunConfig) -> int:
                 metrics.write({"step": step, "split": "val", **last_eval})
                 say(fmt_eval(step, last_eval))
             limit = cfg.train.stop_after_steps
-            stopping = stop.signal is not None or (limit is not None and step - start_step >= limit)
+            # every rank must take the same decision, whichever of them the signal reached first
+            stopping = env.any(stop.signal is not None) or (limit is not None and step - start_step >= limit)
             if step % cfg.train.save_every == 0 or step == cfg.train.steps or stopping:
                 save(step)
             if stopping and step < cfg.train.steps:
@@ -211,6 +217,7 @@ def train(cfg: RunConfig) -> int:
                 dist.log(f"stopped at step {step}; checkpoint saved in {run_dir}. "
                          "Run the same command to resume.")
                 metrics.close()
+                dist.teardown()
                 return 0
     bar.close()
     metrics.close()

@@ -42,6 +42,7 @@ def softmax_attention(q, k, v, ctx: SeqContext, *, window: int | None = None):
 @register("attn")
 class Attention(Mixer):
     Config = AttnConfig
+    cp_impls = ("ring", "ulysses")  # kernels.context_parallel.cp_attention
     window: int | None = None
 
     def __init__(self, dims: MixerDims, cfg: AttnConfig):

@@ -82,6 +82,12 @@ class Mixer(nn.Module):
     """
 
     kind: ClassVar[str] = ""
+    # Context-parallel algorithms (`parallel.cp_impl`) under which this mixer's
+    # sharded forward and backward equal the single-device ones. Read from the
+    # class's OWN namespace, never inherited: a subclass that changes the maths
+    # (swa, s2 over attn) declares its own support. The trainer refuses any other
+    # cp setting at start-up (trainer/parallel_check.py).
+    cp_impls: ClassVar[tuple[str, ...]] = ()
 
     @dataclass
     class Config:
@@ -104,6 +110,12 @@ class Mixer(nn.Module):
 
     def reset_parameters(self) -> None:
         """Initialise this mixer's parameters (called once by HybridLM.init_weights)."""
+
+    def cp_chunk_tokens(self) -> int:
+        """Under context parallelism, how many consecutive tokens must stay on one
+        rank (e.g. RAT's chunk length when chunks may not straddle ranks): each
+        zigzag piece of seq_len / (2 cp) tokens must be a multiple. 1: no constraint."""
+        return 1
 
 
 MIXERS: dict[str, type[Mixer]] = {}
