@@ -18,6 +18,14 @@ Public API (the only thing models/ and trainer/ call):
     shard_positions(T, cp)          (L,) int64 global positions of this rank's tokens
     cp_attention(q, k, v, cp, *, seq_ids=None, window=None, scale=None)
     comm_bytes(...)                 analytic bytes one rank sends per forward/backward
+    cp_linear_attention(...)        linear attention: prefix scan of piece states (state_scan.py)
+    cp_rat(...), rat_comm_bytes     RAT: all-gather of chunk and running states (rat.py)
+    cp_s2_attention(...)            S2-Attention: Ulysses all-to-all (s2.py)
+    all_gather(x, cp)               differentiable all-gather of small per-rank tensors (gather.py)
+    cp_neural_memory(q, k, v, theta, eta, alpha, W0, cp, *, chunk_size, ...)
+                                    Titans memory: the state carried rank to rank (memory.py)
+    sequence_halo(x, cp, width)     each local chunk with its `width` preceding tokens (convs)
+    cp_recurrent(step, seq, params, cp)  a whole stateful layer, its state carried rank to rank
 
 Example (inside an initialised process group):
     cp = CPContext.from_group(group, impl="ring", layout="zigzag")
@@ -33,15 +41,22 @@ import torch
 
 from kernels.attention import attention
 from kernels.context_parallel.comm import CommBytes, comm_bytes
+from kernels.context_parallel.gather import all_gather
 from kernels.context_parallel.halo import halo_attention
 from kernels.context_parallel.layout import (CPContext, check_seq_len, chunk_ranges, gather_sequence,
                                              shard_positions, shard_sequence)
+from kernels.context_parallel.memory import cp_neural_memory, sequence_halo
+from kernels.context_parallel.recurrent import cp_recurrent
+from kernels.context_parallel.rat import cp_rat, rat_comm_bytes
 from kernels.context_parallel.ring import ring_attention
+from kernels.context_parallel.s2 import cp_s2_attention
+from kernels.context_parallel.state_scan import cp_linear_attention
 from kernels.context_parallel.ulysses import ulysses_attention
 
 __all__ = ["CPContext", "shard_sequence", "gather_sequence", "shard_positions", "chunk_ranges",
            "check_seq_len", "cp_attention", "ring_attention", "ulysses_attention", "halo_attention",
-           "comm_bytes", "CommBytes"]
+           "comm_bytes", "CommBytes", "cp_neural_memory", "sequence_halo",
+           "cp_recurrent", "cp_linear_attention", "cp_rat", "rat_comm_bytes", "cp_s2_attention", "all_gather"]
 log = logging.getLogger(__name__)
 
 

@@ -18,6 +18,9 @@ All H heads have their own k and v (n_kv_heads is not used): the state is
 H x K x K whatever the grouping.
 
 Decoding state: {"kv": (B, H, K, K) fp32}, constant in the sequence length.
+
+Context parallelism (ctx.cp): kernels.context_parallel.cp_linear_attention, a
+prefix scan of the pieces' states across ranks (the same for either cp_impl).
 """
 from __future__ import annotations
 
@@ -52,6 +55,7 @@ class LinearConfig:
 @register("linear")
 class LinearAttention(Mixer):
     Config = LinearConfig
+    cp_impls = ("ring", "ulysses")  # both run the state scan (kernels.context_parallel.state_scan)
 
     def __init__(self, dims: MixerDims, cfg: LinearConfig):
         super().__init__(dims, cfg)
@@ -89,9 +93,18 @@ class LinearAttention(Mixer):
         q = F.silu(self.q_proj(x)).view(B, T, H, K)
         k = F.silu(self.k_proj(x)).view(B, T, H, K)
         v = F.silu(self.v_proj(x)).view(B, T, H, K)
-        o, kv = linear_attention(q, k, v, self.decay, block=self.cfg.block, reset=ctx.doc_starts,
-                                 initial_state=None if state is None else state["kv"], return_state=True,
-                                 scale=K ** -0.5 if self.cfg.qk_scale else 1.0)
+        scale = K ** -0.5 if self.cfg.qk_scale else 1.0
+        if ctx.cp is not None:
+            if state is not None:
+                raise ValueError("linear: context parallelism does not take a decoding state")
+            from kernels.context_parallel.state_scan import cp_linear_attention
+
+            o, kv = cp_linear_attention(q, k, v, self.decay, ctx.cp, block=self.cfg.block, reset=ctx.doc_starts,
+                                        scale=scale)
+        else:
+            o, kv = linear_attention(q, k, v, self.decay, block=self.cfg.block, reset=ctx.doc_starts,
+                                     initial_state=None if state is None else state["kv"], return_state=True,
+                                     scale=scale)
         o = self.norm(o)
         if self.gate is not None:
             o = o * torch.sigmoid(self.gate(x)).view(B, T, H, K)
