@@ -102,16 +102,22 @@ class HeadOutput(nn.Module):
         return o
 
 
+@torch.no_grad()
 def sink_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, position_ids: torch.Tensor,
-              scale: float) -> torch.Tensor:
+              scale: float, visible: torch.Tensor | None = None) -> torch.Tensor:
     """Mean share of attention each query puts on the first token of its document.
 
     q: (B, T, H, K); k: (B, T, G, K) (same tokens); lse: (B, T, H) fp32;
-    position_ids: (B, T). Returns a scalar tensor.
+    position_ids: (B, T); visible: (B, T, H) bool, whether the first token is
+    visible to the query at all (sparse and windowed patterns), default all.
+    Returns a detached scalar tensor (a diagnostic: no graph is kept).
     """
     B, T, H, K = q.shape
     rep = H // k.shape[2]
     start = (torch.arange(T, device=q.device)[None] - position_ids).clamp_min(0)  # (B, T)
     k0 = torch.gather(k, 1, start[:, :, None, None].expand(B, T, k.shape[2], K)).repeat_interleave(rep, 2)
     s0 = (q.float() * k0.float()).sum(-1) * scale  # (B, T, H)
-    return torch.exp(s0 - lse).mean()
+    share = torch.exp(s0 - lse)
+    if visible is not None:
+        share = share * visible
+    return share.mean()

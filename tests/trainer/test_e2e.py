@@ -109,3 +109,23 @@ def test_sigterm_checkpoints_and_resumes(recipe, tmp_path):
     step = int((out / "checkpoints" / "latest").read_text().split("-")[1])
     assert 3 <= step < 400
     assert max(losses(out)) == step
+
+
+def test_hybrid_of_every_mixer_trains(tmp_path):
+    """recipes/hybrid-all.yaml (one layer of every kind) trains through the real
+    trainer: finite losses that fall, and a checkpoint that `loom eval` reads."""
+    from models.mixers import MIXERS
+
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "all"
+    args = ["train", str(repo / "recipes/hybrid-all.yaml"), f"output_dir={out}", "model.d_model=64",
+            "data.seq_len=128", "train.batch_size=4", "train.steps=12", "train.log_every=1",
+            "train.eval_every=12", "train.save_every=12", "optim.warmup_steps=2", "eval.passkey_n=2",
+            "data.val_windows=2", "data.sources=[{kind: stdlib, max_bytes: 200000}, {kind: passkey}]"]
+    assert main(args) == 0
+    config = (out / "config.yaml").read_text()
+    assert all(kind in config for kind in MIXERS)
+    lo = losses(out)
+    assert all(v == v and v < 20 for v in lo.values())
+    assert sum(lo[s] for s in (10, 11, 12)) < sum(lo[s] for s in (1, 2, 3))
+    assert main(["eval", str(repo / "recipes/hybrid-all.yaml"), *args[2:]]) == 0

@@ -1,0 +1,76 @@
+"""Sliding-window causal attention (documents, GQA, decoding with a cache).
+
+sliding_window_attention(q, k, v, *, window, seq_ids=None, scale=None, impl="auto", return_lse=False)
+    q: (B, T, H, K); k, v: (B, S, G, K) with S >= T and H % G == 0; the
+        queries are the last T of the S keys (prefill, decoding with a cache).
+    window: int >= 0; key j is visible to query i when 0 <= i - j <= window
+        (the query itself plus `window` past tokens, as RAT's paper counts it).
+    seq_ids: (B, S) int64 document ids; attention never crosses documents.
+    Returns o (B, T, H, K) [, lse (B, T, H), fp32 (fp64 for fp64 inputs)].
+
+impl:
+    "banded"  banded.py: queries in blocks, each reading only its window of
+              key blocks; O(T * window) time, O(T) memory; forward and
+              backward in PyTorch (the CPU path, and any device).
+    "flash"   flash-attn's window on CUDA (through kernels.attention).
+    "sdpa"    reference.py: the dense masked SDPA, O(T * S) (tests).
+    "auto"    "flash" when q is CUDA fp16/bf16, flash-attn is installed, no
+              lse is requested, and documents do not need a cache-aware mask
+              (seq_ids is None or T == S); otherwise "banded".
+
+Example:
+    o = sliding_window_attention(q, k, v, window=512, seq_ids=seq_ids)
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from kernels.attention import attention, select_impl
+from kernels.swa.banded import banded_swa
+from kernels.swa.reference import swa_reference
+
+__all__ = ["sliding_window_attention", "select_swa_impl", "swa_reference", "banded_swa"]
+log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=None)
+def _announce(impl: str) -> None:
+    log.info("sliding-window attention backend: %s", impl)
+
+
+def select_swa_impl(q: torch.Tensor, S: int, seq_ids, return_lse: bool) -> str:
+    if select_impl(q, return_lse) == "flash" and (seq_ids is None or q.shape[1] == S):
+        return "flash"
+    return "banded"
+
+
+def sliding_window_attention(q, k, v, *, window: int, seq_ids=None, scale=None, impl: str = "auto",
+                             return_lse: bool = False):
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"sliding_window_attention expects q (B,T,H,K), k=v (B,S,G,K); got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, T, H, K = q.shape
+    S, G = k.shape[1], k.shape[2]
+    if S < T or H % G or k.shape[0] != B or k.shape[3] != K:
+        raise ValueError(f"incompatible shapes q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if seq_ids is not None and tuple(seq_ids.shape) != (B, S):
+        raise ValueError(f"seq_ids must be (B, S) = ({B}, {S}); got {tuple(seq_ids.shape)}")
+    if not isinstance(window, int) or window < 0:
+        raise ValueError(f"window must be an int >= 0; got {window!r}")
+    if impl == "auto":
+        impl = select_swa_impl(q, S, seq_ids, return_lse)
+    _announce(impl)
+    if impl == "banded":
+        o, lse = banded_swa(q, k, v, window=window, seq_ids=seq_ids, scale=scale)
+        return (o, lse) if return_lse else o
+    if impl == "flash":
+        if seq_ids is not None and T != S:
+            raise ValueError("impl='flash' cannot mask documents when T != S; use impl='banded'")
+        return attention(q, k, v, seq_ids=seq_ids, window=window, scale=scale, impl="flash",
+                         return_lse=return_lse)
+    if impl == "sdpa":
+        return swa_reference(q, k, v, window=window, seq_ids=seq_ids, scale=scale, return_lse=return_lse)
+    raise ValueError(f"unknown sliding-window impl {impl!r}; choose auto, banded, flash or sdpa")

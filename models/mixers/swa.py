@@ -1,0 +1,87 @@
+"""`swa`: sliding-window causal attention (MHA/GQA, RoPE, documents).
+
+Legend: B batch, T tokens in this call, S cached + new tokens, D model width,
+H query heads, G key/value heads, K head dim, W the window.
+
+The `attn` mixer with a window: key j is visible to query i when
+0 <= i - j <= W (the token itself plus W past tokens, RAT's convention) and
+both are in the same document. The op is kernels.swa: banded on CPU (linear in
+T), flash-attn's window on CUDA, halo exchange under context parallelism.
+
+Decoding state: {"k": (B, <= W, G, K) post-RoPE keys, "v": same, "doc":
+(B, <= W) int64 document index}; a ring buffer of the last W tokens (a later
+query never sees further back), so the cache is W / T of attention's. "doc"
+lets a call that continues a row start new documents (position_ids == 0)
+without seeing the cached ones.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kernels.swa import sliding_window_attention
+from models.mixers.attn import AttnConfig, Attention
+from models.mixers.base import MixerDims, SeqContext, register
+from models.mixers.heads import sink_mass
+
+
+@dataclass
+class SWAConfig(AttnConfig):
+    window: int = 256  # tokens behind the query that stay visible
+
+    def __post_init__(self):
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1; got {self.window}")
+
+
+def continue_docs(state_doc: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """Document index of new tokens that continue a cached row: the last cached
+    document, plus one at every document start (position 0). (B, S0), (B, T) -> (B, T)."""
+    return state_doc[:, -1:] + (position_ids == 0).long().cumsum(1)
+
+
+@register("swa")
+class SlidingWindowAttention(Attention):
+    Config = SWAConfig
+    # Under either cp_impl the sharded op is the halo exchange (kernels/context_parallel/halo.py).
+    cp_impls = ("ring", "ulysses")
+
+    def __init__(self, dims: MixerDims, cfg: SWAConfig):
+        super().__init__(dims, cfg)
+        self.window = cfg.window
+
+    def forward(self, x: torch.Tensor, ctx: SeqContext, state=None):
+        B, T, _ = x.shape
+        W = self.window
+        q, k, v = self.project(x, ctx)
+        doc = ctx.seq_ids
+        if state is not None:
+            doc = torch.cat([state["doc"], continue_docs(state["doc"], ctx.position_ids)], dim=1)[:, -(W + T):]
+            k = torch.cat([state["k"], k], dim=1)[:, -(W + T):]
+            v = torch.cat([state["v"], v], dim=1)[:, -(W + T):]
+        want_lse = ctx.stats is not None and state is None and ctx.cp is None
+        if ctx.cp is not None:
+            if state is not None:
+                raise ValueError("swa: context parallelism does not take a decoding state")
+            from kernels.context_parallel import cp_attention
+
+            o = cp_attention(q, k, v, ctx.cp, seq_ids=ctx.seq_ids, window=W)
+        else:
+            one_doc = doc is None or bool((doc == doc[:, -1:]).all())
+            o = sliding_window_attention(q, k, v, window=W, seq_ids=None if one_doc else doc, return_lse=want_lse)
+            if want_lse:
+                o, lse = o
+                visible = (ctx.position_ids <= W)[:, :, None].expand(-1, -1, q.shape[2])  # first token in window
+                ctx.stats[f"sink_mass/layer{self.dims.layer_idx}"] = sink_mass(
+                    q, k, lse, ctx.position_ids, 1 / math.sqrt(self.dims.head_dim), visible=visible)
+        o = self.heads(x, o, ctx)
+        y = self.o_proj(o.reshape(B, T, -1))
+        new_state = None
+        if ctx.want_state:
+            keep = min(k.shape[1], W)
+            if doc is None:
+                doc = torch.zeros(B, k.shape[1], dtype=torch.long, device=x.device)
+            new_state = {"k": k[:, -keep:], "v": v[:, -keep:], "doc": doc[:, -keep:]}
+        return y, new_state
