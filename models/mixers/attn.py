@@ -5,7 +5,8 @@ heads, G key/value heads, K head dim.
 
 Layout matches Llama/Qwen2 in transformers (q_proj, k_proj, v_proj, o_proj;
 rotate-half RoPE), so their checkpoints convert without permutation.
-Decoding state: {"k": (B, S, G, K) post-RoPE keys, "v": (B, S, G, K)}.
+Decoding state: {"k": (B, S, G, K) post-RoPE keys, "v": (B, S, G, K),
+"doc": (B, S) document index of each cached key}.
 """
 from __future__ import annotations
 
@@ -29,14 +30,10 @@ class AttnConfig(HeadOptions):
     rope: bool = True
 
 
-def softmax_attention(q, k, v, ctx: SeqContext, *, window: int | None = None):
-    """Dispatch to the single-device op or, under context parallelism, the
-    sharded op. q: (B, T, H, K); k, v: (B, S, G, K)."""
-    if ctx.cp is not None:
-        from kernels.context_parallel import cp_attention
-
-        return cp_attention(q, k, v, ctx.cp, seq_ids=ctx.seq_ids, window=window)
-    return attention(q, k, v, seq_ids=ctx.seq_ids if k.shape[1] == q.shape[1] else None, window=window)
+def continue_docs(state_doc: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """Document index of new tokens that continue a cached row: the last cached
+    document, plus one at every document start (position 0). (B, S0), (B, T) -> (B, T)."""
+    return state_doc[:, -1:] + (position_ids == 0).long().cumsum(1)
 
 
 @register("attn")
@@ -76,22 +73,30 @@ class Attention(Mixer):
     def forward(self, x: torch.Tensor, ctx: SeqContext, state=None):
         B, T, _ = x.shape
         q, k, v = self.project(x, ctx)
-        if state is not None:
+        if ctx.cp is not None:
+            if state is not None or ctx.want_state:
+                raise ValueError("attn: context parallelism does not take or return a decoding state")
+            from kernels.context_parallel import cp_attention
+
+            o = cp_attention(q, k, v, ctx.cp, seq_ids=ctx.seq_ids)
+            return self.o_proj(self.heads(x, o, ctx).reshape(B, T, -1)), None
+        doc = ctx.seq_ids
+        if state is not None:  # continue the cached rows; a position 0 starts a new document
+            doc = torch.cat([state["doc"], continue_docs(state["doc"], ctx.position_ids)], dim=1)
             k = torch.cat([state["k"], k], dim=1)
             v = torch.cat([state["v"], v], dim=1)
-            if self.window is not None:  # keep only what a later query can see
-                k, v = k[:, -(self.window + T):], v[:, -(self.window + T):]
-        o = softmax_attention(q, k, v, ctx, window=self.window)
-        if ctx.stats is not None and state is None and ctx.cp is None:
-            _, lse = attention(q, k, v, seq_ids=ctx.seq_ids, window=self.window, return_lse=True)
+        one_doc = doc is None or bool((doc == doc[:, -1:]).all())
+        o = attention(q, k, v, seq_ids=None if one_doc else doc)
+        if ctx.stats is not None and state is None:
+            _, lse = attention(q, k, v, seq_ids=doc, return_lse=True)
             ctx.stats[f"sink_mass/layer{self.dims.layer_idx}"] = sink_mass(
                 q, k, lse, ctx.position_ids, 1 / math.sqrt(self.dims.head_dim))
-        o = self.heads(x, o, ctx)
-        y = self.o_proj(o.reshape(B, T, -1))
+        y = self.o_proj(self.heads(x, o, ctx).reshape(B, T, -1))
         new_state = None
         if ctx.want_state:
-            keep = k.shape[1] if self.window is None else min(k.shape[1], self.window)
-            new_state = {"k": k[:, k.shape[1] - keep:], "v": v[:, v.shape[1] - keep:]}
+            if doc is None:
+                doc = torch.zeros(B, k.shape[1], dtype=torch.long, device=x.device)
+            new_state = {"k": k, "v": v, "doc": doc}
         return y, new_state
 
     def mixing_flops_per_token(self, seq_len: int) -> float:

@@ -36,7 +36,7 @@ from kernels.s2 import covers_all_residues, default_head_offsets, s2_attention
 from models.mixers.attn import AttnConfig, Attention
 from models.mixers.base import MixerDims, SeqContext, register
 from models.mixers.heads import sink_mass
-from models.mixers.swa import continue_docs
+from models.mixers.attn import continue_docs
 
 
 @dataclass

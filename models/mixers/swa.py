@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.swa import sliding_window_attention
-from models.mixers.attn import AttnConfig, Attention
+from models.mixers.attn import AttnConfig, Attention, continue_docs
 from models.mixers.base import MixerDims, SeqContext, register
 from models.mixers.heads import sink_mass
 
@@ -34,12 +34,6 @@ class SWAConfig(AttnConfig):
     def __post_init__(self):
         if self.window < 1:
             raise ValueError(f"window must be >= 1; got {self.window}")
-
-
-def continue_docs(state_doc: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-    """Document index of new tokens that continue a cached row: the last cached
-    document, plus one at every document start (position 0). (B, S0), (B, T) -> (B, T)."""
-    return state_doc[:, -1:] + (position_ids == 0).long().cumsum(1)
 
 
 @register("swa")

@@ -36,7 +36,7 @@ from torch import nn
 from kernels.context_parallel import sequence_halo
 from models.mixers.base import Mixer, MixerDims, SeqContext, register
 from models.mixers.memory import MemoryOptions, NeuralMemory
-from models.mixers.swa import continue_docs
+from models.mixers.attn import continue_docs
 from models.mixers.titans_attention import PersistentKV, window_attention_with_prefix
 from models.norms import RMSNorm
 from models.rope import Rotary, apply_rotary

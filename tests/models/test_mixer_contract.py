@@ -96,3 +96,14 @@ def test_backward_reaches_every_parameter(kind):
     (model.loss(out.hidden, ids) + out.aux_loss).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, f"parameters without gradient: {missing}"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_continuation_that_starts_a_new_document_sees_nothing_cached(kind):
+    """A row continued with the state, whose new tokens start a new document
+    (position 0), must equal that document run alone."""
+    model = tiny(kind)
+    first, second = torch.randint(0, 64, (1, 19)), torch.randint(0, 64, (1, 11))
+    state = model(first, want_state=True).state
+    cont = model(second, position_ids=torch.arange(11)[None], state=state).hidden
+    torch.testing.assert_close(cont, hidden(model, second), rtol=1e-9, atol=1e-9)
