@@ -184,7 +184,8 @@ def table(best: dict, lengths: list[int]) -> str:
     """best[(config, T)] -> summary. CPU-time tokens/s, peak MiB and the Loom / lucidrains ratios.
     (Wall-clock tokens/s are in the JSON: on a shared machine they mostly measure the other jobs.)"""
     names = [n for n in CONFIGS if any(c == n for c, _ in best)]
-    lines = ["| module | " + " | ".join(f"{T // 1024}K tok/s | {T // 1024}K peak MiB" for T in lengths) + " |",
+    name = lambda T: f"{T // 1024}K" if T % 1024 == 0 else str(T)  # noqa: E731
+    lines = ["| module | " + " | ".join(f"{name(T)} tok/s | {name(T)} peak MiB" for T in lengths) + " |",
              "|" + " --- |" * (2 * len(lengths) + 1)]
     for n in names:
         cells = []
