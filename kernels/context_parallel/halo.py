@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.attention import attention
-from kernels.context_parallel.layout import CPContext, check_seq_len, chunk_ranges
+from kernels.context_parallel.layout import CPContext, check_seq_len, chunk_ranges, one_document_or_ids
 from kernels.context_parallel.p2p import exchange, wait
 
 __all__ = ["halo_attention", "halo_plan", "HaloPiece"]
@@ -142,7 +142,8 @@ def halo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: CPCont
     C = T // cp.n_chunks
     plan = halo_plan(T, cp.world_size, cp.layout, window)
     kv_ext = _HaloExchange.apply(torch.stack([k, v], dim=2), plan, cp, C)
-    sid_ext = [None] * len(kv_ext) if seq_ids is None else _extend(seq_ids, plan, cp, C)
+    sid_ext = [None] * len(kv_ext) if seq_ids is None else [one_document_or_ids(s)
+                                                             for s in _extend(seq_ids, plan, cp, C)]
     outs = [attention(q[:, i * C:(i + 1) * C], kv[:, :, 0], kv[:, :, 1], seq_ids=sid, window=window, scale=scale)
             for i, (kv, sid) in enumerate(zip(kv_ext, sid_ext))]
     return torch.cat(outs, dim=1)

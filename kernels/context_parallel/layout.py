@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["CPContext", "check_seq_len", "chunk_ranges", "shard_positions", "shard_sequence",
-           "gather_sequence", "true_order", "rank_order"]
+           "gather_sequence", "true_order", "rank_order", "one_document_or_ids"]
 
 IMPLS = ("ring", "ulysses")
 LAYOUTS = ("zigzag", "contiguous")
@@ -128,3 +128,12 @@ def gather_sequence(x: torch.Tensor, cp: CPContext, dim: int = 1) -> torch.Tenso
     full = torch.cat(parts, dim=dim)
     order = true_order(full.shape[dim], cp, x.device)
     return full if order is None else full.index_select(dim, order)
+
+
+def one_document_or_ids(seq_ids: torch.Tensor) -> torch.Tensor | None:
+    """None when every row of seq_ids (B, S) is a single document, else seq_ids.
+
+    Passing None to `kernels.attention.attention` skips the (B, 1, T, S) document
+    mask, so the unmasked causal SDPA (flash) path is used.
+    """
+    return None if bool((seq_ids == seq_ids[:, :1]).all()) else seq_ids

@@ -3,11 +3,11 @@ partial attention of its queries against each visiting block.
 
 Legend: B batch, T full length, L = T / cp tokens per rank, C chunk length
 (L / 2 zigzag, L contiguous), H query heads, G key/value heads, R = H / G,
-K head dim, t / s query / key rows of one block.
+K head dim, t query rows of one tile (<= _TILE_ROWS), s key rows of one chunk.
 
 Forward, on rank r, for step i = 0 .. cp-1 (block of source rank r - i):
     post send(own buffer -> r+1), recv(next buffer <- r-1)    # overlaps the compute
-    for every (query chunk, key chunk) pair that is not fully masked:
+    for every (query tile, key chunk) pair that is not fully masked:
         o_b, lse_b = softmax attention of the pair (causality by GLOBAL positions,
                      document ids, window), in fp32 (fp64 for fp64 inputs)
         lse' = logaddexp(lse, lse_b);  o = o*exp(lse - lse') + o_b*exp(lse_b - lse')
@@ -25,6 +25,11 @@ With the zigzag layout every step costs every rank the same half block of work
 (rank r's chunks are r and 2cp-1-r; each pair of chunks is either fully visible,
 fully future and skipped, or the causal diagonal). The contiguous layout is
 exact too but leaves rank 0 idle for most steps.
+
+Memory: each query chunk is cut into tiles of at most _TILE_ROWS rows, so the
+fp32 scores / probabilities / dP / dS of a pair are (B, H, t, s), never
+(B, H, C, C). Tiling is exact: a query row's softmax over one key chunk lies
+entirely inside its tile, dq rows are independent, and dK/dV sum over tiles.
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ from kernels.context_parallel.p2p import exchange, wait
 __all__ = ["ring_attention"]
 
 _TAG_KV, _TAG_SEQ, _TAG_DKV = 0, 1, 2
+_TILE_ROWS = 512  # query rows per tile: bounds the per-pair fp32 blocks at H x 512 x C
 
 
 def _pair_mask(qa: int, qb: int, ka: int, kb: int, window: int | None, q_sid, k_sid, device):
@@ -104,19 +110,24 @@ def _block_backward(q_g, k, v, do_g, lse, delta, mask, scale):
 
 
 def _visible_pairs(cp: CPContext, T: int, src: int, window, q_sid, k_sid, device):
-    """Yield (query rows, key rows, mask) of the local-query x block-of-`src` pairs to compute."""
+    """Yield (query rows, key rows, mask) of the local-query-tile x block-of-`src` pairs to compute.
+
+    Query rows come in tiles of at most _TILE_ROWS inside one chunk; key rows are a whole chunk.
+    """
     C = T // cp.n_chunks
     q_chunks = chunk_ranges(T, cp.world_size, cp.rank, cp.layout)
     k_chunks = chunk_ranges(T, cp.world_size, src, cp.layout)
     for i, (qa, qb) in enumerate(q_chunks):
-        rows = slice(i * C, (i + 1) * C)
-        for j, (ka, kb) in enumerate(k_chunks):
-            cols = slice(j * C, (j + 1) * C)
-            visible, mask = _pair_mask(qa, qb, ka, kb, window,
-                                       None if q_sid is None else q_sid[:, rows],
-                                       None if k_sid is None else k_sid[:, cols], device)
-            if visible:
-                yield rows, cols, mask
+        for ta in range(qa, qb, _TILE_ROWS):
+            tb = min(ta + _TILE_ROWS, qb)
+            rows = slice(i * C + ta - qa, i * C + tb - qa)
+            for j, (ka, kb) in enumerate(k_chunks):
+                cols = slice(j * C, (j + 1) * C)
+                visible, mask = _pair_mask(ta, tb, ka, kb, window,
+                                           None if q_sid is None else q_sid[:, rows],
+                                           None if k_sid is None else k_sid[:, cols], device)
+                if visible:
+                    yield rows, cols, mask
 
 
 def _to_groups(x: torch.Tensor, G: int) -> torch.Tensor:

@@ -5,7 +5,8 @@ Legend: B batch, T full length, L = T / cp tokens per rank, H query heads,
 G key/value heads, N heads of the tensor being moved, K head dim.
 
     q (B, L, H, K) --all-to-all--> (B, T, H/cp, K)   rank j gets heads [j*H/cp, (j+1)*H/cp)
-    k, v likewise with G heads; seq_ids are all-gathered (B, T)
+    k, v likewise with G heads; seq_ids are all-gathered (B, T) and dropped when
+        every row is one document (no (T, T) mask: SDPA keeps its flash path)
     o = attention(q, k, v) on the full sequence in TRUE position order
     o (B, T, H/cp, K) --all-to-all--> (B, L, H, K)
 
@@ -25,7 +26,8 @@ import torch
 import torch.distributed as dist
 
 from kernels.attention import attention
-from kernels.context_parallel.layout import CPContext, check_seq_len, gather_sequence, rank_order, true_order
+from kernels.context_parallel.layout import (CPContext, check_seq_len, gather_sequence, one_document_or_ids,
+                                             rank_order, true_order)
 
 __all__ = ["ulysses_attention", "ulysses_kv_heads"]
 
@@ -110,7 +112,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: CPC
     Gr = ulysses_kv_heads(H, G, n)
     if Gr != G:
         k, v = k.repeat_interleave(Gr // G, dim=2), v.repeat_interleave(Gr // G, dim=2)
-    sid = None if seq_ids is None else gather_sequence(seq_ids, cp)  # (B, T)
+    sid = None if seq_ids is None else one_document_or_ids(gather_sequence(seq_ids, cp))  # (B, T)
     o = attention(_seq_to_head(q, cp), _seq_to_head(k, cp), _seq_to_head(v, cp),
                   seq_ids=sid, window=window, scale=scale)  # (B, T, H/cp, K)
     return _head_to_seq(o, cp)

@@ -4,10 +4,12 @@ single-process op kernels.attention.
 Multi-process (gloo, CPU, fp64 unless named fp32), for cp = 2 and cp = 4: every
 rank's output shard and its dq / dk / dv shards (fixed random upstream gradient)
 equal the slices of the single-process forward and backward, for
-    ring     zigzag and contiguous layouts, GQA (H=4, G=2), MQA, windowed, fp32;
+    ring     zigzag and contiguous layouts, GQA (H=4, G=2), MQA, windowed, fp32,
+             query tiles of 5 rows (several per chunk, the last one ragged);
     ulysses  both layouts, K/V heads sharded (cp=2) and replicated (G < cp=4), windowed;
     halo     (swa) both layouts, window shorter and longer than a chunk, window 0;
-with packed documents that cross shard boundaries (and a one-token document).
+with packed documents that cross shard boundaries (and a one-token document),
+or one document per row given as seq_ids (ulysses then drops the mask).
 Also: gather_sequence inverts shard_sequence, and the analytic comm_bytes equals
 the bytes the ops actually send. In-process: layout arithmetic, cp=1 and the
 ValueErrors. Cost: one spawned group per world size (about 2 s for cp=2 and
@@ -22,6 +24,7 @@ import sys
 import traceback
 from datetime import timedelta
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -30,13 +33,15 @@ import torch.distributed as dist
 from kernels.attention import attention
 from kernels.context_parallel import (CPContext, comm_bytes, cp_attention, gather_sequence, halo_attention,
                                       ring_attention, shard_positions, shard_sequence, ulysses_attention)
+from kernels.context_parallel import ring as ring_module
 from kernels.context_parallel.halo import halo_plan
 from kernels.context_parallel.ulysses import ulysses_kv_heads
 
 B, T, K = 2, 48, 6
 DOC_LENS = ([5, 17, 1, 3, 22], [30, 18])  # documents cross every chunk boundary at cp = 2 and 4
 
-# name -> (op, layout, window, docs, H, G, dtype); op "auto" is the public dispatcher cp_attention.
+# name -> (op, layout, window, docs, H, G, dtype); op "auto" is the public dispatcher cp_attention,
+# "ring_tiled" is ring_attention with _TILE_ROWS = 5; docs "one" is seq_ids of one document per row.
 CASES = {
     "ring_zigzag": ("auto", "zigzag", None, False, 4, 2, torch.float64),
     "ring_zigzag_docs": ("auto", "zigzag", None, True, 4, 2, torch.float64),
@@ -44,8 +49,11 @@ CASES = {
     "ring_zigzag_mqa_docs": ("auto", "zigzag", None, True, 4, 1, torch.float64),
     "ring_zigzag_window_docs": ("ring", "zigzag", 7, True, 4, 2, torch.float64),
     "ring_zigzag_docs_fp32": ("auto", "zigzag", None, True, 4, 2, torch.float32),
+    "ring_zigzag_tiled_docs": ("ring_tiled", "zigzag", None, True, 4, 2, torch.float64),
+    "ring_contiguous_tiled_window_docs": ("ring_tiled", "contiguous", 7, True, 4, 2, torch.float64),
     "ulysses_zigzag_docs": ("ulysses_auto", "zigzag", None, True, 4, 2, torch.float64),
     "ulysses_contiguous": ("ulysses_auto", "contiguous", None, False, 4, 2, torch.float64),
+    "ulysses_zigzag_one_doc": ("ulysses_auto", "zigzag", None, "one", 4, 2, torch.float64),
     "ulysses_zigzag_mqa_docs": ("ulysses_auto", "zigzag", None, True, 4, 1, torch.float64),
     "ulysses_zigzag_window_docs": ("ulysses", "zigzag", 9, True, 4, 2, torch.float64),
     "halo_contiguous_docs": ("auto", "contiguous", 5, True, 4, 2, torch.float64),
@@ -102,7 +110,7 @@ def _run_case(name: str, world: int) -> dict:
     k = torch.randn(B, T, G, K, generator=g, dtype=dtype)
     v = torch.randn(B, T, G, K, generator=g, dtype=dtype)
     do = torch.randn(B, T, H, K, generator=g, dtype=dtype)
-    seq_ids = _doc_ids() if docs else None
+    seq_ids = {True: _doc_ids(), "one": torch.zeros(B, T, dtype=torch.long), False: None}[docs]
 
     ref = [t.clone().requires_grad_() for t in (q, k, v)]
     o_ref = attention(*ref, seq_ids=seq_ids, window=window)
@@ -110,14 +118,15 @@ def _run_case(name: str, world: int) -> dict:
 
     loc = [shard_sequence(t, cp).clone().requires_grad_() for t in (q, k, v)]
     sid = None if seq_ids is None else shard_sequence(seq_ids, cp)
-    fn = {"auto": cp_attention, "ulysses_auto": cp_attention, "ring": ring_attention,
+    fn = {"auto": cp_attention, "ulysses_auto": cp_attention, "ring": ring_attention, "ring_tiled": ring_attention,
           "ulysses": ulysses_attention, "halo": halo_attention}[op]
     kwargs = dict(seq_ids=sid) if op in ("auto", "ulysses_auto") and window is None else \
         dict(seq_ids=sid, window=window)
-    with _ByteCounter(world) as fwd:
-        o = fn(*loc, cp, **kwargs)
-    with _ByteCounter(world) as bwd:
-        o.backward(shard_sequence(do, cp))
+    with mock.patch.object(ring_module, "_TILE_ROWS", 5 if op == "ring_tiled" else ring_module._TILE_ROWS):
+        with _ByteCounter(world) as fwd:
+            o = fn(*loc, cp, **kwargs)
+        with _ByteCounter(world) as bwd:
+            o.backward(shard_sequence(do, cp))
 
     tol = TOL[dtype]
     torch.testing.assert_close(o, shard_sequence(o_ref, cp), **tol, msg=lambda m: f"output: {m}")
