@@ -19,8 +19,9 @@ T / step time (the tokens of the sequence the cp group processes per step).
 Longest sequence in a memory budget: one model for every run,
     act(T, cp) = d + a T/cp + c (T/2cp)^2   (the last term only for cp > 1),
 fitted by least squares on all runs with T <= --fit-max: `a` is what the model
-keeps per token held; `c` the (T/2cp) x (T/2cp) chunk-pair blocks that ring
-attention materialises at once (fp32 scores/probabilities/dP/dS for the heads);
+keeps per token held; `c` any remaining (T/2cp)^2 cost of ring attention (it
+was the whole chunk-pair blocks before ring.py tiled query rows; since then
+it fits as noise, so the README reports the estimate with and without it);
 cp = 1 uses torch SDPA (flash kernel) and has no T x T term. Then
 base + act(T, cp) = budget is solved for T. Runs longer than --fit-max are
 held out and compared with the prediction.
