@@ -11,12 +11,12 @@ Layout of a run folder::
         latest                      text file naming the checkpoint to resume from
 
 Why a crash never damages the run: a save writes everything into
-``checkpoints/.tmp-step-XXXXXXXX-<pid>/``, hashes and fsyncs every file, writes
-the manifest last, and only then renames the folder to ``step-XXXXXXXX`` (one
+``checkpoints/.tmp-step-NNNNNNNN-<pid>/``, hashes and fsyncs every file, writes
+the manifest last, and only then renames the folder to ``step-NNNNNNNN`` (one
 atomic rename on a POSIX file system), points ``latest`` at it (``os.replace``
 of a small file) and prunes old checkpoints (renamed into a ``.tmp-`` folder
 before deletion, so a half-deleted checkpoint is never visible). Re-saving an
-existing step moves the old folder aside to ``.old-step-XXXXXXXX-<pid>`` for
+existing step moves the old folder aside to ``.old-step-NNNNNNNN-<pid>`` for
 the moment of the swap; if the process dies in that moment, the next manager
 renames it back. Leftover ``.tmp-*`` entries of dead processes are deleted when
 a manager is created and before every save.
