@@ -19,7 +19,7 @@ import torch
 
 from kernels.attention.reference import attention_reference, visibility_mask
 
-__all__ = ["attention", "visibility_mask", "select_impl"]
+__all__ = ["attention", "check_shapes", "visibility_mask", "select_impl"]
 log = logging.getLogger(__name__)
 
 
@@ -59,9 +59,11 @@ def _flash(q, k, v, seq_ids, window, scale):
     return o.reshape(B, T, H, K)
 
 
-def attention(q, k, v, *, seq_ids=None, window=None, scale=None, impl="auto", return_lse=False):
+def check_shapes(op: str, q, k, v, seq_ids) -> None:
+    """ValueError naming the shapes unless q (B,T,H,K), k=v (B,S,G,K), S >= T,
+    H % G == 0 and seq_ids is None or (B, S). Shared by the attention-family ops."""
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
-        raise ValueError(f"attention expects q (B,T,H,K), k=v (B,S,G,K); got {tuple(q.shape)}, "
+        raise ValueError(f"{op} expects q (B,T,H,K), k=v (B,S,G,K); got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     B, T, H, K = q.shape
     S, G = k.shape[1], k.shape[2]
@@ -69,6 +71,10 @@ def attention(q, k, v, *, seq_ids=None, window=None, scale=None, impl="auto", re
         raise ValueError(f"incompatible shapes q {tuple(q.shape)} and k {tuple(k.shape)}")
     if seq_ids is not None and tuple(seq_ids.shape) != (B, S):
         raise ValueError(f"seq_ids must be (B, S) = ({B}, {S}); got {tuple(seq_ids.shape)}")
+
+
+def attention(q, k, v, *, seq_ids=None, window=None, scale=None, impl="auto", return_lse=False):
+    check_shapes("attention", q, k, v, seq_ids)
     if impl == "auto":
         impl = select_impl(q, return_lse)
     _announce(impl)

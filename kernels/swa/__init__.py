@@ -28,7 +28,7 @@ import logging
 
 import torch
 
-from kernels.attention import attention, select_impl
+from kernels.attention import attention, check_shapes, select_impl
 from kernels.swa.banded import banded_swa
 from kernels.swa.reference import swa_reference
 
@@ -49,15 +49,8 @@ def select_swa_impl(q: torch.Tensor, S: int, seq_ids, return_lse: bool) -> str:
 
 def sliding_window_attention(q, k, v, *, window: int, seq_ids=None, scale=None, impl: str = "auto",
                              return_lse: bool = False):
-    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
-        raise ValueError(f"sliding_window_attention expects q (B,T,H,K), k=v (B,S,G,K); got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    B, T, H, K = q.shape
-    S, G = k.shape[1], k.shape[2]
-    if S < T or H % G or k.shape[0] != B or k.shape[3] != K:
-        raise ValueError(f"incompatible shapes q {tuple(q.shape)} and k {tuple(k.shape)}")
-    if seq_ids is not None and tuple(seq_ids.shape) != (B, S):
-        raise ValueError(f"seq_ids must be (B, S) = ({B}, {S}); got {tuple(seq_ids.shape)}")
+    check_shapes("sliding_window_attention", q, k, v, seq_ids)
+    T, S = q.shape[1], k.shape[1]
     if not isinstance(window, int) or window < 0:
         raise ValueError(f"window must be an int >= 0; got {window!r}")
     if impl == "auto":
