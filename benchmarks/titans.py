@@ -17,22 +17,24 @@ only by this benchmark, with the same torch build as Loom's:
     .venv/bin/python benchmarks/titans.py             # 1K, 4K, 16K; writes benchmarks/results/titans.json
     .venv/bin/python benchmarks/titans.py --lengths 1024 4096 --repeats 5 --threads 1
 
-Time: forward+backward passes, `--repeats` per process after one warm-up pass,
-loss = mean(y^2) of the module's (B, T, 256) output; tokens/s = T / time, both
-wall-clock and process CPU time. The machine is shared, so with one thread the
-CPU time is the steadier measure of the work (wall time also counts the moments
-other jobs held the core). The table keeps each (module, length)'s best pass
-over all `--rounds` (wall and CPU time each) and its lowest peak; the JSON keeps
-every pass.
-Memory: peak RSS during all passes minus the RSS after building the module and
-its input (so weights, interpreter and libraries are excluded).
+Time: forward+backward passes, `--repeats` per process after one warm-up pass
+(which also compiles, for the compiled rows), loss = mean(y^2) of the module's
+(B, T, 256) output; tokens/s = T / time, both wall-clock and process CPU time.
+The machine is shared, so with one thread the CPU time is the steadier measure
+of the work (wall time also counts the moments other jobs held the core). The
+table keeps each (module, length)'s best pass over all `--rounds`; the JSON
+keeps every pass.
+Memory: in a second fresh process per (module, length), with glibc's mmap
+threshold fixed at 128 KiB so that freed tensors leave the resident set: the
+peak RSS over two passes after the warm-up, minus the RSS after the warm-up
+(so weights, libraries, compilation and the warm-up's allocator leftovers are
+excluded). The table keeps the highest of the rounds.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -49,31 +51,44 @@ SETTINGS = {
     "memory_expansion": EXPANSION, "update_chunk": CHUNK, "batch": 1, "dtype": "float32",
     "momentum": True, "weight_decay": True, "lr": "per token",
 }
-# name -> (side, options). "loom-chunk" and "lucidrains" are the equal-settings pair.
+# name -> (side, options). "loom-chunk" (eager), "loom-chunk-compiled" and "lucidrains" are the
+# equal-settings rows: Loom without the things titans-pytorch's module does not have (the short conv)
+# and with its kind of output gate (one per head).
+EQUAL = {"retrieval": "chunk", "conv_size": 0, "output_gate": "headwise"}
 CONFIGS = {
-    "loom-chunk": ("loom", {"retrieval": "chunk"}),
-    "loom-token": ("loom", {"retrieval": "token"}),
+    "loom-chunk": ("loom", EQUAL),
+    "loom-chunk-compiled": ("loom", {**EQUAL, "impl": "compiled"}),
+    "loom-paper": ("loom", {}),
     "lucidrains": ("lucidrains", {"batch_size": CHUNK}),
     "lucidrains-default": ("lucidrains", {"batch_size": None}),
+    # opt-in (not in the default sweep: its first pass compiles for minutes)
+    "lucidrains-compiled": ("lucidrains", {"batch_size": CHUNK, "compile": True}),
 }
+DEFAULT_CONFIGS = [n for n in CONFIGS if n != "lucidrains-compiled"]
 NOTES = [
     "Both: d_model 256, 4 heads x 64, depth-2 GELU MLP memory 64 -> 256 -> 64 per head (expansion 4), "
     "gradients of each 64-token chunk taken at that chunk's start weights, momentum and weight decay on, "
-    "per-token learning rate, learned per-head W0.",
-    "loom-chunk: `memory` mixer, retrieval='chunk' (token t reads the weights committed before its chunk), "
-    "memory_norm on (rmsnorm output, no residual), conv 4 taps + SiLU + l2 norm on q/k, output RMSNorm, "
-    "sigmoid output gate (D -> H*K) and o_proj.",
-    "loom-token: the same with Loom's default retrieval='token' (each token reads its own post-update "
-    "weights, the paper's read-after-write); more work than either equal-settings side.",
+    "per-token learning rate, learned per-head W0, a sigmoid output gate per head, no convolution.",
+    "loom-chunk: `memory` mixer with retrieval='chunk' (token t reads the weights committed before its "
+    "chunk), conv_size=0, output_gate='headwise'; memory_norm on (rmsnorm output, no residual), SiLU + l2 "
+    "norm on q/k, output RMSNorm and o_proj; eager PyTorch (impl='auto').",
+    "loom-chunk-compiled: the same with impl='compiled' (the memory op's gate coefficients and chunk block "
+    "through torch.compile; the rest of the layer eager). Compiles for ~10 s per new shape.",
+    "loom-paper: the `memory` mixer as the recipes use it (the paper's block): retrieval='token' (each token "
+    "reads its own post-update weights), 4-tap causal conv on q/k/v, elementwise output gate; more work "
+    "than either equal-settings side.",
     "lucidrains: NeuralMemory(dim=256, heads=4, dim_head=64, chunk_size=64, batch_size=64, "
     "default_model_kwargs={depth: 2, expansion_factor: 4}, momentum=True), all else default: "
     "input RMSNorm, LayerNorm+residual memory wrapper, no qk norm, per-head retrieve gate, combine_heads. "
     "It reads the weights committed after the last complete chunk (one token later than loom-chunk).",
     "lucidrains-default: its default batch_size=None takes every chunk's gradient at the call's initial "
     "weights W0 (no chunk-to-chunk dependence): a different, cheaper algorithm, shown for reference only.",
+    "lucidrains-compiled (opt-in, --configs lucidrains-compiled): torch.compile(NeuralMemory); its first "
+    "pass compiles for minutes.",
     "Remaining differences: lucidrains pools momentum and decay gates per chunk (one value per 64 tokens) "
-    "where Loom has them per token; its inner loss is a mean over K, Loom's a sum; its lr bound is 1, "
-    "Loom's 1/(2*64). None of these changes the amount of work.",
+    "where Loom has them per token, so Loom's chunk end needs two weighted sums over the chunk's gradients "
+    "(momentum and weights) where lucidrains needs one; its inner loss is a mean over K, Loom's a sum; its "
+    "lr bound is 1, Loom's 1/(2*64).",
 ]
 
 
@@ -124,15 +139,21 @@ def build_loom(opts: dict):
 
 
 def build_lucidrains(opts: dict):
+    import torch
     from titans_pytorch import NeuralMemory
 
     mem = NeuralMemory(dim=D_MODEL, heads=HEADS, dim_head=HEAD_DIM, chunk_size=CHUNK,
                        batch_size=opts["batch_size"], momentum=True,
                        default_model_kwargs=dict(depth=DEPTH, expansion_factor=float(EXPANSION)))
-    return mem, lambda x: mem(x)[0]
+    fn = torch.compile(mem) if opts.get("compile") else mem
+    return mem, lambda x: fn(x)[0]
 
 
 def measure(name: str, T: int, repeats: int, threads: int) -> dict:
+    """One (module, length) in this process: a warm-up pass (which also compiles, for the compiled
+    row), then `repeats` timed passes. The peak RSS of the timed passes over the RSS after the
+    warm-up comes from /proc (VmHWM reset by clear_refs); it is only meaningful when the allocator
+    returns freed tensors to the system, which run_child arranges for the memory process."""
     import torch
 
     torch.set_num_threads(threads)
@@ -140,9 +161,11 @@ def measure(name: str, T: int, repeats: int, threads: int) -> dict:
     side, opts = CONFIGS[name]
     module, run = (build_loom if side == "loom" else build_lucidrains)(opts)
     x = torch.randn(1, T, D_MODEL, requires_grad=True)
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times, cpu = [], []
-    for _ in range(repeats + 1):
+    base = None
+    for i in range(repeats + 1):
+        if i == 1:
+            base = _reset_peak_rss()
         t0, c0 = time.perf_counter(), time.process_time()
         y = run(x)
         y.pow(2).mean().backward()
@@ -151,18 +174,46 @@ def measure(name: str, T: int, repeats: int, threads: int) -> dict:
         del y
         x.grad = None
         module.zero_grad(set_to_none=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = None if base is None else (_status_kib("VmHWM") - base) / 1024
     sec, cpu_sec = min(times[1:]), min(cpu[1:])
     return {"config": name, "T": T, "seconds": sec, "cpu_seconds": cpu_sec, "all_seconds": times,
             "all_cpu_seconds": cpu, "tokens_per_s": T / sec, "cpu_tokens_per_s": T / cpu_sec,
-            "peak_mib": (peak - base_rss) / 1024, "params": sum(p.numel() for p in module.parameters()),
+            "peak_mib": peak, "params": sum(p.numel() for p in module.parameters()),
             "torch": torch.__version__, "threads": threads}
 
 
-def run_child(name: str, T: int, repeats: int, threads: int, venv: str, timeout: float) -> dict:
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak_rss() -> int | None:
+    """Reset this process's VmHWM to its current RSS (Linux clear_refs 5); return that RSS in KiB."""
+    import gc
+
+    gc.collect()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return _status_kib("VmRSS")
+
+
+# glibc's default mmap threshold adapts upwards, after which freed tensors stay in the heap and the
+# RSS no longer falls: fixing it at 128 KiB makes every tensor of that size or more its own mapping,
+# returned on free, so the RSS follows the live tensors. It slows allocation, hence its own process.
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+MEMORY_REPEATS = 2
+
+
+def run_child(name: str, T: int, repeats: int, threads: int, venv: str, timeout: float,
+              memory: bool = False) -> dict:
+    """Measure in a fresh process: timing (default allocator) or, with `memory`, peak memory."""
     python = sys.executable if CONFIGS[name][0] == "loom" else f"{venv}/bin/python"
-    cmd = [python, str(HERE), "--child", name, str(T), str(repeats), str(threads)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
+    cmd = [python, str(HERE), "--child", name, str(T), str(MEMORY_REPEATS if memory else repeats), str(threads)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore", **(MEMORY_ENV if memory else {})}
     load = os.getloadavg()[0]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
@@ -193,7 +244,7 @@ def table(best: dict, lengths: list[int]) -> str:
             r = best.get((n, T))
             cells += ["-", "-"] if r is None else [f"{r['cpu_tokens_per_s']:,.0f}", f"{r['peak_mib']:,.0f}"]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    for loom in ("loom-chunk", "loom-token"):
+    for loom in ("loom-chunk", "loom-chunk-compiled", "loom-paper"):
         cells = []
         for T in lengths:
             a, b = best.get((loom, T)), best.get(("lucidrains", T))
@@ -205,20 +256,22 @@ def table(best: dict, lengths: list[int]) -> str:
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Per (config, T) over all rounds: the best pass's wall and CPU time (the passes least disturbed by
-    other jobs; warm-ups excluded) and the lowest peak memory (the allocator's peak varies between runs)."""
+    """Per (config, T) over all rounds: the best timed pass's wall and CPU time (the passes least
+    disturbed by other jobs; warm-ups excluded) and the highest peak memory of the memory processes."""
     best = {}
     for r in rows:
         if r.get("seconds") is None:
             continue
         b = best.setdefault((r["config"], r["T"]), {"wall": [], "cpu": [], "peak": []})
-        b["wall"] += r["all_seconds"][1:]
-        b["cpu"] += r["all_cpu_seconds"][1:]
-        b["peak"].append(r["peak_mib"])
+        if r["kind"] == "memory":
+            b["peak"].append(r["peak_mib"])
+        else:
+            b["wall"] += r["all_seconds"][1:]
+            b["cpu"] += r["all_cpu_seconds"][1:]
     return {(c, T): {"tokens_per_s": T / min(b["wall"]), "cpu_tokens_per_s": T / min(b["cpu"]),
                      "cpu_seconds": min(b["cpu"]), "seconds": min(b["wall"]),
-                     "peak_mib": min(b["peak"]), "peak_mib_range": [min(b["peak"]), max(b["peak"])]}
-            for (c, T), b in best.items()}
+                     "peak_mib": max(b["peak"]), "peak_mib_range": [min(b["peak"]), max(b["peak"])]}
+            for (c, T), b in best.items() if b["cpu"] and b["peak"] and None not in b["peak"]}
 
 
 def main() -> None:
@@ -229,13 +282,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--setup", action="store_true", help="create the titans-pytorch venv and exit")
     p.add_argument("--venv", default=DEFAULT_VENV)
-    p.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--configs", nargs="*", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
     p.add_argument("--lengths", nargs="*", type=int, default=[1024, 4096, 16384])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=2, help="sweep this many times; the table keeps each "
                    "(module, length)'s best pass over all rounds")
-    p.add_argument("--timeout", type=float, default=900.0)
+    p.add_argument("--timeout", type=float, default=1800.0)
     p.add_argument("--out", default=str(RESULTS / "titans.json"))
     args = p.parse_args()
     if args.setup:
@@ -247,12 +300,14 @@ def main() -> None:
     for rnd in range(args.rounds):
         for T in args.lengths:
             for name in args.configs:
-                r = run_child(name, T, args.repeats, args.threads, args.venv, args.timeout)
-                r["round"] = rnd
-                rows.append(r)
-                msg = r.get("note") or f"{r['seconds']:.3f} s wall {r['cpu_seconds']:.3f} s CPU " \
-                                       f"{r['peak_mib']:>6,.0f} MiB  load {r['load_before']}"
-                print(f"round {rnd} {name:>18} T={T:>6}: {msg}", flush=True)
+                for kind in ("time", "memory"):
+                    r = run_child(name, T, args.repeats, args.threads, args.venv, args.timeout, kind == "memory")
+                    r.update(round=rnd, kind=kind)
+                    rows.append(r)
+                    msg = r.get("note") or (f"peak {r['peak_mib']:,.0f} MiB" if kind == "memory" else
+                                            f"{r['seconds']:.3f} s wall {r['cpu_seconds']:.3f} s CPU")
+                    print(f"round {rnd} {name:>19} T={T:>6} {kind:>6}: {msg}  load {r.get('load_before')}",
+                          flush=True)
     summary = summarise(rows)
     report = table(summary, args.lengths)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -21,11 +21,12 @@ from kernels.memory.chunked import neural_memory_chunked
 from kernels.memory.common import ACTIVATIONS, MemoryState, Weights, mlp_forward
 from kernels.memory.layout import DocChunks, doc_chunks
 
-__all__ = ["neural_memory", "MemoryState", "init_memory_weights", "RETRIEVALS", "DocChunks", "doc_chunks",
+__all__ = ["neural_memory", "MemoryState", "init_memory_weights", "RETRIEVALS", "IMPLS", "DocChunks", "doc_chunks",
            "memory_read"]
 log = logging.getLogger(__name__)
 
 RETRIEVALS = ("chunk", "token")
+IMPLS = ("auto", "chunked", "compiled")
 
 
 @functools.lru_cache(maxsize=None)
@@ -151,7 +152,9 @@ def neural_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torc
             None is the paper's plain MLP.
         retrieval: "chunk" or "token", see above.
         return_state: also return the final MemoryState.
-        impl: "auto" or "chunked" (the only backend so far).
+        impl: "auto" or "chunked" (the eager chunk-parallel form), or "compiled": the same
+            code with each block through torch.compile (inductor), same results to
+            rounding; opt-in, since the first call of each shape compiles for seconds.
 
     Returns:
         y (B, T, H, K) in q's dtype [, MemoryState in the compute dtype].
@@ -170,8 +173,8 @@ def neural_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torc
               norm_weight)
     if impl == "auto":
         impl = "chunked"
-    if impl != "chunked":
-        raise ValueError(f"unknown neural_memory impl {impl!r}; choose auto or chunked")
+    if impl not in IMPLS[1:]:
+        raise ValueError(f"unknown neural_memory impl {impl!r}; choose one of {IMPLS}")
     _announce(impl)
     # Float32 at least: the decay products and the fast weights accumulate over the whole sequence.
     dt = torch.promote_types(q.dtype, torch.float32)
@@ -181,6 +184,7 @@ def neural_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torc
     y, final = neural_memory_chunked(*cast((q, k, v, theta, eta, alpha)), cast(init_weights),
                                      chunk_size=chunk_size, state=state, reset=reset, mask=mask,
                                      activation=activation, retrieval=retrieval,
-                                     norm_weight=None if norm_weight is None else norm_weight.to(dt))
+                                     norm_weight=None if norm_weight is None else norm_weight.to(dt),
+                                     compiled=impl == "compiled")
     y = y.to(q.dtype)
     return (y, final) if return_state else y

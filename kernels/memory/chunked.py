@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.memory.common import ACTIVATIONS, NORM_EPS, MemoryState, Weights, mlp_forward, out_norm
+from kernels.memory.common import FAST_ACTIVATIONS, NORM_EPS, MemoryState, Weights, mlp_forward, out_norm
 from kernels.memory.layout import doc_chunks
 
 
@@ -49,10 +49,36 @@ def _out_norm_backward(z, g, norm_weight):
     return rinv * gg - z * rinv.pow(3) * (gg * z).mean(-1, keepdim=True)
 
 
-def _block(q, k, v, theta, eta, alpha, G: Weights, W: Weights, S: Weights, last, act, act_and_grad,
-           retrieval: str, norm_weight):
-    """One block for all (B, H). q, k, v (B, H, C, K); gates (B, H, C); G, W, S per layer
-    (B or 1, H, D_in, D_out); last (B,) index of the last real slot; norm_weight (H, K) or None.
+def _coefficients(theta, eta, alpha, last, retrieval: str) -> dict[str, tuple[torch.Tensor, ...]]:
+    """The gate products of every block at once (they need no weights, so they leave the loop).
+    theta, eta, alpha (B, N, H, C); last (B, N). Returns name -> N tensors of shape (B, H, ...)."""
+    tiny = torch.finfo(eta.dtype).tiny
+    log_eta = torch.log(eta.clamp_min(tiny))
+    log_keep = torch.log((1 - alpha).clamp_min(tiny))
+    p = torch.exp(log_eta.cumsum(-1))                       # (B, N, H, C)
+    beta = torch.exp(log_keep.cumsum(-1))
+    Ep = torch.exp(_segsum(log_eta))                        # (B, N, H, C, C)
+    Db = torch.exp(_segsum(log_keep))
+    E = Ep * theta[..., None, :]                            # S_t coefficient of u_i
+    B, N, H, C = theta.shape
+    row = last.view(B, N, 1, 1, 1).expand(B, N, H, 1, C)
+    E_end = E.gather(-2, row)                               # (B, N, H, 1, C)
+    Db_end = Db.gather(-2, row)
+    out = {
+        "end": torch.cat([E_end, Db_end @ E], dim=-2).transpose(-1, -2),  # (B, N, H, C, 2): S_end, W_end of u_i
+        "p_end": p.gather(-1, row[..., 0])[..., None],      # (B, N, H, 1, 1)
+        "beta_end": beta.gather(-1, row[..., 0])[..., None],
+        "bS_end": Db_end @ p[..., None],                    # (B, N, H, 1, 1)
+    }
+    if retrieval == "token":
+        out.update(Cw=Db @ E, bS=Db @ p[..., None], beta=beta[..., None])  # (B, N, H, C, C), (.., C, 1) x2
+    return {name: x.unbind(1) for name, x in out.items()}
+
+
+def _block(q, k, v, co: dict, G: Weights, W: Weights, S: Weights, act, act_and_grad, retrieval: str,
+           norm_weight):
+    """One block for all (B, H). q, k, v (B, H, C, K); co this block's `_coefficients`; G, W, S
+    per layer (B or 1, H, D_in, D_out); norm_weight (H, K) or None.
 
     Returns y (B, H, C, K), W_end, S_end."""
     depth = len(G)
@@ -70,67 +96,72 @@ def _block(q, k, v, theta, eta, alpha, G: Weights, W: Weights, S: Weights, last,
     for l in range(depth - 1, 0, -1):
         deltas.insert(0, (deltas[0] @ G[l].transpose(-1, -2)) * slopes[l - 1])
 
-    tiny = torch.finfo(eta.dtype).tiny
-    log_eta = torch.log(eta.clamp_min(tiny))
-    log_keep = torch.log((1 - alpha).clamp_min(tiny))
-    p = torch.exp(log_eta.cumsum(-1))                       # (B, H, C)
-    beta = torch.exp(log_keep.cumsum(-1))
-    Ep = torch.exp(_segsum(log_eta))                        # (B, H, C, C)
-    Db = torch.exp(_segsum(log_keep))
-    E = Ep * theta[..., None, :]                            # S_t coefficient of u_i
-
-    B, H, C = theta.shape
-    row = last.view(-1, 1, 1, 1).expand(B, H, 1, C)
-    E_end = E.gather(-2, row)                               # (B, H, 1, C)
-    Db_end = Db.gather(-2, row)
-    Cw_end = Db_end @ E                                     # W_end coefficient of u_i
-    p_end = p.gather(-1, row[..., 0])[..., None]            # (B, H, 1, 1)
-    beta_end = beta.gather(-1, row[..., 0])[..., None]
-    bS_end = Db_end @ p[..., None]                          # (B, H, 1, 1)
-    coef = torch.cat([E_end, Cw_end], dim=-2).transpose(-1, -2)  # (B, H, C, 2)
+    # Chunk-end sums sum_i c_i h_i^T delta_i for both coefficient rows, as one matmul per layer,
+    # with the two coefficient columns multiplied into the narrower of the two sides.
+    end = co["end"]                                         # (B, H, C, 2)
     W_end, S_end = [], []
     for l in range(depth):
-        d_out = deltas[l].shape[-1]
-        weighted = (coef[..., :, :, None] * deltas[l][..., :, None, :]).flatten(-2)  # (B, H, C, 2 * D_out)
-        sums = inputs[l].transpose(-1, -2) @ weighted       # (B, H, D_in, 2 * D_out)
-        S_end.append(p_end * S[l] - sums[..., :d_out])
-        W_end.append(beta_end * W[l] + bS_end * S[l] - sums[..., d_out:])
+        x, d = inputs[l], deltas[l]
+        d_in, d_out = x.shape[-1], d.shape[-1]
+        if d_in <= d_out:
+            scaled = (x[..., :, None, :] * end[..., None]).flatten(-2)   # (B, H, C, 2 * D_in)
+            sums = (scaled.transpose(-1, -2) @ d).unflatten(-2, (2, d_in))  # (B, H, 2, D_in, D_out)
+            s_sum, w_sum = sums.unbind(-3)
+        else:
+            scaled = (end[..., None] * d[..., :, None, :]).flatten(-2)   # (B, H, C, 2 * D_out)
+            sums = x.transpose(-1, -2) @ scaled             # (B, H, D_in, 2 * D_out)
+            s_sum, w_sum = sums[..., :d_out], sums[..., d_out:]
+        S_end.append(co["p_end"] * S[l] - s_sum)
+        W_end.append(co["beta_end"] * W[l] + co["bS_end"] * S[l] - w_sum)
 
     if retrieval == "chunk":
         y = mlp_forward(G, q, act, norm_weight)
     else:
-        Cw = Db @ E                                         # (B, H, C, C), lower triangular
-        bS = (Db @ p[..., None])                            # (B, H, C, 1)
+        Cw, bS, beta = co["Cw"], co["bS"], co["beta"]
         h = q
         for l in range(depth):
             scores = (h @ inputs[l].transpose(-1, -2)) * Cw
-            h_new = beta[..., None] * (h @ W[l]) + bS * (h @ S[l]) - scores @ deltas[l]
+            h_new = beta * (h @ W[l]) + bS * (h @ S[l]) - scores @ deltas[l]
             h = act(h_new) if l < depth - 1 else h_new
         y = out_norm(h, norm_weight)
     return y, tuple(W_end), tuple(S_end)
 
 
+_COMPILED = {}
+
+
+def _compiled(fn):
+    """`fn` through torch.compile (inductor: fused C++ on CPU, Triton on CUDA), built once. The
+    same maths; it fuses the elementwise work and the autograd nodes between the matmuls."""
+    if fn.__name__ not in _COMPILED:
+        _COMPILED[fn.__name__] = torch.compile(fn)
+    return _COMPILED[fn.__name__]
+
+
 def neural_memory_chunked(q, k, v, theta, eta, alpha, init_weights: Weights, *, chunk_size: int,
                           state: MemoryState | None = None, reset: torch.Tensor | None = None,
                           mask: torch.Tensor | None = None, activation: str = "gelu",
-                          retrieval: str = "chunk", norm_weight: torch.Tensor | None = None):
-    """Chunk-parallel neural memory. Shapes and semantics as `kernels.memory.neural_memory`.
+                          retrieval: str = "chunk", norm_weight: torch.Tensor | None = None,
+                          compiled: bool = False):
+    """Chunk-parallel neural memory. Shapes and semantics as `kernels.memory.neural_memory`;
+    `compiled` runs the gate coefficients and each block through torch.compile.
 
     Returns (y (B, T, H, K), final MemoryState)."""
-    act, act_and_grad = ACTIVATIONS[activation]
+    block, coefficients = (_compiled(_block), _compiled(_coefficients)) if compiled else (_block, _coefficients)
+    act, act_and_grad = FAST_ACTIVATIONS[activation]
     B, T, H, K = q.shape
     if state is None:
         state = MemoryState.initial(init_weights, B)
     lay = doc_chunks(reset, state.offset, T, chunk_size, mask)
     N, C = lay.n_blocks, lay.width
 
-    def blocks(x, pad):  # (B, T, H[, K]) -> N x (B, H, C[, K])
-        # unbind, not indexing: the backward of x[n] would zero-fill all of x once per block.
-        return lay.to_blocks(x, pad).transpose(2, 3).unbind(1)
+    def blocks(x, pad):  # (B, T, H[, K]) -> (B, N, H, C[, K])
+        return lay.to_blocks(x, pad).transpose(2, 3)
 
-    qb, kb, vb = (blocks(x, 0.0) for x in (q, k, v))
-    thb, etb, alb = blocks(theta, 0.0), blocks(eta, 1.0), blocks(alpha, 0.0)
-    last = (lay.length - 1).clamp_min(0).T                 # (N, B)
+    # unbind, not indexing: the backward of x[n] would zero-fill all of x once per block.
+    qb, kb, vb = (blocks(x, 0.0).unbind(1) for x in (q, k, v))
+    co = coefficients(blocks(theta, 0.0), blocks(eta, 1.0), blocks(alpha, 0.0),
+                       (lay.length - 1).clamp_min(0), retrieval)
     any_reset = lay.block_reset.any(dim=0).tolist()
     all_real = (lay.length > 0).all(dim=0).tolist()
     W0 = tuple(w[None] for w in init_weights)               # (1, H, D_in, D_out)
@@ -144,7 +175,7 @@ def neural_memory_chunked(q, k, v, theta, eta, alpha, init_weights: Weights, *, 
             G = tuple(torch.where(r, w0, g) for w0, g in zip(W0, G))
             W = tuple(torch.where(r, w0, w) for w0, w in zip(W0, W))
             S = tuple(torch.where(r, 0.0, s) for s in S)
-        y, W_end, S_end = _block(qb[n], kb[n], vb[n], thb[n], etb[n], alb[n], G, W, S, last[n],
+        y, W_end, S_end = block(qb[n], kb[n], vb[n], {name: c[n] for name, c in co.items()}, G, W, S,
                                  act, act_and_grad, retrieval, norm_weight)
         ys.append(y)
         if all_real[n]:

@@ -65,6 +65,8 @@ def test_decoding_into_a_new_document(kind):
 VARIANTS = [
     ("memory", {"depth": 1, "retrieval": "chunk"}),
     ("memory", {"memory_norm": False, "conv_size": 0, "activation": "silu"}),
+    ("memory", {"output_gate": "headwise", "conv_size": 0}),
+    ("memory", {"output_gate": "none", "depth": 1}),
     ("titans_mag", {"persistent": 0, "depth": 1}),
     ("titans_mag", {"retrieval": "chunk", "theta_max": 0.05}),
     ("titans_mac", {"persistent": 0, "chunk_size": 8, "segment": 8}),
@@ -91,6 +93,7 @@ def test_variants_carry_state_and_decode_exactly(kind, opts):
     ("memory", {"theta_max": -1.0}, "theta_max"),
     ("titans_mag", {"windw": 8}, "did you mean 'window'"),
     ("memory", {"retrieval": "after"}, "model.mixers.memory.retrieval"),
+    ("memory", {"output_gate": "channel"}, "model.mixers.memory.output_gate"),
 ])
 def test_bad_options_name_the_key(kind, opts, needle):
     with pytest.raises(ConfigError) as e:
@@ -109,3 +112,12 @@ def test_cpu_recipes_build_finite_models(variant):
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("gate, width", [("elementwise", 2 * 16), ("headwise", 2), ("none", None)])
+def test_memory_output_gate_widths(gate, width):
+    mixer = tiny("memory", output_gate=gate).blocks[0].mixer
+    if width is None:
+        assert mixer.gate_proj is None
+    else:
+        assert mixer.gate_proj.out_features == width
