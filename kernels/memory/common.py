@@ -30,67 +30,52 @@ _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
-def _gelu(z):
-    return 0.5 * z * (1.0 + torch.erf(z * _SQRT_HALF))
-
-
-def _gelu_and_grad(z):
-    cdf = 0.5 * (1.0 + torch.erf(z * _SQRT_HALF))
-    return z * cdf, cdf + z * torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
-
-
-def _silu(z):
-    return z * torch.sigmoid(z)
-
-
-def _silu_and_grad(z):
-    s = torch.sigmoid(z)
-    return z * s, s * (1.0 + z * (1.0 - s))
+def act_derivatives(name: str, z: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    """The first n of (act(z), act'(z), act''(z)), sharing their intermediates.
+        gelu: z cdf, cdf + z pdf, pdf (2 - z^2)
+        silu: z s, s (1 + z (1 - s)), s (1 - s) (2 + z (1 - 2 s))   with s = sigmoid(z)"""
+    if name == "gelu":
+        cdf = 0.5 * (1.0 + torch.erf(z * _SQRT_HALF))
+        if n == 1:
+            return (z * cdf,)
+        pdf = torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
+        out = (z * cdf, cdf + z * pdf, pdf * (2.0 - z * z))
+    else:
+        s = torch.sigmoid(z)
+        if n == 1:
+            return (z * s,)
+        ds = s * (1.0 - s)
+        out = (z * s, s + z * ds, ds * (2.0 + z * (1.0 - 2.0 * s)))
+    return out[:n]
 
 
 # name -> (act, z -> (act(z), d act / dz)), written as plain tensor ops so that the outer
 # (training) autograd can differentiate through the hand-written inner backprop. The
 # definitions the reference uses.
-ACTIVATIONS = {"gelu": (_gelu, _gelu_and_grad), "silu": (_silu, _silu_and_grad)}
+ACTIVATIONS = {name: (lambda z, n=name: act_derivatives(n, z, 1)[0], lambda z, n=name: act_derivatives(n, z, 2))
+               for name in ("gelu", "silu")}
 
 
-class _GeluAndSlope(torch.autograd.Function):
-    """z -> (gelu(z), gelu'(z)) as one node: d gelu / dz = cdf + z pdf, d gelu' / dz = pdf (2 - z^2)."""
-
-    @staticmethod
-    def forward(ctx, z):
-        cdf = 0.5 * (1.0 + torch.erf(z * _SQRT_HALF))
-        pdf = torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
-        ctx.save_for_backward(z, cdf, pdf)
-        return z * cdf, cdf + z * pdf
+class _ActAndSlope(torch.autograd.Function):
+    """z -> (act(z), act'(z)) as one autograd node, backward through act' and act''."""
 
     @staticmethod
-    def backward(ctx, g_act, g_slope):
-        z, cdf, pdf = ctx.saved_tensors
-        return g_act * (cdf + z * pdf) + g_slope * pdf * (2.0 - z * z)
-
-
-class _SiluAndSlope(torch.autograd.Function):
-    """z -> (silu(z), silu'(z)) as one node: silu' = s (1 + z (1 - s)), silu'' = s (1 - s) (2 + z (1 - 2 s))."""
-
-    @staticmethod
-    def forward(ctx, z):
-        s = torch.sigmoid(z)
-        ctx.save_for_backward(z, s)
-        return z * s, s * (1.0 + z * (1.0 - s))
+    def forward(ctx, name, z):
+        a, d1, d2 = act_derivatives(name, z, 3)
+        ctx.save_for_backward(d1, d2)
+        return a, d1
 
     @staticmethod
     def backward(ctx, g_act, g_slope):
-        z, s = ctx.saved_tensors
-        ds = s * (1.0 - s)
-        return g_act * (s + z * ds) + g_slope * ds * (2.0 + z * (1.0 - 2.0 * s))
+        d1, d2 = ctx.saved_tensors
+        return None, torch.addcmul(g_act * d1, g_slope, d2)
 
 
 # The same functions for the chunked op: native kernels for the reads, and each (act, slope) pair as
 # one autograd node with its analytic derivative (the plain-op form above builds ~10 nodes).
 FAST_ACTIVATIONS = {
-    "gelu": (torch.nn.functional.gelu, _GeluAndSlope.apply),
-    "silu": (torch.nn.functional.silu, _SiluAndSlope.apply),
+    "gelu": (torch.nn.functional.gelu, lambda z: _ActAndSlope.apply("gelu", z)),
+    "silu": (torch.nn.functional.silu, lambda z: _ActAndSlope.apply("silu", z)),
 }
 
 

@@ -17,18 +17,12 @@ ValueErrors. Cost: one spawned group per world size (about 2 s for cp=2 and
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
-import traceback
-from datetime import timedelta
 from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from kernels.attention import attention
 from kernels.context_parallel import (CPContext, comm_bytes, cp_attention, gather_sequence, halo_attention,
@@ -36,6 +30,9 @@ from kernels.context_parallel import (CPContext, comm_bytes, cp_attention, gathe
 from kernels.context_parallel import ring as ring_module
 from kernels.context_parallel.halo import halo_plan
 from kernels.context_parallel.ulysses import ulysses_kv_heads
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _gloo, next to this file
+import _gloo  # noqa: E402
 
 B, T, K = 2, 48, 6
 DOC_LENS = ([5, 17, 1, 3, 22], [30, 18])  # documents cross every chunk boundary at cp = 2 and 4
@@ -66,39 +63,12 @@ CASES = {
 COMM_CASES = {"ring_zigzag_docs": "ring", "ulysses_zigzag_docs": "ulysses", "ulysses_zigzag_mqa_docs": "ulysses",
               "halo_contiguous_docs": "halo", "halo_zigzag_long_window_docs": "halo"}
 TOL = {torch.float64: dict(atol=1e-12, rtol=1e-10), torch.float32: dict(atol=2e-5, rtol=2e-5)}
+COUNTED = ("batch_isend_irecv", "all_to_all_single", "all_gather")  # the torch.distributed calls the ops use
 
 
 def _doc_ids() -> torch.Tensor:
     rows = [torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens)) for lens in DOC_LENS]
     return torch.stack(rows)  # (B, T)
-
-
-class _ByteCounter:
-    """Counts bytes this rank sends through the torch.distributed calls the ops use."""
-
-    def __init__(self, world: int):
-        self.world, self.n, self._saved = world, 0, {}
-
-    def _wrap(self, name, count):
-        orig = getattr(dist, name)
-        self._saved[name] = orig
-
-        def wrapped(*args, **kwargs):
-            self.n += count(*args, **kwargs)
-            return orig(*args, **kwargs)
-
-        setattr(dist, name, wrapped)
-
-    def __enter__(self):
-        nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
-        self._wrap("batch_isend_irecv", lambda ops: sum(nbytes(o.tensor) for o in ops if o.op is dist.isend))
-        self._wrap("all_to_all_single", lambda out, x, **kw: nbytes(x) * (self.world - 1) // self.world)
-        self._wrap("all_gather", lambda outs, x, **kw: nbytes(x) * (self.world - 1))
-        return self
-
-    def __exit__(self, *exc):
-        for name, orig in self._saved.items():
-            setattr(dist, name, orig)
 
 
 def _run_case(name: str, world: int) -> dict:
@@ -123,9 +93,9 @@ def _run_case(name: str, world: int) -> dict:
     kwargs = dict(seq_ids=sid) if op in ("auto", "ulysses_auto") and window is None else \
         dict(seq_ids=sid, window=window)
     with mock.patch.object(ring_module, "_TILE_ROWS", 5 if op == "ring_tiled" else ring_module._TILE_ROWS):
-        with _ByteCounter(world) as fwd:
+        with _gloo.ByteCounter(world, COUNTED) as fwd:
             o = fn(*loc, cp, **kwargs)
-        with _ByteCounter(world) as bwd:
+        with _gloo.ByteCounter(world, COUNTED) as bwd:
             o.backward(shard_sequence(do, cp))
 
     tol = TOL[dtype]
@@ -138,60 +108,18 @@ def _run_case(name: str, world: int) -> dict:
     return {"bytes": [fwd.n, bwd.n]}
 
 
-def _worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    # A short collective timeout turns a hang after one rank's failure into a recorded error.
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
-    results = {}
-    try:
-        for name in CASES:
-            try:
-                results[name] = _run_case(name, world)
-            except Exception:  # recorded per case; the other cases still run
-                results[name] = {"error": f"rank {rank}: {traceback.format_exc()}"}
-            dist.barrier()
-    finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-        dist.destroy_process_group()
-
-
-def _launch(world: int, d: Path, timeout_s: float = 240.0) -> None:
-    """Runs this file as `world` worker processes (no torchrun, no pickling of test
-    code, so it works under any pytest import mode); raises with their logs on failure."""
-    repo = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
-    logs = [d / f"rank{r}.log" for r in range(world)]
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), str(d / "store"), str(d)],
-                              env=env, stdout=open(logs[r], "w"), stderr=subprocess.STDOUT) for r in range(world)]
-    try:
-        codes = [p.wait(timeout=timeout_s) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    if any(codes):
-        raise RuntimeError(f"cp workers exited with {codes}:\n" + "\n".join(f.read_text()[-3000:] for f in logs))
-
-
 @pytest.fixture(scope="module")
 def cp_results(request, tmp_path_factory) -> dict:
     """Runs one gloo group of request.param ranks; returns {case: [result of each rank]}."""
     world = request.param
-    d = tmp_path_factory.mktemp(f"cp{world}")
-    _launch(world, d)
-    per_rank = [json.loads((d / f"rank{r}.json").read_text()) for r in range(world)]
-    return {"world": world, **{name: [res[name] for res in per_rank] for name in CASES}}
+    return _gloo.launch(__file__, world, list(CASES), tmp_path_factory.mktemp(f"cp{world}"))
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("cp_results", [2, 4], indirect=True, ids=["cp2", "cp4"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_parity_with_single_process(cp_results, case):
-    errors = [r["error"] for r in cp_results[case] if "error" in r]
-    assert not errors, "\n".join(errors)
+    _gloo.assert_no_errors(cp_results[case])
 
 
 @pytest.mark.distributed
@@ -200,9 +128,7 @@ def test_parity_with_single_process(cp_results, case):
 def test_comm_bytes_matches_measured(cp_results, case):
     world = cp_results["world"]
     op, layout, window, docs, H, G, dtype = CASES[case]
-    results = cp_results[case]
-    assert all("error" not in r for r in results)
-    measured = [max(r["bytes"][i] for r in results) for i in (0, 1)]  # busiest rank
+    measured = _gloo.busiest_bytes(cp_results[case])
     expected = comm_bytes(COMM_CASES[case], batch=B, seq_len=T, n_heads=H, n_kv_heads=G, head_dim=K, cp=world,
                           elem_bytes=torch.finfo(dtype).bits // 8, docs=docs, window=window, layout=layout)
     assert tuple(measured) == tuple(expected)
@@ -279,5 +205,5 @@ def test_comm_bytes_formulas():
         4096 * 2 * 8 * 128 * 2
 
 
-if __name__ == "__main__":  # a worker process started by _launch
-    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+if __name__ == "__main__":  # a worker process started by _gloo.launch
+    _gloo.worker_main(_run_case)

@@ -22,12 +22,7 @@ Cost: one spawned group per world size (about 5 s for cp=2, 15 s for cp=4 on 2 c
 from __future__ import annotations
 
 import copy
-import json
-import os
-import subprocess
 import sys
-import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -41,6 +36,9 @@ from models.mixers.memory import Memory, MemoryMixerConfig
 from models.mixers.titans_mac import MACConfig, TitansMAC
 from models.mixers.titans_mag import MAGConfig, TitansMAG
 from models.rope import RopeConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _gloo, next to this file
+import _gloo  # noqa: E402
 
 B, T, D, H, K = 2, 48, 16, 4, 4
 DOC_LENS = ([5, 17, 1, 3, 22], [24, 6, 18])
@@ -157,7 +155,7 @@ def _mixer_case(cp, kind, opts, g):
     _assert_grads(summed, kind)
 
 
-def _run_case(name: str) -> None:
+def _run_case(name: str, world: int) -> None:
     kind, layout, opts = CASES[name]
     cp = CPContext.from_group(None, impl="ring", layout=layout)
     g = torch.Generator().manual_seed(1234)  # identical full tensors on every rank
@@ -167,51 +165,11 @@ def _run_case(name: str) -> None:
         _mixer_case(cp, kind, opts, g)
 
 
-def _worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
-    results = {}
-    try:
-        for name in CASES:
-            try:
-                _run_case(name)
-                results[name] = {}
-            except Exception:  # recorded per case; the other cases still run
-                results[name] = {"error": f"rank {rank}: {traceback.format_exc()}"}
-            dist.barrier()
-    finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-        dist.destroy_process_group()
-
-
-def _launch(world: int, d: Path, timeout_s: float = 240.0) -> None:
-    """Runs this file as `world` worker processes; raises with their logs on failure."""
-    repo = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
-    logs = [d / f"rank{r}.log" for r in range(world)]
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), str(d / "store"), str(d)],
-                              env=env, stdout=open(logs[r], "w"), stderr=subprocess.STDOUT) for r in range(world)]
-    try:
-        codes = [p.wait(timeout=timeout_s) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    if any(codes):
-        raise RuntimeError(f"cp workers exited with {codes}:\n" + "\n".join(f.read_text()[-3000:] for f in logs))
-
-
 @pytest.fixture(scope="module")
 def cp_results(request, tmp_path_factory) -> dict:
     """Runs one gloo group of request.param ranks; returns {case: [result of each rank]}."""
     world = request.param
-    d = tmp_path_factory.mktemp(f"cpmem{world}")
-    _launch(world, d)
-    per_rank = [json.loads((d / f"rank{r}.json").read_text()) for r in range(world)]
-    return {name: [res[name] for res in per_rank] for name in CASES}
+    return _gloo.launch(__file__, world, list(CASES), tmp_path_factory.mktemp(f"cpmem{world}"))
 
 
 @pytest.mark.distributed
@@ -219,8 +177,7 @@ def cp_results(request, tmp_path_factory) -> dict:
                          ids=["cp2", "cp4"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_parity_with_single_process(cp_results, case):
-    errors = [r["error"] for r in cp_results[case] if "error" in r]
-    assert not errors, "\n".join(errors)
+    _gloo.assert_no_errors(cp_results[case])
 
 
 # ---- in-process -----------------------------------------------------------------------------
@@ -248,5 +205,5 @@ def test_single_rank_is_the_plain_op():
     torch.testing.assert_close(y, neural_memory(q, k, v, theta, eta, alpha, w0, chunk_size=5), atol=0, rtol=0)
 
 
-if __name__ == "__main__":  # a worker process started by _launch
-    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+if __name__ == "__main__":  # a worker process started by _gloo.launch
+    _gloo.worker_main(_run_case)

@@ -18,12 +18,7 @@ cp=4 group with the other cases (~17 s).
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
-import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -35,6 +30,9 @@ from kernels.context_parallel.s2 import rank_head_offsets
 from models import HybridLM, ModelConfig
 from models.mixers import MIXERS, MixerDims, SeqContext
 from models.rope import RopeConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _gloo, next to this file
+import _gloo  # noqa: E402
 
 B, T, D, VOCAB = 2, 48, 16, 50
 # Row 0: documents crossing boundaries (pieces of 12 at cp=2, 6 at cp=4), a one-token one.
@@ -64,6 +62,7 @@ CASES = {
 }
 COMM_CASES = ("linear_docs", "rat_L4_docs")
 TOL = dict(atol=1e-11, rtol=1e-9)
+COUNTED = ("all_gather", "reduce_scatter_single")  # the torch.distributed calls the ops send states with
 
 
 def _rows(docs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -93,32 +92,6 @@ def _build(kind, opts, H, G, K):
     return mixer.double()
 
 
-class _ByteCounter:
-    """Bytes this rank sends through all_gather and reduce_scatter_single."""
-
-    def __init__(self, world: int):
-        self.world, self.n, self._saved = world, 0, {}
-
-    def _wrap(self, name, count):
-        orig = self._saved[name] = getattr(dist, name)
-
-        def wrapped(*args, **kwargs):
-            self.n += count(*args, **kwargs)
-            return orig(*args, **kwargs)
-
-        setattr(dist, name, wrapped)
-
-    def __enter__(self):
-        nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
-        self._wrap("all_gather", lambda outs, x, **kw: nbytes(x) * (self.world - 1))
-        self._wrap("reduce_scatter_single", lambda out, x, **kw: nbytes(x) * (self.world - 1) // self.world)
-        return self
-
-    def __exit__(self, *exc):
-        for name, orig in self._saved.items():
-            setattr(dist, name, orig)
-
-
 def _run_case(name: str, world: int) -> dict:
     kind, opts, H, G, K, impl, docs = CASES[name]
     cp = CPContext.from_group(None, impl=impl, layout="contiguous" if name.endswith("_contiguous") else "zigzag")
@@ -142,9 +115,9 @@ def _run_case(name: str, world: int) -> dict:
     mixer.zero_grad(set_to_none=True)
 
     x_loc = shard_sequence(x, cp).clone().requires_grad_(x.is_floating_point())
-    with _ByteCounter(world) as fwd:
+    with _gloo.ByteCounter(world, COUNTED) as fwd:
         y = run(x_loc, shard_sequence(pos, cp), None if ids is None else shard_sequence(ids, cp), cp)
-    with _ByteCounter(world) as bwd:
+    with _gloo.ByteCounter(world, COUNTED) as bwd:
         y.backward(shard_sequence(dy, cp))
 
     torch.testing.assert_close(y, shard_sequence(y_ref, cp).detach(), **TOL, msg=lambda m: f"output: {m}")
@@ -161,42 +134,6 @@ def _run_case(name: str, world: int) -> dict:
     return {"bytes": [fwd.n, bwd.n]}
 
 
-def _worker(rank: int, world: int, store_path: str, out_dir: str, names: list[str]) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
-    results = {}
-    try:
-        for name in names:
-            try:
-                results[name] = _run_case(name, world)
-            except Exception:  # recorded per case; the other cases still run
-                results[name] = {"error": f"rank {rank}: {traceback.format_exc()}"}
-            dist.barrier()
-    finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-        dist.destroy_process_group()
-
-
-def _launch(world: int, names: list[str], d: Path, timeout_s: float = 300.0) -> None:
-    """Runs this file as `world` worker processes; raises with their logs on failure."""
-    repo = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
-    logs = [d / f"rank{r}.log" for r in range(world)]
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), str(d / "store"), str(d), ",".join(names)],
-                              env=env, stdout=open(logs[r], "w"), stderr=subprocess.STDOUT) for r in range(world)]
-    try:
-        codes = [p.wait(timeout=timeout_s) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    if any(codes):
-        raise RuntimeError(f"cp workers exited with {codes}:\n" + "\n".join(f.read_text()[-3000:] for f in logs))
-
-
 # Process groups: name -> (world size, cases, marks). cp = 4 in the default tier runs the
 # recurrent mixers only (at cp = 2 no piece's state reaches past a non-adjacent piece of
 # the same zigzag shard; at cp = 4 it does); the rest of cp = 4 is slow.
@@ -209,10 +146,7 @@ GROUPS = {"cp2": (2, list(CASES), ()),
 def _results(group: str, tmp_path_factory) -> dict:
     """Runs one gloo group (GROUPS[group]); returns {case: [result of each rank]}."""
     world, names, _ = GROUPS[group]
-    d = tmp_path_factory.mktemp(group)
-    _launch(world, names, d)
-    per_rank = [json.loads((d / f"rank{r}.json").read_text()) for r in range(world)]
-    return {"world": world, **{name: [res[name] for res in per_rank] for name in names}}
+    return _gloo.launch(__file__, world, names, tmp_path_factory.mktemp(group), timeout_s=300.0)
 
 
 # One module-scoped fixture per group, so each group is launched once whatever the test order.
@@ -244,8 +178,7 @@ def cp_results(request, group: str) -> dict:
 @pytest.mark.distributed
 @pytest.mark.parametrize(("group", "case"), _params(CASES))
 def test_mixer_parity_with_single_process(cp_results, case):
-    errors = [r["error"] for r in cp_results[case] if "error" in r]
-    assert not errors, "\n".join(errors)
+    _gloo.assert_no_errors(cp_results[case])
 
 
 @pytest.mark.distributed
@@ -253,9 +186,7 @@ def test_mixer_parity_with_single_process(cp_results, case):
 def test_state_bytes_match_formulas(cp_results, case):
     world = cp_results["world"]
     kind, opts, H, G, K, impl, docs = CASES[case]
-    results = cp_results[case]
-    assert all("error" not in r for r in results)
-    measured = [max(r["bytes"][i] for r in results) for i in (0, 1)]
+    measured = _gloo.busiest_bytes(cp_results[case])
     if kind == "rat":
         expected = rat_comm_bytes(batch=B, seq_len=T, n_heads=H, head_dim=K, chunk=opts["chunk"], cp=world,
                                   state_bytes=8)
@@ -290,5 +221,5 @@ def test_s2_rank_head_offsets_follow_global_heads():
     assert rank_head_offsets(torch.tensor([0, 1, 2, 3]), 4, CPContext(None, 3, 4)).tolist() == [3]
 
 
-if __name__ == "__main__":  # a worker process started by _launch
-    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5].split(","))
+if __name__ == "__main__":  # a worker process started by _gloo.launch
+    _gloo.worker_main(_run_case)
