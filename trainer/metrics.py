@@ -22,6 +22,16 @@ def _plain(v):
     return v
 
 
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Every record of a run folder's metrics.jsonl, in order."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """step -> training loss of a run folder (the train lines of metrics.jsonl)."""
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "split" not in r}
+
+
 class MetricsWriter:
     def __init__(self, run_dir: Path, enabled: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"

@@ -31,7 +31,6 @@ imports and DeepSpeed start-up); slow tier a few minutes more.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -46,6 +45,7 @@ import torch
 from safetensors.torch import load_file
 
 from trainer.cli import main
+from trainer.metrics import train_losses as losses
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("engine_worker.py")
@@ -154,30 +154,13 @@ def test_engine_matches_single_process(reference, tmp_path, case):
 
 # ------------------------------------------------------------------ the real CLI, resharding
 
-TINY = """
-model: {d_model: 32, n_heads: 2, layers: [attn, x2]}
-data:
-  seq_len: 96
-  sources:
-    - {kind: stdlib, weight: 3.0, max_bytes: 300000}
-    - {kind: passkey, weight: 1.0}
-  val_windows: 2
-optim: {lr: 3.0e-3, warmup_steps: 2}
-train: {steps: 6, batch_size: 4, log_every: 1, eval_every: 3, save_every: 3, keep_last: 2}
-eval: {passkey_n: 2, passkey_depths: [0.5]}
-"""
-
-
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory) -> Path:
+    """tests/tiny.yaml with 6 steps of 4 windows, evaluated and saved every 3."""
     p = tmp_path_factory.mktemp("recipe") / "tiny.yaml"
-    p.write_text(TINY)
+    p.write_text(f"base: {REPO / 'tests' / 'tiny.yaml'}\n"
+                 "train: {steps: 6, batch_size: 4, eval_every: 3, save_every: 3}\n")
     return p
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "split" not in r}
 
 
 def assert_same_losses(ref: dict[int, float], got: dict[int, float], steps) -> None:

@@ -1,7 +1,6 @@
 """End-to-end runs of a tiny model through the real CLI and trainer:
 exact resume, SIGTERM, finished runs, corrupt checkpoints, CLI errors.
 Cost: about a minute in all (the SIGTERM test spawns a process)."""
-import json
 import os
 import signal
 import subprocess
@@ -12,31 +11,16 @@ from pathlib import Path
 import pytest
 
 from trainer.cli import main
+from trainer.metrics import read_metrics, train_losses as losses
 
-TINY = """
-model: {d_model: 32, n_heads: 2, layers: [attn, x2]}
-data:
-  seq_len: 96
-  sources:
-    - {kind: stdlib, weight: 3.0, max_bytes: 300000}
-    - {kind: passkey, weight: 1.0}
-  val_windows: 2
-optim: {lr: 3.0e-3, warmup_steps: 2}
-train: {steps: 8, batch_size: 2, log_every: 1, eval_every: 4, save_every: 2, keep_last: 2}
-eval: {passkey_n: 2, passkey_depths: [0.5]}
-"""
+TINY = Path(__file__).resolve().parents[1] / "tiny.yaml"
 
 
 @pytest.fixture
 def recipe(tmp_path):
     p = tmp_path / "tiny.yaml"
-    p.write_text(TINY)
+    p.write_text(TINY.read_text())
     return p
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in lines if "split" not in r}
 
 
 def test_resume_is_exact(recipe, tmp_path, capsys):
@@ -50,7 +34,7 @@ def test_resume_is_exact(recipe, tmp_path, capsys):
     assert sorted(la) == sorted(lb) == list(range(1, 9))
     for step in la:
         assert abs(la[step] - lb[step]) <= 1e-6, (step, la[step], lb[step])
-    evals = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines() if '"split"' in x]
+    evals = [r for r in read_metrics(a) if "split" in r]
     assert [e["step"] for e in evals] == [4, 8] and all("ppl" in e for e in evals)
     # keep_last=2, and the latest pointer names the final step.
     steps = sorted(p.name for p in (a / "checkpoints").glob("step-*"))
