@@ -8,7 +8,8 @@ Paper §4.4 block, per head:
     eta     = sigmoid(x w_eta + b_eta)                    momentum
     alpha   = sigmoid(x w_alpha + b_alpha)                forget (weight decay)
     m       = kernels.memory.neural_memory(q, k, v, theta, eta, alpha, W0)
-    y       = (RMSNorm(m) * sigmoid(x W_g)) W_o
+    y       = (RMSNorm(m) * sigmoid(x W_g)) W_o      W_g: D -> H*K (output_gate: elementwise),
+                                                  D -> H (headwise) or absent (none)
 The conv comes before the SiLU, as in the linear-recurrent models the paper
 follows (fla's ShortConvolution); it never reaches into an earlier document.
 

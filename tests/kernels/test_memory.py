@@ -336,7 +336,7 @@ def test_long_sequence_past_int32_offsets():
     assert st_b.offset.tolist() == st.offset.tolist() == [(T - 131_000) % 64]
 
 
-@pytest.mark.parametrize("retrieval", ["chunk", "token"])
+@pytest.mark.parametrize("retrieval", [pytest.param("chunk", marks=pytest.mark.slow), "token"])
 def test_compiled_backend_equals_eager(retrieval):
     # impl="compiled" runs each block through torch.compile: the same results, forward, final state and
     # gradients, with per-row resets inside chunks, a carried state and the output norm.
