@@ -244,14 +244,16 @@ def table(best: dict, lengths: list[int]) -> str:
             r = best.get((n, T))
             cells += ["-", "-"] if r is None else [f"{r['cpu_tokens_per_s']:,.0f}", f"{r['peak_mib']:,.0f}"]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    for loom in ("loom-chunk", "loom-chunk-compiled", "loom-paper"):
+    pairs = [(loom, "lucidrains") for loom in ("loom-chunk", "loom-chunk-compiled", "loom-paper")]
+    pairs.append(("loom-chunk-compiled", "lucidrains-compiled"))
+    for loom, ref in pairs:
         cells = []
         for T in lengths:
-            a, b = best.get((loom, T)), best.get(("lucidrains", T))
+            a, b = best.get((loom, T)), best.get((ref, T))
             cells += ["-", "-"] if not (a and b) else \
                 [f"{a['cpu_tokens_per_s'] / b['cpu_tokens_per_s']:.2f}x", f"{a['peak_mib'] / b['peak_mib']:.2f}x"]
         if any(c != "-" for c in cells):
-            lines.append(f"| **{loom} / lucidrains** | " + " | ".join(cells) + " |")
+            lines.append(f"| **{loom} / {ref}** | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -290,7 +292,15 @@ def main() -> None:
                    "(module, length)'s best pass over all rounds")
     p.add_argument("--timeout", type=float, default=1800.0)
     p.add_argument("--out", default=str(RESULTS / "titans.json"))
+    p.add_argument("--report", action="store_true", help="re-print the table of --out from its rows")
     args = p.parse_args()
+    if args.report:
+        data = json.loads(Path(args.out).read_text())
+        lengths = sorted({r["T"] for r in data["rows"]})
+        data["table"] = table(summarise(data["rows"]), lengths)
+        Path(args.out).write_text(json.dumps(data, indent=1))
+        print(data["table"])
+        return
     if args.setup:
         setup(args.venv)
         return
