@@ -1,34 +1,35 @@
-"""Titans quality: does the neural memory carry a passkey past the attention window?
+"""Titans quality: does the neural memory retrieve past the attention window?
 
-Trains recipes/titans-mal.yaml (seq_len 256: [memory, swa] x 2, swa window 64)
-and the same model with the memory removed, through the real trainer with the
-same data, steps and seed, then scores each run's final checkpoint on passkey
-windows of seq_len tokens with the needle at depths 0.1 / 0.5 / 0.9:
+Trains a Titans recipe and the same model with its memory removed through the
+real trainer (`python -m trainer train RECIPE output_dir=... overrides`), with
+the same data, steps and seed, then scores each run's final checkpoint on
+held-out passkey and MQAR windows (teacher-forced, exact match over the whole
+answer), plus the share of answer tokens right and the mean answer-token loss
+(chance for a digit: ln 10 = 2.30 nats), which still separate runs that
+retrieve nothing.
 
-    mal        [memory, swa] x 2    the recipe
-    mal_swa4   [swa] x 4            memory layers replaced by swa layers of the same window
-    mal_swa2   [swa] x 2            memory layers dropped (receptive field 2 x 64 tokens)
-    attn4      [attn] x 4           full attention, a reference that sees every token
+Variants (model.layers overrides; any recipe whose memory layers sit in a
+4-layer stack):
+    mal        the recipe's own layers ([[memory, swa], x2] for the MAL recipes)
+    mal_swa4   [swa, x4]   memory layers replaced by swa layers of the same window
+    mal_swa2   [swa, x2]   memory layers dropped
+    attn4      [attn, x4]  full attention: a reference that sees every token
+    mac        [titans_mac, x4] with segment = the swa window (memory as context)
 
-The passkey question ends the window, so the key's digits sit about 220 / 148 / 76
-tokens before the answer at depths 0.1 / 0.5 / 0.9 (byte tokenizer): past one
-64-token window at every depth, and past two windows (the reach of the
-two-swa models) at 0.1 and 0.5. Four stacked windows reach 256 tokens, so
-mal_swa4 can relay the key in principle.
+Default: recipes/titans-mal-recall.yaml (seq_len 128, swa window 8, training
+data 50% copy / 25% passkey / 25% MQAR; see the recipe). The script prints how
+far back each answer's source is (the needle digit, the queried pair's value)
+and each variant's attention reach (swa layers x window), so "beyond the
+window" is checked, not assumed.
 
-Reported per run: the trainer's final val loss and passkey@256 (all five
-digits right, teacher-forced, 16 examples per depth), and, from the final
-checkpoint on `--n` fresh examples per depth, the same exact-match accuracy,
-the share of answer digits right and the mean answer-token loss (chance:
-ln 10 = 2.30 nats per digit), which still separate runs when neither
-retrieves whole keys.
+    .venv/bin/python benchmarks/titans_quality.py                  # mal, mal_swa4, mal_swa2, attn4
+    .venv/bin/python benchmarks/titans_quality.py --variants mal mal_swa4 --steps 500 --work /tmp/tq-short
+    # the earlier experiment (titans-mal.yaml, 60% text + 40% passkey, seq 256, window 64):
+    .venv/bin/python benchmarks/titans_quality.py --recipe recipes/titans-mal.yaml --steps 600 \\
+        --out benchmarks/results/titans_quality.json
 
-    .venv/bin/python benchmarks/titans_quality.py                      # ~10-25 min per run on 2 busy cores
-    .venv/bin/python benchmarks/titans_quality.py --variants mal mal_swa4 --steps 600
-    .venv/bin/python benchmarks/titans_quality.py --passkey-only --work /tmp/loom-titans-quality-pk \
-        --out benchmarks/results/titans_quality_passkey_only.json
-
-Writes benchmarks/results/titans_quality.json and prints a markdown table.
+Runs are kept under --work; a finished run is reused (the trainer says so and
+exits), so re-running only scores. Writes --out (JSON) and prints a markdown table.
 """
 from __future__ import annotations
 
@@ -43,30 +44,46 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
-RECIPE = ROOT / "recipes" / "titans-mal.yaml"
+RECIPE = ROOT / "recipes" / "titans-mal-recall.yaml"
 VARIANTS = {  # name -> model.layers override (None: the recipe's own)
     "mal": None,
     "mal_swa4": "[swa, x4]",
     "mal_swa2": "[swa, x2]",
     "attn4": "[attn, x4]",  # full attention: a reference that sees every token, not a memory ablation
+    "mac": "[titans_mac, x4]",
 }
 PASSKEY_ONLY = "data.sources=[{kind: passkey, weight: 1.0}]"
 DEPTHS = (0.1, 0.5, 0.9)
 
 
+def recipe_config(args, extra=()):
+    from trainer.config import load_config
+
+    return load_config(str(args.recipe), list(extra))
+
+
 def overrides(name: str, args, out_dir: Path) -> list[str]:
-    ov = [f"output_dir={out_dir}", f"train.steps={args.steps}", f"seed={args.seed}",
-          f"train.eval_every={args.steps // 3}", f"train.save_every={args.steps}",
-          f"train.log_every={max(1, args.steps // 12)}"]
+    ov = [f"output_dir={out_dir}", f"seed={args.seed}"]
+    if args.steps is not None:
+        ov += [f"train.steps={args.steps}", f"train.eval_every={max(1, args.steps // 4)}",
+               f"train.save_every={args.steps}", f"train.log_every={max(1, args.steps // 20)}"]
     if VARIANTS[name] is not None:
         ov.append(f"model.layers={VARIANTS[name]}")
+    if name == "mac":
+        base = recipe_config(args)
+        window = base.model.mixers.get("swa", {}).get("window", 64)
+        mem = base.model.mixers.get("memory", {})
+        chunk = min(mem.get("chunk_size", 16), window)
+        ov.append(f"model.mixers.titans_mac={{segment: {window}, chunk_size: {chunk}, persistent: 4, "
+                  f"depth: {mem.get('depth', 2)}, expansion: {mem.get('expansion', 2)}}}")
     if args.passkey_only:
         ov.append(PASSKEY_ONLY)
     return ov
 
 
 def train(name: str, args, out_dir: Path) -> dict:
-    cmd = [sys.executable, "-m", "trainer", "train", str(RECIPE), *overrides(name, args, out_dir)]
+    cmd = [sys.executable, "-m", "trainer", "train", str(args.recipe), *overrides(name, args, out_dir)]
+    print("$", " ".join(cmd[1:]), flush=True)
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
@@ -75,76 +92,143 @@ def train(name: str, args, out_dir: Path) -> dict:
     lines = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
     ev = [r for r in lines if r.get("split") == "val"]
     train_rows = [r for r in lines if "split" not in r]
-    return {"variant": name, "layers": VARIANTS[name] or "[[memory, swa], x2]",
+    keep = lambda r: {k: v for k, v in r.items() if k == "step" or k == "loss" or "@" in k}  # noqa: E731
+    return {"variant": name, "layers": VARIANTS[name] or "(recipe)",
             "wall_s": round(time.time() - t0, 1), "train_s": round(train_rows[-1]["elapsed_s"], 1),
-            "val_loss": ev[-1]["loss"], "passkey_trainer": ev[-1].get("passkey@256"),
-            "passkey_trainer_by_depth": {d: ev[-1].get(f"passkey@256/depth{d:g}") for d in DEPTHS},
-            "curve": [{"step": r["step"], "val_loss": r["loss"], "passkey": r.get("passkey@256")} for r in ev]}
+            "tokens": train_rows[-1]["tokens"], "val_loss": ev[-1]["loss"], "trainer_eval": keep(ev[-1]),
+            "curve": [keep(r) for r in ev]}
+
+
+def _scores(model, batches) -> dict:
+    from trainer.evaluate import answer_scores
+
+    s = answer_scores(model, batches)
+    return {"exact": s["exact"], "digits": s["tokens"], "answer_loss": s["loss"], "n": s["answers"]}
+
+
+def gaps(tokenizer, cfg, pairs: int, queries: int, key_digits: int, n: int = 64) -> dict:
+    """Smallest and median token distance from an answer token's label position back to
+    where its content was shown (passkey: the same digit of the needle; MQAR: the same
+    digit of the queried pair), over n evaluation examples."""
+    import numpy as np
+
+    from trainer.data.synthetic import MQARTask, PasskeyTask
+
+    out = {}
+    T = cfg.data.seq_len
+    for depth in DEPTHS:
+        task = PasskeyTask(tokenizer, T, (0, 99), depth, key_digits)
+        d = []
+        for i in range(n):
+            ex = task.example(i)
+            first_answer = int(np.nonzero(ex["answer"])[0][0])
+            first_digit = ex["needle_start"] + len(tokenizer.encode("The pass key is "))
+            d.append(first_answer - first_digit)
+        out[f"passkey depth {depth:g}"] = {"min": int(min(d)), "median": float(np.median(d))}
+    task = MQARTask(tokenizer, T, (0, 99), pairs, queries)
+    d = []
+    for i in range(n):
+        ex = task.example(i)
+        text = tokenizer.decode(ex["tokens"].tolist())
+        head = text.split(" ")  # byte-level positions; other tokenizers: approximate
+        pos = {}
+        offset = 0 if tokenizer.bos_id is None else 1
+        for word in head[:pairs]:
+            k, v = word.split(":")
+            pos[k] = offset + len(k) + 1
+            offset += len(word) + 1
+        starts = np.nonzero(ex["answer"] & ~np.roll(ex["answer"], 1))[0]
+        for q, s in zip(ex["queries"], starts):
+            d.append(int(s) - pos[q])
+    out["mqar"] = {"min": int(min(d)), "median": float(np.median(d))}
+    return out
+
+
+def reach(cfg, layers: str | None) -> str:
+    from trainer.config import load_config  # noqa: F401  (cfg already resolved)
+
+    kinds = cfg.model.resolved().layer_kinds()
+    if "attn" in kinds:
+        return "all"
+    window = cfg.model.mixers.get("swa", {}).get("window", 256)
+    if "titans_mac" in kinds:
+        seg = cfg.model.mixers.get("titans_mac", {}).get("segment", 256)
+        return f"{seg} per segment (+ memory)"
+    n_swa = kinds.count("swa")
+    extra = " + memory" if "memory" in kinds else ""
+    return f"{n_swa} x {window} = {n_swa * window}{extra}"
 
 
 def score(name: str, args, out_dir: Path) -> dict:
-    """Exact-match, digit accuracy and answer loss per depth on the final checkpoint."""
+    """Passkey per depth and MQAR on the final checkpoint, on examples the trainer never showed."""
     import torch
 
     from trainer.checkpoint import CheckpointManager
-    from trainer.config import load_config
-    from trainer.data import load_tokenizer, passkey_examples
-    from trainer.evaluate import forward_hidden, token_losses
+    from trainer.config import mqar_shape, passkey_key_digits
+    from trainer.data import load_tokenizer, mqar_examples, passkey_examples
     from trainer.train import build_model
 
     torch.set_num_threads(args.threads)
-    cfg = load_config(str(RECIPE), overrides(name, args, out_dir))
+    cfg = recipe_config(args, overrides(name, args, out_dir))
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     model = build_model(cfg, tokenizer)
     mgr = CheckpointManager(cfg.run_dir)
     tensors, _, _ = mgr.load(mgr.latest_valid(log=print))
     model.load_state_dict(tensors)
     model.eval()
-    out = {}
+    T, digits = cfg.data.seq_len, passkey_key_digits(cfg)
+    pairs, queries = mqar_shape(cfg)
+    # seed + 7: examples that neither training (seed) nor the trainer's own evaluation (seed + 1) showed
+    out = {"reach": reach(cfg, VARIANTS[name]), "params": model.num_params()}
     with torch.no_grad():
         for depth in DEPTHS:
-            # seed + 7: examples the trainer's own passkey eval (seed + 1) never showed
-            batches = passkey_examples(tokenizer, cfg.data.seq_len, depth, args.n, cfg.seed + 7, batch_size=16)
-            exact = digits = n_digits = n_ex = 0
-            loss = 0.0
-            for batch in batches:
-                losses, correct = token_losses(model, forward_hidden(model, batch), batch["labels"])
-                mask = batch["answer_mask"]
-                exact += int(((correct | ~mask).all(dim=1) & mask.any(dim=1)).sum())
-                n_ex += int(mask.any(dim=1).sum())
-                digits += int((correct & mask).sum())
-                n_digits += int(mask.sum())
-                loss += float(losses[mask].sum())
-            out[f"{depth:g}"] = {"exact": exact / n_ex, "digit_acc": digits / n_digits,
-                                 "answer_loss": loss / n_digits}
+            b = passkey_examples(tokenizer, T, depth, args.n, cfg.seed + 7, key_digits=digits, batch_size=32)
+            out[f"passkey {depth:g}"] = _scores(model, b)
+        pk = [out[f"passkey {d:g}"] for d in DEPTHS]
+        out["passkey"] = {k: sum(p[k] for p in pk) / len(pk) for k in ("exact", "digits", "answer_loss")}
+        b = mqar_examples(tokenizer, T, args.n, cfg.seed + 7, pairs, queries, batch_size=32)
+        out["mqar"] = _scores(model, b)
     return out
 
 
 def table(rows: list[dict], n: int) -> str:
-    head = ("| model | layers | val loss | passkey@256 (trainer, 48 ex.) | "
-            + " | ".join(f"depth {d:g}: exact / digits / ans. loss" for d in DEPTHS) + " | train s |")
-    lines = [head, "|" + " --- |" * (5 + len(DEPTHS))]
+    cell = lambda s: f"{s['exact']:.0%} / {s['digits']:.0%} / {s['answer_loss']:.2f}"  # noqa: E731
+    head = ("| model | reach (tokens) | params | val loss | passkey (all depths) | "
+            + " | ".join(f"passkey {d:g}" for d in DEPTHS) + " | MQAR (per query) | train s |")
+    lines = [head, "|" + " --- |" * (7 + len(DEPTHS))]
     for r in rows:
-        cells = [f"{r['scores'][f'{d:g}']['exact']:.0%} / {r['scores'][f'{d:g}']['digit_acc']:.0%} / "
-                 f"{r['scores'][f'{d:g}']['answer_loss']:.2f}" for d in DEPTHS]
-        lines.append(f"| {r['variant']} | `{r['layers']}` | {r['val_loss']:.3f} | {r['passkey_trainer']:.0%} | "
-                     + " | ".join(cells) + f" | {r['train_s']:.0f} |")
-    lines.append(f"\n(per-depth columns: {n} fresh examples each; chance answer loss ln 10 = {math.log(10):.2f})")
+        s = r["scores"]
+        lines.append(f"| {r['variant']} `{r['layers']}` | {s['reach']} | {s['params'] / 1e6:.2f}M | "
+                     f"{r['val_loss']:.3f} | **{cell(s['passkey'])}** | "
+                     + " | ".join(cell(s[f"passkey {d:g}"]) for d in DEPTHS)
+                     + f" | **{cell(s['mqar'])}** | {r['train_s']:.0f} |")
+    lines.append(f"\nCells: exact match / answer tokens right / mean answer-token loss (nats; chance ln 10 = "
+                 f"{math.log(10):.2f}); {n} held-out passkey examples per depth, {n} MQAR examples.")
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--variants", nargs="*", default=["mal", "mal_swa4", "mal_swa2"], choices=list(VARIANTS))
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--recipe", type=Path, default=RECIPE)
+    p.add_argument("--variants", nargs="*", default=["mal", "mal_swa4", "mal_swa2", "attn4"],
+                   choices=list(VARIANTS))
+    p.add_argument("--steps", type=int, default=None, help="train.steps (default: the recipe's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--passkey-only", action="store_true",
-                   help="train on passkey windows only (the recipe mixes 60%% stdlib text, 40%% passkey)")
-    p.add_argument("--n", type=int, default=64, help="passkey examples per depth for the checkpoint scores")
+    p.add_argument("--passkey-only", action="store_true", help="train on passkey windows only")
+    p.add_argument("--n", type=int, default=128, help="held-out examples per passkey depth and for MQAR")
     p.add_argument("--work", default="/tmp/loom-titans-quality", help="run folders; a finished run is reused")
-    p.add_argument("--out", default=str(RESULTS / "titans_quality.json"))
+    p.add_argument("--out", default=str(RESULTS / "titans_quality_recall.json"))
     args = p.parse_args()
+    args.recipe = args.recipe.resolve()
+
+    from trainer.config import mqar_shape, passkey_key_digits
+    from trainer.data import load_tokenizer
+
+    base = recipe_config(args)
+    tok = load_tokenizer(base.data.tokenizer)
+    distance = gaps(tok, base, *mqar_shape(base), passkey_key_digits(base))
+    print("answer -> source distance (tokens):", json.dumps(distance), flush=True)
     rows = []
     for name in args.variants:
         out_dir = Path(args.work) / name
@@ -154,9 +238,12 @@ def main() -> None:
         print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
     report = table(rows, args.n)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"recipe": str(RECIPE.relative_to(ROOT)), "settings": vars(args),
-                                          "overrides": {n: overrides(n, args, Path(args.work) / n) for n in args.variants},
-                                          "rows": rows, "table": report}, indent=1))
+    Path(args.out).write_text(json.dumps({
+        "recipe": str(args.recipe.relative_to(ROOT)) if args.recipe.is_relative_to(ROOT) else str(args.recipe),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "distance": distance,
+        "overrides": {n: overrides(n, args, Path(args.work) / n) for n in args.variants},
+        "rows": rows, "table": report}, indent=1))
     print()
     print(report)
 

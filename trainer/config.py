@@ -51,6 +51,12 @@ class EvalConfig:
     passkey_lengths: list[int] = field(default_factory=list)  # empty: data.seq_len
     passkey_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
     passkey_n: int = 8  # examples per (length, depth); 0 turns passkey evaluation off
+    passkey_key_digits: int | None = None  # None: the first passkey source's key_digits, else 5
+    # MQAR: exact match per query (all value tokens right, teacher-forced) on fresh examples
+    mqar_lengths: list[int] = field(default_factory=list)  # empty: data.seq_len
+    mqar_n: int = 0  # examples per length; 0 turns MQAR evaluation off
+    mqar_pairs: int | None = None  # None: the first mqar source's n_pairs, else 16
+    mqar_queries: int | None = None  # None: the first mqar source's n_queries, else 4
     position_buckets: int = 8  # loss by position in the context
 
 
@@ -155,8 +161,42 @@ def validate(cfg: RunConfig) -> None:
                           f"({2 * p.cp}) for the load-balanced context-parallel split")
     if not 0 <= p.zero <= 3:
         raise ConfigError(f"parallel.zero must be 0, 1, 2 or 3, got {p.zero}")
+    e = cfg.eval
+    for key in ("passkey_n", "mqar_n"):
+        if getattr(e, key) < 0:
+            raise ConfigError(f"eval.{key} must be >= 0, got {getattr(e, key)}")
+    for key in ("passkey_lengths", "mqar_lengths"):
+        if any(n < 1 for n in getattr(e, key)):
+            raise ConfigError(f"eval.{key} must be >= 1, got {getattr(e, key)}")
+    if e.passkey_key_digits is not None and e.passkey_key_digits < 1:
+        raise ConfigError(f"eval.passkey_key_digits must be >= 1, got {e.passkey_key_digits}")
+    pairs, queries = mqar_shape(cfg)
+    if e.mqar_n > 0 and not 1 <= queries <= pairs <= 26**3:
+        raise ConfigError(f"eval.mqar_queries: need 1 <= mqar_queries <= mqar_pairs <= {26**3}, "
+                          f"got mqar_queries={queries}, mqar_pairs={pairs}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must have two values, got {cfg.optim.betas}")
+
+
+def _first_source(cfg: RunConfig, kind: str):
+    return next((s for s in cfg.data.sources if s.kind == kind), None)
+
+
+def passkey_key_digits(cfg: RunConfig) -> int:
+    """eval.passkey_key_digits, or the first passkey training source's, or 5."""
+    if cfg.eval.passkey_key_digits is not None:
+        return cfg.eval.passkey_key_digits
+    src = _first_source(cfg, "passkey")
+    return src.key_digits if src is not None else 5
+
+
+def mqar_shape(cfg: RunConfig) -> tuple[int, int]:
+    """(n_pairs, n_queries) of MQAR evaluation: eval.mqar_pairs / mqar_queries, or the first
+    mqar training source's, or 16 / 4."""
+    src = _first_source(cfg, "mqar")
+    pairs = cfg.eval.mqar_pairs if cfg.eval.mqar_pairs is not None else (src.n_pairs if src else 16)
+    queries = cfg.eval.mqar_queries if cfg.eval.mqar_queries is not None else (src.n_queries if src else 4)
+    return pairs, queries
 
 
 def dump(cfg: RunConfig) -> str:

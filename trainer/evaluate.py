@@ -1,6 +1,7 @@
 """Evaluation: validation loss and perplexity, loss by position in the
-context, passkey retrieval accuracy over context lengths and depths, and the
-mixers' diagnostics (gate mean, attention-sink mass, MoH head usage)."""
+context, passkey retrieval accuracy over context lengths and depths, MQAR
+(multi-query associative recall) accuracy, and the mixers' diagnostics (gate
+mean, attention-sink mass, MoH head usage)."""
 from __future__ import annotations
 
 import math
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from models import HybridLM
+from trainer.data import answer_span_correct
 
 
 def token_losses(model: HybridLM, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 1024):
@@ -72,3 +74,35 @@ def answer_accuracy(model: HybridLM, batches: list[dict]) -> float:
         n += int(mask.any(dim=1).sum())
     model.train(was_training)
     return right / max(n, 1)
+
+
+@torch.no_grad()
+def answer_scores(model: HybridLM, batches: list[dict]) -> dict:
+    """Teacher-forced scores of the synthetic-task answers marked by batch["answer_mask"].
+
+    An answer is a contiguous run of answer tokens (passkey: one per row, mqar:
+    one per query). Returns exact (share of answers whose tokens are all
+    predicted right by argmax), rows (share of rows with every answer right),
+    tokens (share of answer tokens right), loss (mean answer-token loss, nats)
+    and answers (how many answers were scored).
+    """
+    was_training = model.training
+    model.eval()
+    exact, rows, tok_right, loss, n_ans, n_rows, n_tok = 0, 0, 0, 0.0, 0, 0, 0
+    for batch in batches:
+        hidden = forward_hidden(model, batch)
+        losses, correct = token_losses(model, hidden, batch["labels"])
+        mask = batch["answer_mask"]
+        pred = torch.where(correct, batch["labels"], -1)   # right where argmax hit the label
+        spans = answer_span_correct(pred, batch["labels"], mask)
+        exact += int(spans.sum())
+        n_ans += spans.numel()
+        has = mask.any(dim=1)
+        rows += int(((correct | ~mask).all(dim=1) & has).sum())
+        n_rows += int(has.sum())
+        tok_right += int((correct & mask).sum())
+        n_tok += int(mask.sum())
+        loss += float(losses[mask].sum())
+    model.train(was_training)
+    return {"exact": exact / max(n_ans, 1), "rows": rows / max(n_rows, 1), "tokens": tok_right / max(n_tok, 1),
+            "loss": loss / max(n_tok, 1), "answers": n_ans}

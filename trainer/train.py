@@ -23,11 +23,11 @@ from models import HybridLM
 from models.config import ConfigError
 from trainer import dist
 from trainer.checkpoint import CheckpointManager, rng_state
-from trainer.config import RunConfig, dump
-from trainer.data import Batcher, build_dataset, load_tokenizer, passkey_examples, eval_windows
+from trainer.config import RunConfig, dump, mqar_shape, passkey_key_digits
+from trainer.data import Batcher, build_dataset, load_tokenizer, mqar_examples, passkey_examples, eval_windows
 from trainer.distributed.resume import check_layout, restore_rng, run_layout
 from trainer.engine import build_engine
-from trainer.evaluate import answer_accuracy, validation
+from trainer.evaluate import answer_accuracy, answer_scores, validation
 from trainer.metrics import MetricsWriter
 
 
@@ -81,6 +81,24 @@ def build_model(cfg: RunConfig, tokenizer) -> HybridLM:
     return model
 
 
+def check_eval_tasks(cfg: RunConfig, tokenizer) -> None:
+    """Build one passkey and one MQAR evaluation window per length, so that a length too
+    short for its task fails before training, naming the key (ConfigError)."""
+    checks = []
+    if cfg.eval.passkey_n > 0:
+        checks += [("passkey_lengths", n, lambda n: passkey_examples(tokenizer, n, 0.5, 1, cfg.seed + 1,
+                                                                     key_digits=passkey_key_digits(cfg)))
+                   for n in cfg.eval.passkey_lengths or [cfg.data.seq_len]]
+    if cfg.eval.mqar_n > 0:
+        checks += [("mqar_lengths", n, lambda n: mqar_examples(tokenizer, n, 1, cfg.seed + 1, *mqar_shape(cfg)))
+                   for n in cfg.eval.mqar_lengths or [cfg.data.seq_len]]
+    for key, length, build in checks:
+        try:
+            build(length)
+        except ValueError as e:
+            raise ConfigError(f"eval.{key}: {e}") from None
+
+
 def evaluate(model: HybridLM, cfg: RunConfig, tokenizer, val_batches: list[dict]) -> dict:
     out = validation(model, val_batches, cfg.eval.position_buckets)
     lengths = cfg.eval.passkey_lengths or [cfg.data.seq_len]
@@ -88,16 +106,21 @@ def evaluate(model: HybridLM, cfg: RunConfig, tokenizer, val_batches: list[dict]
         accs = []
         for depth in cfg.eval.passkey_depths:
             batches = passkey_examples(tokenizer, length, depth, cfg.eval.passkey_n, cfg.seed + 1,
-                                       batch_size=cfg.train.batch_size)
+                                       key_digits=passkey_key_digits(cfg), batch_size=cfg.train.batch_size)
             acc = answer_accuracy(model, batches)
             out[f"passkey@{length}/depth{depth:g}"] = acc
             accs.append(acc)
         out[f"passkey@{length}"] = sum(accs) / len(accs)
+    pairs, queries = mqar_shape(cfg)
+    for length in (cfg.eval.mqar_lengths or [cfg.data.seq_len]) if cfg.eval.mqar_n > 0 else []:
+        batches = mqar_examples(tokenizer, length, cfg.eval.mqar_n, cfg.seed + 1, pairs, queries,
+                                batch_size=cfg.train.batch_size)
+        out[f"mqar@{length}"] = answer_scores(model, batches)["exact"]   # share of queries answered exactly
     return out
 
 
 def fmt_eval(step: int, ev: dict) -> str:
-    keys = [k for k in ev if k.startswith("passkey@") and "/" not in k]
+    keys = [k for k in ev if k.startswith(("passkey@", "mqar@")) and "/" not in k]
     extra = " ".join(f"{k} {ev[k]:.0%}" for k in keys)
     return f"eval step {step}: val loss {ev['loss']:.4f} ppl {ev['ppl']:.2f} {extra}".rstrip()
 
@@ -116,6 +139,7 @@ def train(cfg: RunConfig) -> int:
             return 0
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
+    check_eval_tasks(cfg, tokenizer)
     model = build_model(cfg, tokenizer)
     env.check_model(model, cfg)
     # described before the engine wraps it: ZeRO-3 leaves empty partitions behind

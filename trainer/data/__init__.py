@@ -11,7 +11,7 @@ answer_mask (B, T) bool (label positions holding synthetic-task answers);
 source (B,) int64 (index of the source in the config list).
 Everything is a deterministic function of (config, seed, split, window index);
 the Batcher's state is one integer. Files: tokenizer.py, sources.py (real text),
-synthetic.py (passkey, mqar), packing.py (windows, boundary helpers),
+synthetic.py (passkey, mqar, copy), packing.py (windows, boundary helpers),
 dataset.py (mixture), batcher.py.
 
 Example:
@@ -21,6 +21,7 @@ Example:
     >>> batch = batcher.next()             # batch["input_ids"].shape == (4, 256)
     >>> val = eval_windows(cfg, tok, seed=0)
     >>> pk = passkey_examples(tok, seq_len=2048, depth=0.5, n=16, seed=0)
+    >>> mq = mqar_examples(tok, seq_len=512, n=16, seed=0, n_pairs=8, n_queries=4)
 """
 from __future__ import annotations
 
@@ -34,11 +35,11 @@ from trainer.data.batcher import Batcher, collate
 from trainer.data.dataset import PURPOSE_TASK, SPLIT_CODES, WindowDataset, make_source
 from trainer.data.packing import (IGNORE_INDEX, cu_seqlens_from_position_ids, pack_window,
                                   seq_ids_from_position_ids)
-from trainer.data.synthetic import PasskeyTask, answer_span_correct
+from trainer.data.synthetic import MQARTask, PasskeyTask, answer_span_correct
 from trainer.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 __all__ = [
-    "SourceConfig", "DataConfig", "build_dataset", "eval_windows", "passkey_examples",
+    "SourceConfig", "DataConfig", "build_dataset", "eval_windows", "passkey_examples", "mqar_examples",
     "validate_data_config", "WindowDataset", "Batcher", "collate", "load_tokenizer",
     "ByteTokenizer", "HFTokenizer", "seq_ids_from_position_ids", "cu_seqlens_from_position_ids",
     "answer_span_correct", "IGNORE_INDEX",
@@ -49,7 +50,7 @@ __all__ = [
 class SourceConfig:
     """One document source of the mixture.
 
-    kind: files | hub | stdlib (real text, packed) or passkey | mqar (synthetic).
+    kind: files | hub | stdlib (real text, packed) or passkey | mqar | copy (synthetic).
     weight: relative share of windows drawn from this source (> 0).
     path, paths: files: a path or glob, and/or a list of them (one file type per source).
     text_field: files (json/parquet) and hub: the column holding the text.
@@ -61,9 +62,10 @@ class SourceConfig:
     depth: passkey: needle depth in [0, 1]; None = uniform per example.
     key_digits: passkey: digits of the key.
     n_pairs, n_queries: mqar: key-value pairs shown and queries asked.
+    min_period, max_period: copy: range of the repeated string's length (characters).
     """
 
-    kind: Literal["files", "hub", "stdlib", "passkey", "mqar"] = "stdlib"
+    kind: Literal["files", "hub", "stdlib", "passkey", "mqar", "copy"] = "stdlib"
     weight: float = 1.0
     path: Optional[str] = None
     paths: list[str] = field(default_factory=list)
@@ -78,6 +80,8 @@ class SourceConfig:
     key_digits: int = 5
     n_pairs: int = 16
     n_queries: int = 4
+    min_period: int = 32
+    max_period: int = 64
 
 
 def _default_sources() -> list[SourceConfig]:
@@ -126,6 +130,9 @@ def _check_source(src: SourceConfig, where: str) -> None:
             raise bad("depth", f"must be in [0, 1] or null, got {src.depth}")
         if src.key_digits < 1:
             raise bad("key_digits", f"must be >= 1, got {src.key_digits}")
+    if src.kind == "copy" and not 1 <= src.min_period <= src.max_period:
+        raise bad("min_period", f"need 1 <= min_period <= max_period, "
+                                f"got min_period={src.min_period}, max_period={src.max_period}")
     if src.kind == "mqar" and not 1 <= src.n_queries <= src.n_pairs <= 26**3:
         raise bad("n_queries", f"need 1 <= n_queries <= n_pairs <= {26**3}, "
                                f"got n_queries={src.n_queries}, n_pairs={src.n_pairs}")
@@ -186,6 +193,23 @@ def passkey_examples(tokenizer, seq_len: int, depth: float, n: int, seed: int, k
     Score with answer_span_correct(logits.argmax(-1), batch["labels"], batch["answer_mask"]).
     """
     task = PasskeyTask(tokenizer, seq_len, (seed, SPLIT_CODES["eval"], PURPOSE_TASK, 0), depth, key_digits)
+    items = []
+    for i in range(n):
+        item = pack_window(*task.window(i))
+        item["source"] = torch.tensor(0, dtype=torch.int64)
+        items.append(item)
+    return [collate(items[lo:lo + batch_size]) for lo in range(0, n, batch_size)]
+
+
+def mqar_examples(tokenizer, seq_len: int, n: int, seed: int, n_pairs: int = 16, n_queries: int = 4,
+                  batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
+    """n held-out MQAR windows of seq_len tokens (n_pairs pairs, n_queries queries each), as batches.
+
+    Drawn from the "eval" split's seed stream, so they never coincide with a
+    training or validation window of a run with the same seed. Score each query
+    with answer_span_correct(logits.argmax(-1), batch["labels"], batch["answer_mask"]).
+    """
+    task = MQARTask(tokenizer, seq_len, (seed, SPLIT_CODES["eval"], PURPOSE_TASK, 1), n_pairs, n_queries)
     items = []
     for i in range(n):
         item = pack_window(*task.window(i))

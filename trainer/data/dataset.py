@@ -34,7 +34,7 @@ import torch
 
 from trainer.data.packing import PackedStream, pack_window, seeded_rng, tokenize_documents
 from trainer.data.sources import load_documents
-from trainer.data.synthetic import MQARTask, PasskeyTask
+from trainer.data.synthetic import CopyTask, MQARTask, PasskeyTask
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,8 @@ def make_source(src, index: int, tokenizer, seq_len: int, seed: int, split: str,
         return PasskeyTask(tokenizer, seq_len, (seed, code, PURPOSE_TASK, index), src.depth, src.key_digits)
     if src.kind == "mqar":
         return MQARTask(tokenizer, seq_len, (seed, code, PURPOSE_TASK, index), src.n_pairs, src.n_queries)
+    if src.kind == "copy":
+        return CopyTask(tokenizer, seq_len, (seed, code, PURPOSE_TASK, index), src.min_period, src.max_period)
     t0 = time.perf_counter()
     hf_cache = None if cache_dir is None else os.path.join(cache_dir, "hf")
     docs = load_documents(src, part, hf_cache)

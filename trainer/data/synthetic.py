@@ -1,4 +1,4 @@
-"""Synthetic retrieval tasks that fill one training window exactly: passkey and MQAR.
+"""Synthetic tasks that fill one training window exactly: passkey, MQAR and copy.
 
 Shapes: T = seq_len, W = T + 1 tokens per window.
 
@@ -24,6 +24,16 @@ mqar (multi-query associative recall):
   queries are `n_queries` distinct keys in random order. Answers: the value
   tokens after each query key; the filler between pairs and queries is what
   makes the task long-range.
+
+copy (induction warm-up; dense long-range signal):
+    [bos] s s s ...
+  s is `period` random characters from ALPHABET (each its own token segment),
+  repeated to fill the window and cut at the end; `period` is drawn per
+  example from [min_period, max_period]. Every token after the first copy of s
+  is predictable only by looking `period` tokens back; they form the answer
+  (one span per row). Mixed into passkey / MQAR training, it gives the
+  copy ("induction") mechanism that both tasks need a signal on most tokens
+  instead of a few answer tokens per window.
 
 Answers are marked by a (W,) bool array over window tokens; `pack_window` turns
 it into answer_mask (T,) over label positions. Each contiguous run of True is
@@ -174,6 +184,49 @@ class MQARTask:
         doc_start[0] = True
         return {"tokens": tokens, "doc_start": doc_start, "answer": is_answer,
                 "pairs": list(zip(keys, values)), "queries": [keys[q] for q in asked]}
+
+    def window(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ex = self.example(index)
+        return ex["tokens"], ex["doc_start"], ex["answer"]
+
+
+class CopyTask:
+    """Windows of seq_len + 1 tokens holding a random string repeated.
+
+    Example:
+        >>> task = CopyTask(tok, seq_len=128, seed_key=(0, 2), min_period=32, max_period=64)
+        >>> tokens, doc_start, answer = task.window(0)     # (129,) each
+    """
+
+    ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+    def __init__(self, tokenizer, seq_len: int, seed_key: tuple[int, ...], min_period: int = 32,
+                 max_period: int = 64):
+        if not 1 <= min_period <= max_period:
+            raise ValueError(f"copy needs 1 <= min_period <= max_period, got {min_period}, {max_period}")
+        self.enc = _Encoder(tokenizer)
+        self.seq_len = seq_len
+        self.seed_key = tuple(seed_key)
+        self.min_period, self.max_period = min_period, max_period
+        self.chars = [np.asarray(self.enc.fixed(c), dtype=np.int64) for c in self.ALPHABET]
+
+    def example(self, index: int) -> dict:
+        """Window arrays plus metadata: text (str, the repeated string s) and period (int, tokens of s)."""
+        rng = seeded_rng(*self.seed_key, index)
+        n_chars = int(rng.integers(self.min_period, self.max_period + 1))
+        picks = rng.integers(0, len(self.ALPHABET), n_chars)
+        unit = np.concatenate([self.chars[i] for i in picks])
+        W = self.seq_len + 1
+        n = W - len(self.enc.bos)
+        if n < 2 * len(unit):
+            raise ValueError(f"copy with max_period={self.max_period} needs seq_len >= "
+                             f"{2 * len(unit) + len(self.enc.bos) - 1}, got seq_len={self.seq_len}")
+        body = np.tile(unit, -(-n // len(unit)))[:n]
+        tokens, is_answer = _assemble([(self.enc.bos, False), (body[:len(unit)], False), (body[len(unit):], True)])
+        doc_start = np.zeros(W, dtype=bool)
+        doc_start[0] = True
+        return {"tokens": tokens, "doc_start": doc_start, "answer": is_answer,
+                "text": "".join(self.ALPHABET[i] for i in picks), "period": len(unit)}
 
     def window(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ex = self.example(index)
