@@ -184,6 +184,16 @@ def eval_windows(cfg: DataConfig, tokenizer, seed: int, n: Optional[int] = None,
     return [collate([ds[i] for i in range(lo, min(n, lo + batch_size))]) for lo in range(0, n, batch_size)]
 
 
+def _task_batches(task, n: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Windows 0..n-1 of a synthetic task, packed and collated in batches of up to batch_size."""
+    items = []
+    for i in range(n):
+        item = pack_window(*task.window(i))
+        item["source"] = torch.tensor(0, dtype=torch.int64)
+        items.append(item)
+    return [collate(items[lo:lo + batch_size]) for lo in range(0, n, batch_size)]
+
+
 def passkey_examples(tokenizer, seq_len: int, depth: float, n: int, seed: int, key_digits: int = 5,
                      batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
     """n passkey windows of seq_len tokens with the needle at `depth`, as batches.
@@ -193,12 +203,7 @@ def passkey_examples(tokenizer, seq_len: int, depth: float, n: int, seed: int, k
     Score with answer_span_correct(logits.argmax(-1), batch["labels"], batch["answer_mask"]).
     """
     task = PasskeyTask(tokenizer, seq_len, (seed, SPLIT_CODES["eval"], PURPOSE_TASK, 0), depth, key_digits)
-    items = []
-    for i in range(n):
-        item = pack_window(*task.window(i))
-        item["source"] = torch.tensor(0, dtype=torch.int64)
-        items.append(item)
-    return [collate(items[lo:lo + batch_size]) for lo in range(0, n, batch_size)]
+    return _task_batches(task, n, batch_size)
 
 
 def mqar_examples(tokenizer, seq_len: int, n: int, seed: int, n_pairs: int = 16, n_queries: int = 4,
@@ -210,9 +215,4 @@ def mqar_examples(tokenizer, seq_len: int, n: int, seed: int, n_pairs: int = 16,
     with answer_span_correct(logits.argmax(-1), batch["labels"], batch["answer_mask"]).
     """
     task = MQARTask(tokenizer, seq_len, (seed, SPLIT_CODES["eval"], PURPOSE_TASK, 1), n_pairs, n_queries)
-    items = []
-    for i in range(n):
-        item = pack_window(*task.window(i))
-        item["source"] = torch.tensor(0, dtype=torch.int64)
-        items.append(item)
-    return [collate(items[lo:lo + batch_size]) for lo in range(0, n, batch_size)]
+    return _task_batches(task, n, batch_size)
