@@ -16,14 +16,18 @@ Variants (model.layers overrides; any recipe whose memory layers sit in a
     attn4      [attn, x4]  full attention: a reference that sees every token
     mac        [titans_mac, x4] with segment = the swa window (memory as context)
 
-Default: recipes/titans-mal-recall.yaml (seq_len 128, swa window 8, training
-data 50% copy / 25% passkey / 25% MQAR; see the recipe). The script prints how
+Default: recipes/titans-mal-recall.yaml (seq_len 128, swa window 8, 12000
+steps, training data 60% copy / 20% passkey / 20% MQAR; see the recipe). The script prints how
 far back each answer's source is (the needle digit, the queried pair's value)
 and each variant's attention reach (swa layers x window), so "beyond the
 window" is checked, not assumed.
 
-    .venv/bin/python benchmarks/titans_quality.py                  # mal, mal_swa4, mal_swa2, attn4
+    .venv/bin/python benchmarks/titans_quality.py                  # mal, mal_swa4, mal_swa2, attn4 (~2.5 h)
+    .venv/bin/python benchmarks/titans_quality.py --variants mal --seed 1 --work /tmp/tq-s1 --out /tmp/mal_s1.json
     .venv/bin/python benchmarks/titans_quality.py --variants mal mal_swa4 --steps 500 --work /tmp/tq-short
+    # length extrapolation of the finished runs (scores only):
+    .venv/bin/python benchmarks/titans_quality.py --variants mal attn4 --lengths 256 512 1024 --n 64 \\
+        --out benchmarks/results/titans_quality_recall_lengths.json
     # the earlier experiment (titans-mal.yaml, 60% text + 40% passkey, seq 256, window 64):
     .venv/bin/python benchmarks/titans_quality.py --recipe recipes/titans-mal.yaml --steps 600 \\
         --out benchmarks/results/titans_quality.json
@@ -41,6 +45,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -93,7 +99,8 @@ def train(name: str, args, out_dir: Path) -> dict:
     ev = [r for r in lines if r.get("split") == "val"]
     train_rows = [r for r in lines if "split" not in r]
     keep = lambda r: {k: v for k, v in r.items() if k == "step" or k == "loss" or "@" in k}  # noqa: E731
-    return {"variant": name, "layers": VARIANTS[name] or "(recipe)",
+    layers = VARIANTS[name] or yaml.safe_dump(recipe_config(args).model.layers, default_flow_style=True).strip()
+    return {"variant": name, "layers": layers,
             "wall_s": round(time.time() - t0, 1), "train_s": round(train_rows[-1]["elapsed_s"], 1),
             "tokens": train_rows[-1]["tokens"], "val_loss": ev[-1]["loss"], "trainer_eval": keep(ev[-1]),
             "curve": [keep(r) for r in ev]}
@@ -144,9 +151,8 @@ def gaps(tokenizer, cfg, pairs: int, queries: int, key_digits: int, n: int = 64)
     return out
 
 
-def reach(cfg, layers: str | None) -> str:
-    from trainer.config import load_config  # noqa: F401  (cfg already resolved)
-
+def reach(cfg) -> str:
+    """How far back attention can carry information in this model (swa layers x window)."""
     kinds = cfg.model.resolved().layer_kinds()
     if "attn" in kinds:
         return "all"
@@ -179,7 +185,7 @@ def score(name: str, args, out_dir: Path) -> dict:
     T, digits = cfg.data.seq_len, passkey_key_digits(cfg)
     pairs, queries = mqar_shape(cfg)
     # seed + 7: examples that neither training (seed) nor the trainer's own evaluation (seed + 1) showed
-    out = {"reach": reach(cfg, VARIANTS[name]), "params": model.num_params()}
+    out = {"reach": reach(cfg), "params": model.num_params()}
     with torch.no_grad():
         for depth in DEPTHS:
             b = passkey_examples(tokenizer, T, depth, args.n, cfg.seed + 7, key_digits=digits, batch_size=32)
@@ -188,6 +194,16 @@ def score(name: str, args, out_dir: Path) -> dict:
         out["passkey"] = {k: sum(p[k] for p in pk) / len(pk) for k in ("exact", "digits", "answer_loss")}
         b = mqar_examples(tokenizer, T, args.n, cfg.seed + 7, pairs, queries, batch_size=32)
         out["mqar"] = _scores(model, b)
+        # length extrapolation: the same checkpoint on windows longer than it was trained on
+        for L in args.lengths:
+            ext = {}
+            for depth in DEPTHS:
+                b = passkey_examples(tokenizer, L, depth, args.n, cfg.seed + 7, key_digits=digits, batch_size=16)
+                ext[f"passkey {depth:g}"] = _scores(model, b)
+            b = mqar_examples(tokenizer, L, args.n, cfg.seed + 7, pairs, queries, batch_size=16)
+            ext["mqar"] = _scores(model, b)
+            out[f"length {L}"] = ext
+            print(f"{name} @{L}: " + ", ".join(f"{k} {v['exact']:.0%}" for k, v in ext.items()), flush=True)
     return out
 
 
@@ -203,7 +219,7 @@ def table(rows: list[dict], n: int) -> str:
                      + " | ".join(cell(s[f"passkey {d:g}"]) for d in DEPTHS)
                      + f" | **{cell(s['mqar'])}** | {r['train_s']:.0f} |")
     lines.append(f"\nCells: exact match / answer tokens right / mean answer-token loss (nats; chance ln 10 = "
-                 f"{math.log(10):.2f}); {n} held-out passkey examples per depth, {n} MQAR examples.")
+                 f"{math.log(10):.2f}); {n} held-out passkey examples per depth, {n} MQAR windows.")
     return "\n".join(lines)
 
 
@@ -217,6 +233,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--passkey-only", action="store_true", help="train on passkey windows only")
     p.add_argument("--n", type=int, default=128, help="held-out examples per passkey depth and for MQAR")
+    p.add_argument("--lengths", type=int, nargs="*", default=[],
+                   help="also score the final checkpoints at these (longer) window lengths")
     p.add_argument("--work", default="/tmp/loom-titans-quality", help="run folders; a finished run is reused")
     p.add_argument("--out", default=str(RESULTS / "titans_quality_recall.json"))
     args = p.parse_args()
