@@ -151,6 +151,17 @@ def gaps(tokenizer, cfg, pairs: int, queries: int, key_digits: int, n: int = 64)
     return out
 
 
+def _task_scores(model, tokenizer, L: int, n: int, seed: int, digits: int, pairs: int, queries: int,
+                 batch_size: int) -> dict:
+    """Passkey at every depth and MQAR on n held-out windows of L tokens."""
+    from trainer.data import mqar_examples, passkey_examples
+
+    out = {f"passkey {d:g}": _scores(model, passkey_examples(tokenizer, L, d, n, seed, key_digits=digits,
+                                                               batch_size=batch_size)) for d in DEPTHS}
+    out["mqar"] = _scores(model, mqar_examples(tokenizer, L, n, seed, pairs, queries, batch_size=batch_size))
+    return out
+
+
 def reach(cfg) -> str:
     """How far back attention can carry information in this model (swa layers x window)."""
     kinds = cfg.model.resolved().layer_kinds()
@@ -171,7 +182,7 @@ def score(name: str, args, out_dir: Path) -> dict:
 
     from trainer.checkpoint import CheckpointManager
     from trainer.config import mqar_shape, passkey_key_digits
-    from trainer.data import load_tokenizer, mqar_examples, passkey_examples
+    from trainer.data import load_tokenizer
     from trainer.train import build_model
 
     torch.set_num_threads(args.threads)
@@ -185,24 +196,17 @@ def score(name: str, args, out_dir: Path) -> dict:
     T, digits = cfg.data.seq_len, passkey_key_digits(cfg)
     pairs, queries = mqar_shape(cfg)
     # seed + 7: examples that neither training (seed) nor the trainer's own evaluation (seed + 1) showed
+    def tasks(L: int, batch: int) -> dict:
+        return _task_scores(model, tokenizer, L, args.n, cfg.seed + 7, digits, pairs, queries, batch)
+
     out = {"reach": reach(cfg), "params": model.num_params()}
     with torch.no_grad():
-        for depth in DEPTHS:
-            b = passkey_examples(tokenizer, T, depth, args.n, cfg.seed + 7, key_digits=digits, batch_size=32)
-            out[f"passkey {depth:g}"] = _scores(model, b)
+        out.update(tasks(T, 32))
         pk = [out[f"passkey {d:g}"] for d in DEPTHS]
         out["passkey"] = {k: sum(p[k] for p in pk) / len(pk) for k in ("exact", "digits", "answer_loss")}
-        b = mqar_examples(tokenizer, T, args.n, cfg.seed + 7, pairs, queries, batch_size=32)
-        out["mqar"] = _scores(model, b)
         # length extrapolation: the same checkpoint on windows longer than it was trained on
         for L in args.lengths:
-            ext = {}
-            for depth in DEPTHS:
-                b = passkey_examples(tokenizer, L, depth, args.n, cfg.seed + 7, key_digits=digits, batch_size=16)
-                ext[f"passkey {depth:g}"] = _scores(model, b)
-            b = mqar_examples(tokenizer, L, args.n, cfg.seed + 7, pairs, queries, batch_size=16)
-            ext["mqar"] = _scores(model, b)
-            out[f"length {L}"] = ext
+            out[f"length {L}"] = ext = tasks(L, 16)
             print(f"{name} @{L}: " + ", ".join(f"{k} {v['exact']:.0%}" for k, v in ext.items()), flush=True)
     return out
 
