@@ -51,13 +51,16 @@ SETTINGS = {
     "memory_expansion": EXPANSION, "update_chunk": CHUNK, "batch": 1, "dtype": "float32",
     "momentum": True, "weight_decay": True, "lr": "per token",
 }
-# name -> (side, options). "loom-chunk" (eager), "loom-chunk-compiled" and "lucidrains" are the
-# equal-settings rows: Loom without the things titans-pytorch's module does not have (the short conv)
-# and with its kind of output gate (one per head).
+# name -> (side, options). "loom-chunk*" and "lucidrains" are the equal-settings rows: Loom without the
+# things titans-pytorch's module does not have (the short conv) and with its kind of output gate (one per
+# head); "loom-chunkstep*" also step momentum and decay once per chunk, as titans-pytorch does.
 EQUAL = {"retrieval": "chunk", "conv_size": 0, "output_gate": "headwise"}
 CONFIGS = {
     "loom-chunk": ("loom", EQUAL),
     "loom-chunk-compiled": ("loom", {**EQUAL, "impl": "compiled"}),
+    # titans-pytorch's update rule as well: momentum and decay step once per chunk
+    "loom-chunkstep": ("loom", {**EQUAL, "momentum_step": "chunk"}),
+    "loom-chunkstep-compiled": ("loom", {**EQUAL, "momentum_step": "chunk", "impl": "compiled"}),
     "loom-paper": ("loom", {}),
     "lucidrains": ("lucidrains", {"batch_size": CHUNK}),
     "lucidrains-default": ("lucidrains", {"batch_size": None}),
@@ -74,6 +77,9 @@ NOTES = [
     "norm on q/k, output RMSNorm and o_proj; eager PyTorch (impl='auto').",
     "loom-chunk-compiled: the same with impl='compiled' (the memory op's gate coefficients and chunk block "
     "through torch.compile; the rest of the layer eager). Compiles for ~10 s per new shape.",
+    "loom-chunkstep (-compiled): loom-chunk (-compiled) with momentum_step='chunk': momentum and weight "
+    "decay step once per chunk, with the gates of the chunk's first token, as titans-pytorch steps them once "
+    "per chunk (with mean-pooled gates); one chunk-end sum per layer instead of two.",
     "loom-paper: the `memory` mixer as the recipes use it (the paper's block): retrieval='token' (each token "
     "reads its own post-update weights), 4-tap causal conv on q/k/v, elementwise output gate; more work "
     "than either equal-settings side.",
@@ -85,10 +91,10 @@ NOTES = [
     "weights W0 (no chunk-to-chunk dependence): a different, cheaper algorithm, shown for reference only.",
     "lucidrains-compiled (opt-in, --configs lucidrains-compiled): torch.compile(NeuralMemory); its first "
     "pass compiles for minutes.",
-    "Remaining differences: lucidrains pools momentum and decay gates per chunk (one value per 64 tokens) "
-    "where Loom has them per token, so Loom's chunk end needs two weighted sums over the chunk's gradients "
-    "(momentum and weights) where lucidrains needs one; its inner loss is a mean over K, Loom's a sum; its "
-    "lr bound is 1, Loom's 1/(2*64).",
+    "Remaining differences: lucidrains steps momentum and decay once per chunk; loom-chunk steps them at "
+    "every token (the paper's recurrence), so its chunk end needs two weighted sums over the chunk's "
+    "gradients (momentum and weights) where lucidrains needs one: loom-chunkstep removes that difference. "
+    "Its inner loss is a mean over K, Loom's a sum; its lr bound is 1, Loom's 1/(2*64).",
 ]
 
 
@@ -244,8 +250,9 @@ def table(best: dict, lengths: list[int]) -> str:
             r = best.get((n, T))
             cells += ["-", "-"] if r is None else [f"{r['cpu_tokens_per_s']:,.0f}", f"{r['peak_mib']:,.0f}"]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    pairs = [(loom, "lucidrains") for loom in ("loom-chunk", "loom-chunk-compiled", "loom-paper")]
-    pairs.append(("loom-chunk-compiled", "lucidrains-compiled"))
+    pairs = [(loom, "lucidrains") for loom in ("loom-chunk", "loom-chunk-compiled", "loom-chunkstep",
+                                               "loom-chunkstep-compiled", "loom-paper")]
+    pairs += [(loom, "lucidrains-compiled") for loom in ("loom-chunk-compiled", "loom-chunkstep-compiled")]
     for loom, ref in pairs:
         cells = []
         for T in lengths:

@@ -117,7 +117,7 @@ class _MemoryChain(torch.autograd.Function):
                     *(t[:, rows] for t in leaves[:6]), w0, chunk_size=opts["chunk_size"], state=state,
                     reset=None if reset is None else reset[:, rows], mask=None if mask is None else mask[:, rows],
                     activation=opts["activation"], retrieval=opts["retrieval"], norm_weight=norm_weight,
-                    return_state=True)
+                    momentum_step=opts["momentum_step"], return_state=True)
                 flat_out = _pack(final) if nxt is not None else None
                 if nxt == cp.rank:
                     handoff = (flat_out.detach(), final.offset)
@@ -166,7 +166,8 @@ class _MemoryChain(torch.autograd.Function):
 def cp_neural_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor, eta: torch.Tensor,
                      alpha: torch.Tensor, init_weights, cp: CPContext, *, chunk_size: int,
                      reset: torch.Tensor | None = None, mask: torch.Tensor | None = None, activation: str = "gelu",
-                     retrieval: str = "chunk", norm_weight: torch.Tensor | None = None) -> torch.Tensor:
+                     retrieval: str = "chunk", norm_weight: torch.Tensor | None = None,
+                     momentum_step: str = "token") -> torch.Tensor:
     """`kernels.memory.neural_memory` over a sequence sharded across the ranks of `cp`.
 
     Equal, forward and gradients, to the single-process op on the full sequence
@@ -176,7 +177,7 @@ def cp_neural_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: t
     theta, eta, alpha: (B, L, H) gates; reset, mask: (B, L) bool or None
         (document starts, padding), sharded the same way.
     init_weights: the learned W0, (H, D_in, D_out) per memory layer (replicated).
-    chunk_size, activation, retrieval, norm_weight (H, K): as in neural_memory.
+    chunk_size, activation, retrieval, norm_weight (H, K), momentum_step: as in neural_memory.
     Returns y: (B, L, H, K). Must be called by every rank of cp.group.
 
     Example (inside an initialised group, shards from `shard_sequence`):
@@ -185,7 +186,7 @@ def cp_neural_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: t
     if q.dim() != 4:
         raise ValueError(f"cp_neural_memory expects q, k, v shards (B, L, H, K); got q {tuple(q.shape)}")
     check_seq_len(q.shape[1] * cp.world_size, cp)
-    opts = dict(chunk_size=chunk_size, activation=activation, retrieval=retrieval)
+    opts = dict(chunk_size=chunk_size, activation=activation, retrieval=retrieval, momentum_step=momentum_step)
     if cp.world_size == 1:
         return neural_memory(q, k, v, theta, eta, alpha, init_weights, reset=reset, mask=mask,
                              norm_weight=norm_weight, **opts)

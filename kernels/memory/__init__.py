@@ -3,7 +3,7 @@ chunked gradient descent with momentum and weight decay.
 
 neural_memory(q, k, v, theta, eta, alpha, init_weights, *, chunk_size, state=None,
               reset=None, mask=None, activation="gelu", retrieval="chunk", norm_weight=None,
-              return_state=False, impl="auto")
+              momentum_step="token", return_state=False, impl="auto")
 doc_chunks(reset, offset, T, size, mask=None) -> DocChunks: the per-document chunk layout
     the op uses, public for mixers whose segments follow the same grid (MAC).
 
@@ -21,11 +21,12 @@ from kernels.memory.chunked import neural_memory_chunked
 from kernels.memory.common import ACTIVATIONS, MemoryState, Weights, mlp_forward
 from kernels.memory.layout import DocChunks, doc_chunks
 
-__all__ = ["neural_memory", "MemoryState", "init_memory_weights", "RETRIEVALS", "IMPLS", "DocChunks", "doc_chunks",
+__all__ = ["neural_memory", "MemoryState", "init_memory_weights", "RETRIEVALS", "MOMENTUM_STEPS", "IMPLS", "DocChunks", "doc_chunks",
            "memory_read"]
 log = logging.getLogger(__name__)
 
 RETRIEVALS = ("chunk", "token")
+MOMENTUM_STEPS = ("token", "chunk")
 IMPLS = ("auto", "chunked", "compiled")
 
 
@@ -60,7 +61,7 @@ def memory_read(weights: Weights, x: torch.Tensor, activation: str = "gelu",
 
 
 def _validate(q, k, v, theta, eta, alpha, init_weights, chunk_size, state, reset, mask, activation,
-              retrieval, norm_weight) -> None:
+              retrieval, norm_weight, momentum_step) -> None:
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"neural_memory expects q, k, v of one shape (B, T, H, K); got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -97,6 +98,8 @@ def _validate(q, k, v, theta, eta, alpha, init_weights, chunk_size, state, reset
         raise ValueError(f"unknown memory activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
     if retrieval not in RETRIEVALS:
         raise ValueError(f"unknown retrieval {retrieval!r}; choose one of {RETRIEVALS}")
+    if momentum_step not in MOMENTUM_STEPS:
+        raise ValueError(f"unknown momentum_step {momentum_step!r}; choose one of {MOMENTUM_STEPS}")
     if state is not None:
         for name, ws in (("weights", state.weights), ("momentum", state.momentum), ("base", state.base)):
             if len(ws) != len(init_weights):
@@ -116,7 +119,8 @@ def neural_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torc
                   eta: torch.Tensor, alpha: torch.Tensor, init_weights: Weights, *, chunk_size: int,
                   state: MemoryState | None = None, reset: torch.Tensor | None = None,
                   mask: torch.Tensor | None = None, activation: str = "gelu", retrieval: str = "chunk",
-                  norm_weight: torch.Tensor | None = None, return_state: bool = False, impl: str = "auto"):
+                  norm_weight: torch.Tensor | None = None, momentum_step: str = "token",
+                  return_state: bool = False, impl: str = "auto"):
     """Store (k, v) pairs in a neural memory by online gradient descent and read it with q.
 
     Per (batch row, head), the memory M_W is an MLP with weights W (depth =
@@ -130,6 +134,13 @@ def neural_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torc
         W_t = (1 - alpha_t) W_{t-1} + S_t
         y_t = M_G(q_t)        retrieval="chunk" (chunk size 1: read before write)
         y_t = M_{W_t}(q_t)    retrieval="token" (read after write, the paper's rule)
+
+    With momentum_step="chunk", momentum and decay step once per chunk instead, at
+    its first token t0, with that token's gates, and each gradient then enters both:
+        S <- eta_t0 S,  W <- (1 - alpha_t0) W + S            (at t0)
+        S_t = S_{t-1} - theta_t u_t,  W_t = W_{t-1} - theta_t u_t
+    titans-pytorch's rule (chunk-level momentum and decay), and half the chunk-end
+    work; the eta and alpha of a chunk's other tokens are unused. Chunk size 1: the same.
 
     Args:
         q, k, v: (B, T, H, K) queries, keys, values.
@@ -151,6 +162,7 @@ def neural_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torc
             which keeps a deep memory's inner descent stable as its weights grow;
             None is the paper's plain MLP.
         retrieval: "chunk" or "token", see above.
+        momentum_step: "token" (the paper's per-token recurrence) or "chunk", see above.
         return_state: also return the final MemoryState.
         impl: "auto" or "chunked" (the eager chunk-parallel form), or "compiled": the same
             code with each block through torch.compile (inductor), same results to
@@ -170,7 +182,7 @@ def neural_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torc
         (torch.Size([2, 100, 4, 32]), torch.Size([2, 4, 32, 128]), 4)
     """
     _validate(q, k, v, theta, eta, alpha, init_weights, chunk_size, state, reset, mask, activation, retrieval,
-              norm_weight)
+              norm_weight, momentum_step)
     if impl == "auto":
         impl = "chunked"
     if impl not in IMPLS[1:]:
@@ -185,6 +197,6 @@ def neural_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torc
                                      chunk_size=chunk_size, state=state, reset=reset, mask=mask,
                                      activation=activation, retrieval=retrieval,
                                      norm_weight=None if norm_weight is None else norm_weight.to(dt),
-                                     compiled=impl == "compiled")
+                                     momentum_step=momentum_step, compiled=impl == "compiled")
     y = y.to(q.dtype)
     return (y, final) if return_state else y

@@ -22,6 +22,13 @@ over tokens is a matmul H^T diag(c) Delta and no per-token weights are
 built. The "token" read-out uses the same identity on the query side:
     z_t = beta_t (h_t W_s) + (Db p)_t (h_t S_s) - sum_i Cw[t, i] (h_t . h_i) delta_i
 i.e. a masked (C x C) product, as in chunked linear attention.
+
+momentum_step="chunk" steps momentum and decay once per chunk, at its first
+token, with that token's gates (eta_0, alpha_0); every gradient then enters
+S and W with the same weight theta_i:
+    S_t = eta_0 S_s - sum_{i<=t} theta_i u_i,   W_t = (1 - alpha_0) W_s + eta_0 S_s - sum_{i<=t} theta_i u_i
+so a block needs one chunk-end sum per layer instead of two, and no (C x C)
+decay products. A first block that continues a carried chunk takes no step.
 """
 from __future__ import annotations
 
@@ -49,9 +56,12 @@ def _out_norm_backward(z, g, norm_weight):
     return rinv * gg - z * rinv.pow(3) * (gg * z).mean(-1, keepdim=True)
 
 
-def _coefficients(theta, eta, alpha, last, retrieval: str) -> dict[str, tuple[torch.Tensor, ...]]:
+def _coefficients(theta, eta, alpha, last, retrieval: str, step_at_start=None) -> dict[str, tuple[torch.Tensor, ...]]:
     """The gate products of every block at once (they need no weights, so they leave the loop).
-    theta, eta, alpha (B, N, H, C); last (B, N). Returns name -> N tensors of shape (B, H, ...)."""
+    theta, eta, alpha (B, N, H, C); last (B, N); step_at_start (B, N) bool for momentum_step="chunk"
+    (the block starts a chunk), None for "token". Returns name -> N tensors of shape (B, H, ...)."""
+    if step_at_start is not None:
+        return _chunk_step_coefficients(theta, eta, alpha, retrieval, step_at_start)
     tiny = torch.finfo(eta.dtype).tiny
     log_eta = torch.log(eta.clamp_min(tiny))
     log_keep = torch.log((1 - alpha).clamp_min(tiny))
@@ -72,6 +82,22 @@ def _coefficients(theta, eta, alpha, last, retrieval: str) -> dict[str, tuple[to
     }
     if retrieval == "token":
         out.update(Cw=Db @ E, bS=Db @ p[..., None], beta=beta[..., None])  # (B, N, H, C, C), (.., C, 1) x2
+    return {name: x.unbind(1) for name, x in out.items()}
+
+
+def _chunk_step_coefficients(theta, eta, alpha, retrieval: str, step_at_start) -> dict[str, tuple[torch.Tensor, ...]]:
+    """`_coefficients` for momentum_step="chunk": the first slot's gates, where the block starts a chunk."""
+    start = step_at_start[:, :, None]                                       # (B, N, 1)
+    # S_t = p S_s - sum_i theta_i u_i,  W_t = keep W_s + bS S_s - sum_i theta_i u_i; without a step
+    # p = keep = 1 and bS = 0
+    p = torch.where(start, eta[..., 0], 1.0)[..., None, None]              # (B, N, H, 1, 1)
+    keep = torch.where(start, 1 - alpha[..., 0], 1.0)[..., None, None]
+    bS = torch.where(start, eta[..., 0], 0.0)[..., None, None]
+    out = {"end": theta[..., None], "p_end": p, "beta_end": keep, "bS_end": bS}  # end: (B, N, H, C, 1)
+    if retrieval == "token":
+        C = theta.shape[-1]
+        tril = torch.ones(C, C, dtype=torch.bool, device=theta.device).tril()
+        out.update(Cw=theta[..., None, :] * tril, bS=bS, beta=keep)         # Cw[t, i] = theta_i for i <= t
     return {name: x.unbind(1) for name, x in out.items()}
 
 
@@ -98,12 +124,15 @@ def _block(q, k, v, co: dict, G: Weights, W: Weights, S: Weights, act, act_and_g
 
     # Chunk-end sums sum_i c_i h_i^T delta_i for both coefficient rows, as one matmul per layer,
     # with the two coefficient columns multiplied into the narrower of the two sides.
-    end = co["end"]                                         # (B, H, C, 2)
+    end = co["end"]                                         # (B, H, C, 2), or (B, H, C, 1): one shared row
     W_end, S_end = [], []
     for l in range(depth):
         x, d = inputs[l], deltas[l]
         d_in, d_out = x.shape[-1], d.shape[-1]
-        if d_in <= d_out:
+        if end.shape[-1] == 1:
+            x, d = (x * end, d) if d_in <= d_out else (x, d * end)
+            s_sum = w_sum = x.transpose(-1, -2) @ d
+        elif d_in <= d_out:
             scaled = (x[..., :, None, :] * end[..., None]).flatten(-2)   # (B, H, C, 2 * D_in)
             sums = (scaled.transpose(-1, -2) @ d).unflatten(-2, (2, d_in))  # (B, H, 2, D_in, D_out)
             s_sum, w_sum = sums.unbind(-3)
@@ -142,7 +171,7 @@ def neural_memory_chunked(q, k, v, theta, eta, alpha, init_weights: Weights, *, 
                           state: MemoryState | None = None, reset: torch.Tensor | None = None,
                           mask: torch.Tensor | None = None, activation: str = "gelu",
                           retrieval: str = "chunk", norm_weight: torch.Tensor | None = None,
-                          compiled: bool = False):
+                          momentum_step: str = "token", compiled: bool = False):
     """Chunk-parallel neural memory. Shapes and semantics as `kernels.memory.neural_memory`;
     `compiled` runs the gate coefficients and each block through torch.compile.
 
@@ -160,8 +189,12 @@ def neural_memory_chunked(q, k, v, theta, eta, alpha, init_weights: Weights, *, 
 
     # unbind, not indexing: the backward of x[n] would zero-fill all of x once per block.
     qb, kb, vb = (blocks(x, 0.0).unbind(1) for x in (q, k, v))
+    step_at_start = None
+    if momentum_step == "chunk":  # every block starts a chunk, but a first one that continues a carried chunk
+        step_at_start = torch.ones(B, N, dtype=torch.bool, device=q.device)
+        step_at_start[:, 0] = (state.offset == 0) | lay.block_reset[:, 0]
     co = coefficients(blocks(theta, 0.0), blocks(eta, 1.0), blocks(alpha, 0.0),
-                       (lay.length - 1).clamp_min(0), retrieval)
+                      (lay.length - 1).clamp_min(0), retrieval, step_at_start)
     any_reset = lay.block_reset.any(dim=0).tolist()
     all_real = (lay.length > 0).all(dim=0).tolist()
     W0 = tuple(w[None] for w in init_weights)               # (1, H, D_in, D_out)

@@ -9,6 +9,9 @@ For every batch row, token by token (gates broadcast over the weights):
     u_t = d/dW ||M_W(k_t) - v_t||^2  at W = G                     (sum over K; no 1/2; M as in common.py)
     S_t = eta_t * S_{t-1} - theta_t * u_t
     W_t = (1 - alpha_t) * W_{t-1} + S_t
+      momentum_step="chunk" instead steps momentum and decay once per chunk, at its first token t0
+      (S <- eta_t0 S, W <- (1 - alpha_t0) W + S), then S <- S - theta_t u_t and W <- W - theta_t u_t
+      for every token t of the chunk; at chunk size 1 both rules are the same
     y_t = M_G(q_t)    retrieval="chunk"  (at chunk size 1: M_{W_{t-1}}(q_t), read before write)
     y_t = M_{W_t}(q_t) retrieval="token" (the paper's read after write)
 Tokens with mask[t] = False are skipped: no update, no place in a chunk, y_t = 0.
@@ -60,7 +63,8 @@ def _stack_state(rows, init_weights) -> MemoryState:
 
 
 def neural_memory_sequential(q, k, v, theta, eta, alpha, init_weights, *, chunk_size, state=None,
-                             reset=None, mask=None, activation="gelu", retrieval="chunk", norm_weight=None):
+                             reset=None, mask=None, activation="gelu", retrieval="chunk", norm_weight=None,
+                             momentum_step="token"):
     """The token-by-token definition. Shapes as `kernels.memory.neural_memory`.
 
     Returns (y (B, T, H, K), final MemoryState)."""
@@ -77,12 +81,19 @@ def neural_memory_sequential(q, k, v, theta, eta, alpha, init_weights, *, chunk_
                 continue
             if reset is not None and bool(reset[b, t]):
                 W, S, n = tuple(init_weights), zeros, 0
+            th, et, al = (g[b, t][:, None, None] for g in (theta, eta, alpha))  # (H, 1, 1)
             if n == 0:
                 G = W
+                if momentum_step == "chunk":
+                    S = tuple(et * s for s in S)
+                    W = tuple((1 - al) * w + s for w, s in zip(W, S))
             u = _token_grad(G, k[b, t], v[b, t], act, norm_weight)
-            th, et, al = (g[b, t][:, None, None] for g in (theta, eta, alpha))  # (H, 1, 1)
-            S = tuple(et * s - th * g for s, g in zip(S, u))
-            W = tuple((1 - al) * w + s for w, s in zip(W, S))
+            if momentum_step == "chunk":
+                S = tuple(s - th * g for s, g in zip(S, u))
+                W = tuple(w - th * g for w, g in zip(W, u))
+            else:
+                S = tuple(et * s - th * g for s, g in zip(S, u))
+                W = tuple((1 - al) * w + s for w, s in zip(W, S))
             n = (n + 1) % chunk_size
             read = G if retrieval == "chunk" else W
             y_row.append(mlp_forward(read, q[b, t][:, None, :], act, norm_weight)[:, 0])  # (H, K)
@@ -107,7 +118,8 @@ def _row_chunks(reset_row, T: int, chunk_size: int, offset: int) -> list[tuple[i
 
 
 def neural_memory_naive_chunks(q, k, v, theta, eta, alpha, init_weights, *, chunk_size, state=None,
-                               reset=None, mask=None, activation="gelu", retrieval="chunk", norm_weight=None):
+                               reset=None, mask=None, activation="gelu", retrieval="chunk", norm_weight=None,
+                               momentum_step="token"):
     """Chunk by chunk with materialised per-token gradients and weights.
 
     Returns (y (B, T, H, K), final MemoryState)."""
@@ -134,16 +146,25 @@ def neural_memory_naive_chunks(q, k, v, theta, eta, alpha, init_weights, *, chun
             L = t1 - t0
             U = per_token_grad(G, kr[t0:t1], vr[t0:t1])  # per layer (L, H, D_in, D_out)
             th, et, al = (g[t0:t1] for g in (thr, etr, alr))  # (L, H)
-            p = torch.cumprod(et, 0)                      # p_t = prod_{j<=t} eta_j
-            beta = torch.cumprod(1 - al, 0)               # beta_t = prod_{j<=t} (1 - alpha_j)
             tril = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()[:, :, None]
-            ratio_p = torch.where(tril, p[:, None] / p[None, :], 0)          # (t, i, H): p_t / p_i
-            ratio_b = torch.where(tril, beta[:, None] / beta[None, :], 0)    # (t, j, H)
-            # S_t = p_t S_0 - sum_{i<=t} (p_t/p_i) theta_i u_i ;  W_t = beta_t W_0 + sum_{j<=t} (beta_t/beta_j) S_j
-            S_all = tuple(p[:, :, None, None] * s - torch.einsum("tih,ihxy->thxy", ratio_p * th[None], u)
-                          for s, u in zip(S, U))
-            W_all = tuple(beta[:, :, None, None] * w + torch.einsum("tjh,jhxy->thxy", ratio_b, s_all)
-                          for w, s_all in zip(W, S_all))
+            if momentum_step == "chunk":
+                if n == 0:  # the chunk starts here (not a carried one): one momentum and decay step
+                    S = tuple(et[0, :, None, None] * s for s in S)
+                    W = tuple((1 - al[0, :, None, None]) * w + s for w, s in zip(W, S))
+                # S_t = S' - sum_{i<=t} theta_i u_i ;  W_t = W' - sum_{i<=t} theta_i u_i
+                sums = tuple(torch.einsum("tih,ihxy->thxy", tril * th[None], u) for u in U)
+                S_all = tuple(s - c for s, c in zip(S, sums))
+                W_all = tuple(w - c for w, c in zip(W, sums))
+            else:
+                p = torch.cumprod(et, 0)                      # p_t = prod_{j<=t} eta_j
+                beta = torch.cumprod(1 - al, 0)               # beta_t = prod_{j<=t} (1 - alpha_j)
+                ratio_p = torch.where(tril, p[:, None] / p[None, :], 0)          # (t, i, H): p_t / p_i
+                ratio_b = torch.where(tril, beta[:, None] / beta[None, :], 0)    # (t, j, H)
+                # S_t = p_t S_0 - sum_{i<=t} (p_t/p_i) theta_i u_i ;  W_t = beta_t W_0 + sum_{j<=t} (beta_t/beta_j) S_j
+                S_all = tuple(p[:, :, None, None] * s - torch.einsum("tih,ihxy->thxy", ratio_p * th[None], u)
+                              for s, u in zip(S, U))
+                W_all = tuple(beta[:, :, None, None] * w + torch.einsum("tjh,jhxy->thxy", ratio_b, s_all)
+                              for w, s_all in zip(W, S_all))
             if retrieval == "chunk":
                 y_row.append(mlp_forward(G, qr[t0:t1].transpose(0, 1), act, norm_weight).transpose(0, 1))
             else:

@@ -20,6 +20,9 @@ Decisions (paper silent or unstable as written):
   deep MLP diverged within a few hundred tokens once training grew its weights
   (its curvature grows with them).
 - Document starts (position 0) reset the memory to its learned W0 and zero momentum.
+- momentum_step "token" (default) is the paper's per-token recurrence; "chunk" steps
+  momentum and decay once per chunk (titans-pytorch's rule, with the chunk's first
+  token's gates so that it stays causal at any split), for half the chunk-end work.
 
 The same code runs at training, evaluation and generation: the memory keeps
 learning from the context at test time.
@@ -62,6 +65,9 @@ class MemoryOptions:
     expansion: int = 4             # hidden width = expansion * head_dim (depth >= 2)
     activation: Literal["gelu", "silu"] = "gelu"
     retrieval: Literal["token", "chunk"] = "token"  # read after each token's write, or at chunk start
+    # momentum and decay step at every token (the paper's recurrence) or once per chunk, with the gates
+    # of its first token (titans-pytorch's rule; one chunk-end sum per layer instead of two)
+    momentum_step: Literal["token", "chunk"] = "token"
     conv_size: int = 4             # causal depthwise conv taps on q, k, v; 0 disables
     theta_max: float | None = None  # upper bound of the inner learning rate; None: 1 / (2 chunk_size)
     memory_norm: bool = True       # M(x) = rmsnorm(MLP(x)) * gamma; False: the paper's plain MLP
@@ -179,12 +185,14 @@ class NeuralMemory(nn.Module):
         if cp is not None:
             y = cp_neural_memory(q, k, v, theta, eta, alpha, list(self.w0), cp, chunk_size=self.opts.chunk_size,
                                  reset=reset, mask=mask, activation=self.opts.activation,
-                                 retrieval=self.opts.retrieval, norm_weight=self.norm_weight)
+                                 retrieval=self.opts.retrieval, norm_weight=self.norm_weight,
+                                 momentum_step=self.opts.momentum_step)
             return y, None
         y, mem = neural_memory(q, k, v, theta, eta, alpha, list(self.w0), chunk_size=self.opts.chunk_size,
                                state=None if state is None else state["memory"], reset=reset, mask=mask,
                                activation=self.opts.activation, retrieval=self.opts.retrieval,
-                               norm_weight=self.norm_weight, return_state=True, impl=self.opts.impl)
+                               norm_weight=self.norm_weight, momentum_step=self.opts.momentum_step,
+                               return_state=True, impl=self.opts.impl)
         return y, {"conv": conv_cache, "memory": mem}
 
     def _conv_sharded(self, qkv: torch.Tensor, position_ids: torch.Tensor, cp: CPContext) -> torch.Tensor:
@@ -206,13 +214,15 @@ class NeuralMemory(nn.Module):
 
     def flops_per_token(self) -> float:
         """Forward FLOPs per token of the memory op: 2 per weight for the keys' forward, ~2 for
-        the hand backward, 4 for the two chunk-end sums, 2 for a chunk-start read; the
-        per-token read adds 2 (momentum term) plus the masked (C x C) products."""
+        the hand backward, 4 for the two chunk-end sums (2 for the one of momentum_step="chunk"),
+        2 for a chunk-start read; the per-token read adds 2 (momentum term) plus the masked
+        (C x C) products."""
         n_weights = sum(w.numel() for w in self.w0)
+        per_weight = 10.0 if self.opts.momentum_step == "token" else 8.0
         if self.opts.retrieval == "chunk":
-            return 10.0 * n_weights
+            return per_weight * n_weights
         widths = sum(w.shape[1] + w.shape[2] for w in self.w0) * self.n_heads
-        return 12.0 * n_weights + 2.0 * self.opts.chunk_size * widths
+        return (per_weight + 2.0) * n_weights + 2.0 * self.opts.chunk_size * widths
 
 
 @dataclass

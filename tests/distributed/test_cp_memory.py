@@ -52,6 +52,7 @@ CASES = {
     "kernel_contiguous": ("kernel", "contiguous", dict(depth=2, retrieval="token", norm=True, mask=False)),
     "memory_conv4": ("memory", "zigzag", dict(conv_size=4)),
     "memory_conv16_chunk_read": ("memory", "zigzag", dict(conv_size=16, retrieval="chunk", depth=1)),
+    "memory_chunk_step": ("memory", "zigzag", dict(conv_size=4, momentum_step="chunk")),
     "mag_window7_persistent": ("mag", "zigzag", dict(window=7, persistent=3)),
     "mag_window20_no_persistent": ("mag", "zigzag", dict(window=20, persistent=0, conv_size=2)),
     "mac_segment10": ("mac", "zigzag", dict(segment=10, persistent=2)),

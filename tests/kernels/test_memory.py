@@ -13,7 +13,10 @@ Checks, in fp64 with tight tolerances unless stated (fast tier, ~10 s in all):
 - state carry: two pieces == whole at any split, and token-by-token decoding;
 - fp32 error against fp64 within a few times the fp32 token loop's own error;
 - masked (skipped) tokens; a 131K+-token sequence with resets and a split;
-- shape validation errors.
+- shape validation errors;
+- momentum_step="chunk": at chunk size 1 the token rule; chunked == naive chunk loop ==
+  token loop with resets, masks and gates that count only at chunk starts; causality,
+  state carry at mid-chunk cuts and token-by-token decoding.
 """
 from __future__ import annotations
 
@@ -213,6 +216,17 @@ def test_resets_at_different_positions_per_row(retrieval):
     torch.testing.assert_close(y[2:], y2, **F64)
 
 
+def two_pieces(cut: int):
+    """The op on tokens [:cut], then on [cut:] from the carried state; outputs concatenated."""
+    def run(q, k, v, theta, eta, alpha, W0, reset, **kw):
+        a = [x[:, :cut] for x in (q, k, v, theta, eta, alpha)]
+        b = [x[:, cut:] for x in (q, k, v, theta, eta, alpha)]
+        ya, sa = neural_memory(*a, W0, reset=reset[:, :cut], return_state=True, **kw)
+        yb, sb = neural_memory(*b, W0, reset=reset[:, cut:], state=sa, return_state=True, **kw)
+        return torch.cat([ya, yb], 1), sb
+    return run
+
+
 @pytest.mark.parametrize("cut", [16, 13, 1])
 @pytest.mark.parametrize("retrieval", ["chunk", "token"])
 def test_two_pieces_with_carried_state_equal_whole(cut, retrieval):
@@ -222,14 +236,7 @@ def test_two_pieces_with_carried_state_equal_whole(cut, retrieval):
     kw = dict(chunk_size=8, retrieval=retrieval)
     y, st, g = outputs_and_grads(chunked_fn, xs, reset=reset, **kw)
 
-    def two_pieces(q, k, v, theta, eta, alpha, W0, reset, **kw):
-        a = [x[:, :cut] for x in (q, k, v, theta, eta, alpha)]
-        b = [x[:, cut:] for x in (q, k, v, theta, eta, alpha)]
-        ya, sa = neural_memory(*a, W0, reset=reset[:, :cut], return_state=True, **kw)
-        yb, sb = neural_memory(*b, W0, reset=reset[:, cut:], state=sa, return_state=True, **kw)
-        return torch.cat([ya, yb], 1), sb
-
-    y2, st2, g2 = outputs_and_grads(two_pieces, xs, reset=reset, **kw)
+    y2, st2, g2 = outputs_and_grads(two_pieces(cut), xs, reset=reset, **kw)
     torch.testing.assert_close(y2, y, **F64)
     assert_all_close(st2.weights + st2.momentum + st2.base, st.weights + st.momentum + st.base, **F64)
     assert st2.offset.tolist() == st.offset.tolist()
@@ -286,6 +293,8 @@ def test_validation_errors_name_the_shapes():
         neural_memory(q, k, v, th, et, al, W0, chunk_size=0)
     with pytest.raises(ValueError, match="retrieval"):
         neural_memory(q, k, v, th, et, al, W0, chunk_size=2, retrieval="after")
+    with pytest.raises(ValueError, match="momentum_step"):
+        neural_memory(q, k, v, th, et, al, W0, chunk_size=2, momentum_step="segment")
     with pytest.raises(ValueError, match="impl"):
         neural_memory(q, k, v, th, et, al, W0, chunk_size=2, impl="triton")
     st = MemoryState.initial(W0, 2)
@@ -336,15 +345,17 @@ def test_long_sequence_past_int32_offsets():
     assert st_b.offset.tolist() == st.offset.tolist() == [(T - 131_000) % 64]
 
 
-@pytest.mark.parametrize("retrieval", [pytest.param("chunk", marks=pytest.mark.slow), "token"])
-def test_compiled_backend_equals_eager(retrieval):
+@pytest.mark.parametrize("retrieval, momentum_step", [pytest.param("chunk", "token", marks=pytest.mark.slow),
+                                                     ("token", "token"),
+                                                     pytest.param("token", "chunk", marks=pytest.mark.slow)])
+def test_compiled_backend_equals_eager(retrieval, momentum_step):
     # impl="compiled" runs each block through torch.compile: the same results, forward, final state and
     # gradients, with per-row resets inside chunks, a carried state and the output norm.
     xs = make_inputs(B=2, T=29, depth=2, grad=True)
     reset = torch.zeros(2, 29, dtype=torch.bool)
     reset[0, 11] = reset[1, 3] = True
     norm = torch.rand(2, 4, dtype=torch.float64, requires_grad=True)
-    kw = dict(chunk_size=8, retrieval=retrieval, reset=reset, norm_weight=norm)
+    kw = dict(chunk_size=8, retrieval=retrieval, reset=reset, norm_weight=norm, momentum_step=momentum_step)
     _, st = chunked(xs, **kw)
     state = st.detach()
     state.offset = torch.tensor([3, 0])
@@ -354,3 +365,74 @@ def test_compiled_backend_equals_eager(retrieval):
     assert_all_close(out[1].weights + out[1].momentum + out[1].base, ref[1].weights + ref[1].momentum + ref[1].base,
                      **F64)
     assert_all_close(out[2], ref[2], **F64)
+
+
+# momentum_step="chunk": momentum and decay step once per chunk, at its first token (titans-pytorch's rule).
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("retrieval", ["chunk", "token"])
+def test_chunk_step_at_chunk_size_one_is_the_token_rule(depth, retrieval):
+    xs = make_inputs(T=11, depth=depth, grad=True)
+    y_ref, st_ref, g_ref = outputs_and_grads(neural_memory_sequential, xs, chunk_size=1, retrieval=retrieval)
+    for fn in (neural_memory_sequential, chunked_fn):
+        y, st, g = outputs_and_grads(fn, xs, chunk_size=1, retrieval=retrieval, momentum_step="chunk")
+        torch.testing.assert_close(y, y_ref, **F64)
+        assert_all_close(st.weights + st.momentum, st_ref.weights + st_ref.momentum, **F64)
+        assert_all_close(g, g_ref, **F64)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("retrieval", ["chunk", "token"])
+def test_chunk_step_equals_naive_chunk_loop_and_token_loop(depth, retrieval):
+    # Resets inside chunks at different positions per row, a masked stretch, T not a multiple of the chunk.
+    xs = make_inputs(B=3, T=37, depth=depth, grad=True)
+    reset = torch.zeros(3, 37, dtype=torch.bool)
+    reset[0, [3, 17]] = reset[1, [8, 36]] = True
+    mask = torch.ones(3, 37, dtype=torch.bool)
+    mask[2, 10:15] = False
+    kw = dict(chunk_size=8, retrieval=retrieval, momentum_step="chunk", reset=reset, mask=mask)
+    y, st, g = outputs_and_grads(chunked_fn, xs, **kw)
+    for oracle in (neural_memory_naive_chunks, neural_memory_sequential):
+        y_ref, st_ref, g_ref = outputs_and_grads(oracle, xs, **kw)
+        torch.testing.assert_close(y, y_ref, **F64)
+        assert_all_close(st.weights + st.momentum + st.base, st_ref.weights + st_ref.momentum + st_ref.base, **F64)
+        assert st.offset.tolist() == st_ref.offset.tolist()
+        assert_all_close(g, g_ref, **F64)
+    # eta and alpha count at a chunk's first token only. Row 0's chunks start at 0, 3 (reset), 11, 17 (reset),
+    # 25, 33; eta at a document start multiplies S = 0, and chunk 11's step reaches no output before the reset
+    # at 17 unless tokens read their own updates.
+    nonzero = lambda x: bool(x.abs().sum() > 0)  # noqa: E731
+    starts = (3, 11, 17, 25, 33) if retrieval == "token" else (3, 17, 25, 33)
+    assert all(nonzero(g[5][0, t]) for t in starts) and all(nonzero(g[4][0, t]) for t in (25, 33))
+    assert not any(nonzero(g[4][0, t]) or nonzero(g[5][0, t]) for t in (1, 4, 10, 12, 18, 24, 26, 34))
+    y_token = neural_memory(*split(xs), chunk_size=8, retrieval=retrieval, reset=reset, mask=mask)
+    assert (y_token - y).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("retrieval", ["chunk", "token"])
+def test_chunk_step_causality_state_carry_and_decoding(retrieval):
+    xs = make_inputs(T=29, grad=True)
+    reset = torch.zeros(2, 29, dtype=torch.bool)
+    reset[1, 12] = True
+    kw = dict(chunk_size=8, retrieval=retrieval, momentum_step="chunk")
+    y, st, g = outputs_and_grads(chunked_fn, xs, reset=reset, **kw)
+    for t in (0, 5, 8, 20, 28):  # perturbing token t leaves every earlier output bit-identical
+        pert = [x.detach().clone() for x in xs]
+        for x in pert[:6]:
+            x[:, t] += 0.5
+        y_p = neural_memory(*split(pert), reset=reset, **kw)
+        assert torch.equal(y_p[:, :t], y.detach()[:, :t]), t
+    for cut in (13, 16, 1):  # two pieces with the carried state, mid-chunk cuts included: the whole
+        y2, st2, g2 = outputs_and_grads(two_pieces(cut), xs, reset=reset, **kw)
+        torch.testing.assert_close(y2, y, **F64)
+        assert_all_close(st2.weights + st2.momentum + st2.base, st.weights + st.momentum + st.base, **F64)
+        assert_all_close(g2, g, **F64)
+    state, ys = None, []  # token-by-token decoding
+    with torch.no_grad():
+        for t in range(29):
+            y_t, state = neural_memory(*(x[:, t:t + 1] for x in xs[:6]), xs[6:], reset=reset[:, t:t + 1],
+                                       state=state, return_state=True, **kw)
+            ys.append(y_t)
+    torch.testing.assert_close(torch.cat(ys, 1), y.detach(), **F64)
+    assert_all_close(state.weights + state.momentum, st.weights + st.momentum, **F64)

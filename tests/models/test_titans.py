@@ -67,6 +67,8 @@ VARIANTS = [
     ("memory", {"memory_norm": False, "conv_size": 0, "activation": "silu"}),
     ("memory", {"output_gate": "headwise", "conv_size": 0}),
     ("memory", {"output_gate": "none", "depth": 1}),
+    ("memory", {"momentum_step": "chunk", "chunk_size": 4}),
+    ("titans_mag", {"momentum_step": "chunk", "retrieval": "chunk"}),
     ("titans_mag", {"persistent": 0, "depth": 1}),
     ("titans_mag", {"retrieval": "chunk", "theta_max": 0.05}),
     ("titans_mac", {"persistent": 0, "chunk_size": 8, "segment": 8}),
@@ -94,6 +96,7 @@ def test_variants_carry_state_and_decode_exactly(kind, opts):
     ("titans_mag", {"windw": 8}, "did you mean 'window'"),
     ("memory", {"retrieval": "after"}, "model.mixers.memory.retrieval"),
     ("memory", {"output_gate": "channel"}, "model.mixers.memory.output_gate"),
+    ("memory", {"momentum_step": "segment"}, "model.mixers.memory.momentum_step"),
 ])
 def test_bad_options_name_the_key(kind, opts, needle):
     with pytest.raises(ConfigError) as e:
