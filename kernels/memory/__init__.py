@@ -21,8 +21,8 @@ from kernels.memory.chunked import neural_memory_chunked
 from kernels.memory.common import ACTIVATIONS, MemoryState, Weights, mlp_forward
 from kernels.memory.layout import DocChunks, doc_chunks
 
-__all__ = ["neural_memory", "MemoryState", "init_memory_weights", "RETRIEVALS", "MOMENTUM_STEPS", "IMPLS", "DocChunks", "doc_chunks",
-           "memory_read"]
+__all__ = ["neural_memory", "MemoryState", "init_memory_weights", "RETRIEVALS", "MOMENTUM_STEPS", "IMPLS",
+           "DocChunks", "doc_chunks", "memory_read"]
 log = logging.getLogger(__name__)
 
 RETRIEVALS = ("chunk", "token")
