@@ -25,6 +25,9 @@ window" is checked, not assumed.
     .venv/bin/python benchmarks/titans_quality.py                  # mal, mal_swa4, mal_swa2, attn4 (~2.5 h)
     .venv/bin/python benchmarks/titans_quality.py --variants mal --seed 1 --work /tmp/tq-s1 --out /tmp/mal_s1.json
     .venv/bin/python benchmarks/titans_quality.py --variants mal mal_swa4 --steps 500 --work /tmp/tq-short
+    # MAL with one momentum step per chunk (titans-pytorch's rule):
+    .venv/bin/python benchmarks/titans_quality.py --variants mal --set model.mixers.memory.momentum_step=chunk \\
+        --work /tmp/tq-chunkstep --out benchmarks/results/titans_quality_recall_chunkstep.json
     # length extrapolation of the finished runs (scores only):
     .venv/bin/python benchmarks/titans_quality.py --variants mal attn4 --lengths 256 512 1024 --n 64 \\
         --out benchmarks/results/titans_quality_recall_lengths.json
@@ -84,7 +87,7 @@ def overrides(name: str, args, out_dir: Path) -> list[str]:
                   f"depth: {mem.get('depth', 2)}, expansion: {mem.get('expansion', 2)}}}")
     if args.passkey_only:
         ov.append(PASSKEY_ONLY)
-    return ov
+    return ov + list(args.set)
 
 
 def train(name: str, args, out_dir: Path) -> dict:
@@ -237,6 +240,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--passkey-only", action="store_true", help="train on passkey windows only")
     p.add_argument("--n", type=int, default=128, help="held-out examples per passkey depth and for MQAR")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="extra recipe overrides for every variant, e.g. model.mixers.memory.momentum_step=chunk")
     p.add_argument("--lengths", type=int, nargs="*", default=[],
                    help="also score the final checkpoints at these (longer) window lengths")
     p.add_argument("--work", default="/tmp/loom-titans-quality", help="run folders; a finished run is reused")
