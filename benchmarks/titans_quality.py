@@ -28,6 +28,10 @@ window" is checked, not assumed.
     # MAL with one momentum step per chunk (titans-pytorch's rule):
     .venv/bin/python benchmarks/titans_quality.py --variants mal --set model.mixers.memory.momentum_step=chunk \\
         --work /tmp/tq-chunkstep --out benchmarks/results/titans_quality_recall_chunkstep.json
+    # MAC, shortened to 3000 steps on two threads (~1 h):
+    .venv/bin/python benchmarks/titans_quality.py --variants mac --steps 3000 --threads 2 \\
+        --set model.mixers.titans_mac.momentum_step=chunk --work /tmp/tq-mac \\
+        --out benchmarks/results/titans_quality_recall_mac_chunkstep.json
     # length extrapolation of the finished runs (scores only):
     .venv/bin/python benchmarks/titans_quality.py --variants mal attn4 --lengths 256 512 1024 --n 64 \\
         --out benchmarks/results/titans_quality_recall_lengths.json
