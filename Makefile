@@ -31,13 +31,15 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(VENV)/bin/loom train $(RECIPE)
 
-# Default tier: everything not marked slow (CI runs this).
+# Default tier: everything not marked slow (CI runs this). pytest runs as its
+# console script, not `python -m pytest`, which would put the checkout on
+# sys.path: tests import the installed `loom` package only.
 test: $(STAMP)
-	OMP_NUM_THREADS=2 $(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=2 $(VENV)/bin/pytest -m "not slow" -q $(PYTEST_ARGS)
 
 # Every tier, including the slow multi-process and end-to-end tests.
 test-all: $(STAMP)
-	OMP_NUM_THREADS=2 $(PY) -m pytest -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=2 $(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/mixers.py

@@ -4,9 +4,9 @@ For cp = 1, 2, 4 and each sequence length, a fresh `torchrun` (gloo) group of cp
 ranks trains a small attention model (HybridLM, d_model 256, 4 heads x 64,
 4 attn layers, byte vocabulary 256, fp32, batch 1) on ONE sequence of T tokens
 sharded over the cp ranks. Each rank runs the trainer's own code path:
-`trainer.distributed.mesh.init_process_groups` builds the dp x cp mesh and the
+`loom.trainer.distributed.mesh.init_process_groups` builds the dp x cp mesh and the
 CPContext (zigzag, `--impl` ring|ulysses), `Env.shard_batch` shards every (B, T)
-field with `kernels.context_parallel.shard_sequence`, the model runs with
+field with `loom.kernels.context_parallel.shard_sequence`, the model runs with
 `cp=env.cp`, `Env.reduce_loss` gives the loss, gradients are all-reduced (averaged)
 over the ranks as the ddp engine does, and AdamW steps. The batch is the trainer's
 format (input_ids, labels, position_ids, seq_ids; one document per window).
@@ -67,11 +67,10 @@ def worker(T: int, steps: int, impl: str, out_dir: str) -> None:
     import torch
     import torch.distributed as tdist
 
-    sys.path.insert(0, str(ROOT))
-    from models.model import HybridLM, ModelConfig
-    from trainer.config import ParallelConfig
-    from trainer.dist import Env
-    from trainer.distributed.mesh import init_process_groups, launched_world_size
+    from loom.models.model import HybridLM, ModelConfig
+    from loom.trainer.config import ParallelConfig
+    from loom.trainer.dist import Env
+    from loom.trainer.distributed.mesh import init_process_groups, launched_world_size
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     world = launched_world_size()
@@ -124,7 +123,7 @@ def run_group(cp: int, T: int, steps: int, impl: str, threads: int, timeout: flo
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cp}",
                __file__, "--worker", str(T), str(steps), impl, tmp]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), **MALLOC, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), **MALLOC}
         t0 = time.time()
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
@@ -143,9 +142,8 @@ def run_group(cp: int, T: int, steps: int, impl: str, threads: int, timeout: flo
 # ----------------------------------------------------------------- analytic communication
 def comm_table(T: int, cps: list[int], elem_bytes: int = 4) -> list[dict]:
     """Bytes one rank sends per layer and step (forward, backward) at the benchmark shape."""
-    sys.path.insert(0, str(ROOT))
-    from kernels.context_parallel import CPContext, comm_bytes, rat_comm_bytes
-    from kernels.context_parallel.memory import state_hops
+    from loom.kernels.context_parallel import CPContext, comm_bytes, rat_comm_bytes
+    from loom.kernels.context_parallel.memory import state_hops
 
     B, H, G, K = 1, MODEL["n_heads"], MODEL["n_heads"], MODEL["d_model"] // MODEL["n_heads"]
     a = max(elem_bytes, 4)
@@ -184,9 +182,9 @@ def _memory_weights() -> int:
     """Numbers in one row's memory weights (all heads) of a d_model 256 Titans memory layer."""
     import torch  # noqa: F401
 
-    from models.config import build
-    from models.mixers import MIXERS, MixerDims
-    from models.rope import RopeConfig
+    from loom.models.config import build
+    from loom.models.mixers import MIXERS, MixerDims
+    from loom.models.rope import RopeConfig
 
     dims = MixerDims(d_model=MODEL["d_model"], n_heads=MODEL["n_heads"], n_kv_heads=MODEL["n_heads"],
                      head_dim=MODEL["d_model"] // MODEL["n_heads"], layer_idx=0, n_layers=1, rope=RopeConfig())

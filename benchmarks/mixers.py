@@ -44,9 +44,9 @@ SETTINGS = {  # options per kind for the benchmark (paper defaults where they ex
 def measure(kind: str, T: int, repeats: int, threads: int) -> dict:
     import torch
 
-    from models.mixers import MIXERS, MixerDims, SeqContext
-    from models.config import build
-    from models.rope import RopeConfig
+    from loom.models.mixers import MIXERS, MixerDims, SeqContext
+    from loom.models.config import build
+    from loom.models.rope import RopeConfig
 
     torch.set_num_threads(threads)
     opts = {k: v for k, v in SETTINGS.get(kind, {}).items() if k in MIXERS[kind].Config.__dataclass_fields__}
@@ -111,7 +111,7 @@ def main() -> None:
         kind, T, repeats, threads = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
         print(json.dumps(measure(kind, T, repeats, threads)))
         return
-    from models.mixers import MIXERS
+    from loom.models.mixers import MIXERS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kinds", nargs="*", default=None, help="default: every registered kind")

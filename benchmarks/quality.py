@@ -49,7 +49,7 @@ def common_overrides(args) -> list[str]:
 
 
 def run(recipe: Path, args, out_dir: Path) -> dict:
-    cmd = [sys.executable, "-m", "trainer", "train", str(recipe), f"output_dir={out_dir}", *common_overrides(args)]
+    cmd = [sys.executable, "-m", "loom.trainer", "train", str(recipe), f"output_dir={out_dir}", *common_overrides(args)]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})

@@ -1,7 +1,7 @@
 """Titans neural memory module: Loom vs titans-pytorch, forward+backward tokens/s and peak memory.
 
 Compares the memory MODULE alone, batch 1, float32, CPU, at 1K, 4K and 16K tokens:
-Loom's `memory` mixer layer (models/mixers/memory.py around kernels.memory)
+Loom's `memory` mixer layer (models/mixers/memory.py around loom.kernels.memory)
 against lucidrains' `titans_pytorch.NeuralMemory`, configured as closely as the
 two allow (SETTINGS below, differences in NOTES). Each (module, length) runs in a
 fresh subprocess so that its peak resident memory is its own, and the modules
@@ -123,9 +123,9 @@ def setup(venv: str) -> None:
 def build_loom(opts: dict):
     import torch
 
-    from models.config import build
-    from models.mixers import MIXERS, MixerDims, SeqContext
-    from models.rope import RopeConfig
+    from loom.models.config import build
+    from loom.models.mixers import MIXERS, MixerDims, SeqContext
+    from loom.models.rope import RopeConfig
 
     dims = MixerDims(d_model=D_MODEL, n_heads=HEADS, n_kv_heads=HEADS, head_dim=HEAD_DIM, layer_idx=0,
                      n_layers=1, rope=RopeConfig())

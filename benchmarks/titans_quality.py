@@ -1,7 +1,7 @@
 """Titans quality: does the neural memory retrieve past the attention window?
 
 Trains a Titans recipe and the same model with its memory removed through the
-real trainer (`python -m trainer train RECIPE output_dir=... overrides`), with
+real trainer (`python -m loom.trainer train RECIPE output_dir=... overrides`), with
 the same data, steps and seed, then scores each run's final checkpoint on
 held-out passkey and MQAR windows (teacher-forced, exact match over the whole
 answer), plus the share of answer tokens right and the mean answer-token loss
@@ -70,7 +70,7 @@ DEPTHS = (0.1, 0.5, 0.9)
 
 
 def recipe_config(args, extra=()):
-    from trainer.config import load_config
+    from loom.trainer.config import load_config
 
     return load_config(str(args.recipe), list(extra))
 
@@ -95,7 +95,7 @@ def overrides(name: str, args, out_dir: Path) -> list[str]:
 
 
 def train(name: str, args, out_dir: Path) -> dict:
-    cmd = [sys.executable, "-m", "trainer", "train", str(args.recipe), *overrides(name, args, out_dir)]
+    cmd = [sys.executable, "-m", "loom.trainer", "train", str(args.recipe), *overrides(name, args, out_dir)]
     print("$", " ".join(cmd[1:]), flush=True)
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
@@ -114,7 +114,7 @@ def train(name: str, args, out_dir: Path) -> dict:
 
 
 def _scores(model, batches) -> dict:
-    from trainer.evaluate import answer_scores
+    from loom.trainer.evaluate import answer_scores
 
     s = answer_scores(model, batches)
     return {"exact": s["exact"], "digits": s["tokens"], "answer_loss": s["loss"], "n": s["answers"]}
@@ -126,7 +126,7 @@ def gaps(tokenizer, cfg, pairs: int, queries: int, key_digits: int, n: int = 64)
     digit of the queried pair), over n evaluation examples."""
     import numpy as np
 
-    from trainer.data.synthetic import MQARTask, PasskeyTask
+    from loom.trainer.data.synthetic import MQARTask, PasskeyTask
 
     out = {}
     T = cfg.data.seq_len
@@ -161,7 +161,7 @@ def gaps(tokenizer, cfg, pairs: int, queries: int, key_digits: int, n: int = 64)
 def _task_scores(model, tokenizer, L: int, n: int, seed: int, digits: int, pairs: int, queries: int,
                  batch_size: int) -> dict:
     """Passkey at every depth and MQAR on n held-out windows of L tokens."""
-    from trainer.data import mqar_examples, passkey_examples
+    from loom.trainer.data import mqar_examples, passkey_examples
 
     out = {f"passkey {d:g}": _scores(model, passkey_examples(tokenizer, L, d, n, seed, key_digits=digits,
                                                                batch_size=batch_size)) for d in DEPTHS}
@@ -187,10 +187,10 @@ def score(name: str, args, out_dir: Path) -> dict:
     """Passkey per depth and MQAR on the final checkpoint, on examples the trainer never showed."""
     import torch
 
-    from trainer.checkpoint import CheckpointManager
-    from trainer.config import mqar_shape, passkey_key_digits
-    from trainer.data import load_tokenizer
-    from trainer.train import build_model
+    from loom.trainer.checkpoint import CheckpointManager
+    from loom.trainer.config import mqar_shape, passkey_key_digits
+    from loom.trainer.data import load_tokenizer
+    from loom.trainer.train import build_model
 
     torch.set_num_threads(args.threads)
     cfg = recipe_config(args, overrides(name, args, out_dir))
@@ -253,8 +253,8 @@ def main() -> None:
     args = p.parse_args()
     args.recipe = args.recipe.resolve()
 
-    from trainer.config import mqar_shape, passkey_key_digits
-    from trainer.data import load_tokenizer
+    from loom.trainer.config import mqar_shape, passkey_key_digits
+    from loom.trainer.data import load_tokenizer
 
     base = recipe_config(args)
     tok = load_tokenizer(base.data.tokenizer)

@@ -24,7 +24,10 @@ shift 2
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DEEPSPEED=${DEEPSPEED:-$([[ -x "$REPO/.venv/bin/deepspeed" ]] && echo "$REPO/.venv/bin/deepspeed" || echo deepspeed)}
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+# Loom is imported from the installed `loom` package; PYTHONSAFEPATH keeps `-m`
+# from putting the working directory (a checkout whose top-level trainer/,
+# models/, kernels/ would shadow packages of those names) on sys.path.
+export PYTHONSAFEPATH=1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 if ! command -v nvidia-smi >/dev/null 2>&1; then
     export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}

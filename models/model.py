@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.config import ConfigError, build, nearest
-from models.mixers import MIXERS, MixerDims, SeqContext
-from models.norms import RMSNorm, SwiGLU
-from models.rope import RopeConfig
+from loom.models.config import ConfigError, build, nearest
+from loom.models.mixers import MIXERS, MixerDims, SeqContext
+from loom.models.norms import RMSNorm, SwiGLU
+from loom.models.rope import RopeConfig
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""`loom` command line (also `python -m trainer`).
+"""`loom` command line (also `python -m loom.trainer`).
 
     loom train RECIPE [key=value ...]       train, or resume the run in output_dir
     loom eval RECIPE [key=value ...]        evaluate the run's latest checkpoint
@@ -19,22 +19,22 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, N
 
 
 def _load(args):
-    from trainer.config import load_config
+    from loom.trainer.config import load_config
 
     return load_config(args.recipe, args.overrides)
 
 
 def cmd_train(args) -> int:
-    from trainer.train import train
+    from loom.trainer.train import train
 
     return train(_load(args))
 
 
 def _restore(cfg):
     """Model and tokenizer of the run's latest valid checkpoint (or fresh weights)."""
-    from trainer.checkpoint import CheckpointManager
-    from trainer.data import load_tokenizer
-    from trainer.train import build_model
+    from loom.trainer.checkpoint import CheckpointManager
+    from loom.trainer.data import load_tokenizer
+    from loom.trainer.train import build_model
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     model = build_model(cfg, tokenizer)
@@ -48,8 +48,8 @@ def _restore(cfg):
 
 
 def cmd_eval(args) -> int:
-    from trainer.data import eval_windows
-    from trainer.train import evaluate, fmt_eval
+    from loom.trainer.data import eval_windows
+    from loom.trainer.train import evaluate, fmt_eval
 
     cfg = _load(args)
     model, tokenizer, meta = _restore(cfg)
@@ -74,9 +74,9 @@ def cmd_generate(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from trainer.data import load_tokenizer
-    from trainer.train import model_config_for
-    from models import HybridLM
+    from loom.trainer.data import load_tokenizer
+    from loom.trainer.train import model_config_for
+    from loom.models import HybridLM
 
     cfg = _load(args)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -92,7 +92,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from trainer.convert import main_convert
+    from loom.trainer.convert import main_convert
 
     return main_convert([args.src, args.out])
 
@@ -124,8 +124,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from trainer.checkpoint import CheckpointError
-    from trainer.train import TrainingError
+    from loom.trainer.checkpoint import CheckpointError
+    from loom.trainer.train import TrainingError
 
     try:
         return args.fn(args)

@@ -14,9 +14,9 @@ from typing import Any, Literal
 
 import yaml
 
-from models.config import ConfigError, build, to_dict
-from models.model import ModelConfig
-from trainer.data import DataConfig
+from loom.models.config import ConfigError, build, to_dict
+from loom.models.model import ModelConfig
+from loom.trainer.data import DataConfig
 
 
 @dataclass

@@ -46,9 +46,9 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from models import HybridLM, ModelConfig
-from models.config import build
-from models.rope import RopeConfig
+from loom.models import HybridLM, ModelConfig
+from loom.models.config import build
+from loom.models.rope import RopeConfig
 
 # model_type -> the one architecture class accepted for it.
 SUPPORTED = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
-from models.config import ConfigError
+from loom.models.config import ConfigError
 
 
 def _rank() -> int:
@@ -41,7 +41,7 @@ class Env:
     dp_size: int = 1
     cp_rank: int = 0
     cp_size: int = 1
-    cp: Any = None  # kernels.context_parallel.CPContext when cp_size > 1
+    cp: Any = None  # loom.kernels.context_parallel.CPContext when cp_size > 1
     device: torch.device = torch.device("cpu")
 
     @property
@@ -51,7 +51,7 @@ class Env:
     def check_model(self, model, cfg) -> None:
         """Fail early when a layer cannot run under the chosen context parallelism."""
         if self.cp_size > 1:
-            from trainer.parallel_check import check_cp_support
+            from loom.trainer.parallel_check import check_cp_support
 
             check_cp_support(model, cfg)
 
@@ -62,7 +62,7 @@ class Env:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         if self.cp is None:
             return batch
-        from kernels.context_parallel import shard_sequence
+        from loom.kernels.context_parallel import shard_sequence
 
         return {k: (shard_sequence(v, self.cp, dim=1) if k != "source" else v) for k, v in batch.items()}
 
@@ -106,7 +106,7 @@ _ENV = Env()
 
 def setup(parallel) -> Env:
     global _ENV
-    from trainer.distributed.mesh import launched_world_size
+    from loom.trainer.distributed.mesh import launched_world_size
 
     world = launched_world_size()  # torchrun / deepspeed / accelerate, or SLURM's srun
     if world == 1:
@@ -115,7 +115,7 @@ def setup(parallel) -> Env:
                               "launch with torchrun --nproc_per_node N")
         _ENV = Env()
         return _ENV
-    from trainer.distributed import init_process_groups
+    from loom.trainer.distributed import init_process_groups
 
     _ENV = init_process_groups(parallel)
     return _ENV
@@ -155,7 +155,7 @@ def load_checkpoint(ckpt, path):
     """Rank 0 reads and verifies; the others receive the objects."""
     if _ENV.world == 1:
         return ckpt.load(path)
-    from trainer.checkpoint import CheckpointManager
+    from loom.trainer.checkpoint import CheckpointManager
 
     reader = ckpt or CheckpointManager(Path(path).parent.parent)
     return reader.load(path)

@@ -20,10 +20,10 @@ import math
 
 import torch
 
-from models import HybridLM
-from trainer.config import OptimConfig
-from trainer.optim import build_optimizer, build_scheduler
-from trainer.optim_state import load_named_state, named_state
+from loom.models import HybridLM
+from loom.trainer.config import OptimConfig
+from loom.trainer.optim import build_optimizer, build_scheduler
+from loom.trainer.optim_state import load_named_state, named_state
 
 
 class SingleEngine:
@@ -81,12 +81,12 @@ def build_engine(name: str, model: HybridLM, optim_cfg: OptimConfig, total_steps
     replicas must average their gradients to stay one model."""
     env = kwargs.get("env")
     if name == "single" and env is not None and env.world > 1:
-        from trainer import dist
+        from loom.trainer import dist
 
         dist.log(f"parallel.engine=single on {env.world} processes: using ddp")
         name = "ddp"
     if name == "single":
         return SingleEngine(model, optim_cfg, total_steps)
-    from trainer import distributed
+    from loom.trainer import distributed
 
     return distributed.build_engine(name, model, optim_cfg, total_steps, **kwargs)

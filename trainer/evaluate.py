@@ -9,8 +9,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from models import HybridLM
-from trainer.data import answer_span_correct
+from loom.models import HybridLM
+from loom.trainer.data import answer_span_correct
 
 
 def token_losses(model: HybridLM, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 1024):

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from trainer.config import OptimConfig
+from loom.trainer.config import OptimConfig
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

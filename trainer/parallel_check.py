@@ -1,6 +1,6 @@
 """Start-up checks that a built model can run under the chosen context parallelism.
 
-Called by trainer.dist.Env.check_model when parallel.cp > 1, after the model is
+Called by loom.trainer.dist.Env.check_model when parallel.cp > 1, after the model is
 built and before any engine, data or step: a layer that cannot shard its
 sequence fails here in one line naming it, not as a hang or a wrong gradient
 minutes later. The rules come from the mixers themselves:
@@ -17,8 +17,8 @@ data.seq_len % (2 cp) == 0 itself is checked with the recipe (trainer/config.py)
 """
 from __future__ import annotations
 
-from models.config import ConfigError
-from models.mixers.attn import Attention
+from loom.models.config import ConfigError
+from loom.models.mixers.attn import Attention
 
 
 def supported_cp_impls(mixer) -> tuple[str, ...]:
@@ -48,7 +48,7 @@ def check_cp_support(model, cfg) -> None:
                               f"data.seq_len={seq_len} into pieces of {piece}; pick data.seq_len as a multiple "
                               f"of {2 * cp * chunk}")
         if impl == "ulysses" and isinstance(mixer, Attention) and mixer.window is None:  # windowed: halo path
-            from kernels.context_parallel.ulysses import ulysses_kv_heads
+            from loom.kernels.context_parallel.ulysses import ulysses_kv_heads
 
             try:
                 ulysses_kv_heads(mixer.dims.n_heads, mixer.dims.n_kv_heads, cp)

@@ -19,16 +19,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from models import HybridLM
-from models.config import ConfigError
-from trainer import dist
-from trainer.checkpoint import CheckpointManager, rng_state
-from trainer.config import RunConfig, dump, mqar_shape, passkey_key_digits
-from trainer.data import Batcher, build_dataset, load_tokenizer, mqar_examples, passkey_examples, eval_windows
-from trainer.distributed.resume import check_layout, restore_rng, run_layout
-from trainer.engine import build_engine
-from trainer.evaluate import answer_accuracy, answer_scores, validation
-from trainer.metrics import MetricsWriter
+from loom.models import HybridLM
+from loom.models.config import ConfigError
+from loom.trainer import dist
+from loom.trainer.checkpoint import CheckpointManager, rng_state
+from loom.trainer.config import RunConfig, dump, mqar_shape, passkey_key_digits
+from loom.trainer.data import Batcher, build_dataset, load_tokenizer, mqar_examples, passkey_examples, eval_windows
+from loom.trainer.distributed.resume import check_layout, restore_rng, run_layout
+from loom.trainer.engine import build_engine
+from loom.trainer.evaluate import answer_accuracy, answer_scores, validation
+from loom.trainer.metrics import MetricsWriter
 
 
 class TrainingError(RuntimeError):
@@ -69,7 +69,7 @@ def build_model(cfg: RunConfig, tokenizer) -> HybridLM:
     torch.manual_seed(cfg.seed)
     model = HybridLM(model_config_for(cfg, tokenizer.vocab_size))
     if cfg.init_from:
-        from trainer.convert import load_converted
+        from loom.trainer.convert import load_converted
 
         _, weights = load_converted(cfg.init_from)
         try:

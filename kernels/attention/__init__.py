@@ -17,7 +17,7 @@ import logging
 
 import torch
 
-from kernels.attention.reference import attention_reference, visibility_mask
+from loom.kernels.attention.reference import attention_reference, visibility_mask
 
 __all__ = ["attention", "check_shapes", "visibility_mask", "select_impl"]
 log = logging.getLogger(__name__)

@@ -39,19 +39,19 @@ import logging
 
 import torch
 
-from kernels.attention import attention
-from kernels.context_parallel.comm import CommBytes, comm_bytes
-from kernels.context_parallel.gather import all_gather
-from kernels.context_parallel.halo import halo_attention
-from kernels.context_parallel.layout import (CPContext, check_seq_len, chunk_ranges, gather_sequence,
+from loom.kernels.attention import attention
+from loom.kernels.context_parallel.comm import CommBytes, comm_bytes
+from loom.kernels.context_parallel.gather import all_gather
+from loom.kernels.context_parallel.halo import halo_attention
+from loom.kernels.context_parallel.layout import (CPContext, check_seq_len, chunk_ranges, gather_sequence,
                                              shard_positions, shard_sequence)
-from kernels.context_parallel.memory import cp_neural_memory, sequence_halo
-from kernels.context_parallel.recurrent import cp_recurrent
-from kernels.context_parallel.rat import cp_rat, rat_comm_bytes
-from kernels.context_parallel.ring import ring_attention
-from kernels.context_parallel.s2 import cp_s2_attention
-from kernels.context_parallel.state_scan import cp_linear_attention
-from kernels.context_parallel.ulysses import ulysses_attention
+from loom.kernels.context_parallel.memory import cp_neural_memory, sequence_halo
+from loom.kernels.context_parallel.recurrent import cp_recurrent
+from loom.kernels.context_parallel.rat import cp_rat, rat_comm_bytes
+from loom.kernels.context_parallel.ring import ring_attention
+from loom.kernels.context_parallel.s2 import cp_s2_attention
+from loom.kernels.context_parallel.state_scan import cp_linear_attention
+from loom.kernels.context_parallel.ulysses import ulysses_attention
 
 __all__ = ["CPContext", "shard_sequence", "gather_sequence", "shard_positions", "chunk_ranges",
            "check_seq_len", "cp_attention", "ring_attention", "ulysses_attention", "halo_attention",
@@ -70,7 +70,7 @@ def cp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: CPContex
                  scale: float | None = None) -> torch.Tensor:
     """Causal softmax attention over a sequence sharded across cp ranks.
 
-    Exactly equal (forward and gradients) to `kernels.attention.attention` on the
+    Exactly equal (forward and gradients) to `loom.kernels.attention.attention` on the
     full sequence, restricted to this rank's shard.
 
     q: (B, L, H, K) this rank's queries; k, v: (B, L, G, K) its keys/values,

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from kernels.context_parallel.halo import halo_plan
+from loom.kernels.context_parallel.halo import halo_plan
 
 __all__ = ["CommBytes", "comm_bytes"]
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from kernels.context_parallel.layout import CPContext
+from loom.kernels.context_parallel.layout import CPContext
 
 __all__ = ["all_gather", "all_gather_nograd", "depend_on"]
 

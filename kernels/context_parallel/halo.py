@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.attention import attention
-from kernels.context_parallel.layout import CPContext, check_seq_len, chunk_ranges, one_document_or_ids
-from kernels.context_parallel.p2p import exchange, wait
+from loom.kernels.attention import attention
+from loom.kernels.context_parallel.layout import CPContext, check_seq_len, chunk_ranges, one_document_or_ids
+from loom.kernels.context_parallel.p2p import exchange, wait
 
 __all__ = ["halo_attention", "halo_plan", "HaloPiece"]
 

@@ -133,7 +133,7 @@ def gather_sequence(x: torch.Tensor, cp: CPContext, dim: int = 1) -> torch.Tenso
 def one_document_or_ids(seq_ids: torch.Tensor) -> torch.Tensor | None:
     """None when every row of seq_ids (B, S) is a single document, else seq_ids.
 
-    Passing None to `kernels.attention.attention` skips the (B, 1, T, S) document
+    Passing None to `loom.kernels.attention.attention` skips the (B, 1, T, S) document
     mask, so the unmasked causal SDPA (flash) path is used.
     """
     return None if bool((seq_ids == seq_ids[:, :1]).all()) else seq_ids

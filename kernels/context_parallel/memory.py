@@ -16,7 +16,7 @@ rank twice:
 state per batch row, (B, N) floats plus the (B,) int64 offset inside the
 current memory chunk, so a memory chunk may straddle a shard boundary; a hop
 between the two chunks of one rank (rank cp-1 under zigzag) stays local.
-`kernels.memory.neural_memory` guarantees that splitting a sequence at any
+`loom.kernels.memory.neural_memory` guarantees that splitting a sequence at any
 token with the state carried equals the whole, which makes this exact.
 
 Backward is the same pipeline reversed: `_MemoryChain` runs each local chunk
@@ -41,10 +41,10 @@ from __future__ import annotations
 import torch
 
 # The halo exchange of sliding-window attention, reused as is for conv taps.
-from kernels.context_parallel.halo import _HaloExchange, halo_plan
-from kernels.context_parallel.layout import CPContext, check_seq_len, chunk_ranges
-from kernels.context_parallel.p2p import exchange, wait
-from kernels.memory import MemoryState, neural_memory
+from loom.kernels.context_parallel.halo import _HaloExchange, halo_plan
+from loom.kernels.context_parallel.layout import CPContext, check_seq_len, chunk_ranges
+from loom.kernels.context_parallel.p2p import exchange, wait
+from loom.kernels.memory import MemoryState, neural_memory
 
 __all__ = ["cp_neural_memory", "sequence_halo", "state_hops"]
 
@@ -168,7 +168,7 @@ def cp_neural_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: t
                      reset: torch.Tensor | None = None, mask: torch.Tensor | None = None, activation: str = "gelu",
                      retrieval: str = "chunk", norm_weight: torch.Tensor | None = None,
                      momentum_step: str = "token") -> torch.Tensor:
-    """`kernels.memory.neural_memory` over a sequence sharded across the ranks of `cp`.
+    """`loom.kernels.memory.neural_memory` over a sequence sharded across the ranks of `cp`.
 
     Equal, forward and gradients, to the single-process op on the full sequence
     (starting from W0, no incoming state) restricted to this rank's shard.

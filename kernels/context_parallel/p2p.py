@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from kernels.context_parallel.layout import CPContext
+from loom.kernels.context_parallel.layout import CPContext
 
 
 def exchange(cp: CPContext, sends: list[tuple[torch.Tensor, int, int]],

@@ -23,7 +23,7 @@ Algorithm (each rank, for each of its pieces, two all-gathers):
   1. tails: all-gather every piece's final running state (B, 2, H, K);
   2. scan the piece from the incoming running state (the previous piece's tail)
      and all-gather its last document's closing states (B, W, 2, H, K);
-  3. run the single-device op `kernels.rat.rat` on the piece with
+  3. run the single-device op `loom.kernels.rat.rat` on the piece with
      initial_state = {previous tail, closing states of pieces c0..c-1 of this
      row's continuing document, right-aligned}.
 Both all-gathers are differentiable (gather.py), so gradients reach the ranks
@@ -47,18 +47,18 @@ from __future__ import annotations
 
 import torch
 
-from kernels.context_parallel.comm import CommBytes
-from kernels.context_parallel.gather import all_gather, all_gather_nograd, depend_on
-from kernels.context_parallel.layout import CPContext, check_seq_len
-from kernels.context_parallel.state_scan import global_pieces
-from kernels.rat import rat
-from kernels.rat.chunked import SegmentScan, _rotate
+from loom.kernels.context_parallel.comm import CommBytes
+from loom.kernels.context_parallel.gather import all_gather, all_gather_nograd, depend_on
+from loom.kernels.context_parallel.layout import CPContext, check_seq_len
+from loom.kernels.context_parallel.state_scan import global_pieces
+from loom.kernels.rat import rat
+from loom.kernels.rat.chunked import SegmentScan, _rotate
 
 __all__ = ["cp_rat", "rat_comm_bytes"]
 
 
 def _restarts(pos: torch.Tensor, seq_ids: torch.Tensor | None, L: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) document starts and recurrence restarts, as kernels.rat defines them."""
+    """(B, T) document starts and recurrence restarts, as loom.kernels.rat defines them."""
     doc_start = pos == 0
     if seq_ids is not None:
         doc_start[:, 1:] |= seq_ids[:, 1:] != seq_ids[:, :-1]
@@ -67,7 +67,7 @@ def _restarts(pos: torch.Tensor, seq_ids: torch.Tensor | None, L: int) -> tuple[
 
 def _running(k, v, f, restart, L: int, s0=None) -> torch.Tensor:
     """Running states (B, T, 2, H, K) of s_t = g_t s_{t-1} + (1 - g_t) [k_t ; v_t] (as
-    kernels.rat.chunked step 1), from s0 (B, 2, H, K) before the first token, or zero."""
+    loom.kernels.rat.chunked step 1), from s0 (B, 2, H, K) before the first token, or zero."""
     dt = torch.float64 if k.dtype == torch.float64 else torch.float32
     H, G = v.shape[2], k.shape[2]
     f = f.to(dt)
@@ -120,9 +120,9 @@ def _cache(closings: list[torch.Tensor], metas: list[torch.Tensor], W: int):
 def cp_rat(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: torch.Tensor, position_ids: torch.Tensor,
            cp: CPContext, *, chunk: int = 16, seq_ids: torch.Tensor | None = None, cos: torch.Tensor | None = None,
            sin: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
-    """`kernels.rat.rat` over a sequence sharded by `cp` (either layout).
+    """`loom.kernels.rat.rat` over a sequence sharded by `cp` (either layout).
 
-    Arguments as kernels.rat.rat, for this rank's shard of L_r = T / cp tokens:
+    Arguments as loom.kernels.rat.rat, for this rank's shard of L_r = T / cp tokens:
     q, k (B, L_r, G, K); v, f (B, L_r, H, K); position_ids (B, L_r) document-relative
     positions; seq_ids (B, L_r) global document ids or None; cos, sin (B, L_r, K) at
     the chunk index or None. Each piece of T / (2 cp) (zigzag) tokens must hold at

@@ -29,9 +29,9 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from kernels.context_parallel.layout import CPContext, check_seq_len
-from kernels.context_parallel.memory import state_hops
-from kernels.context_parallel.p2p import exchange, wait
+from loom.kernels.context_parallel.layout import CPContext, check_seq_len
+from loom.kernels.context_parallel.memory import state_hops
+from loom.kernels.context_parallel.p2p import exchange, wait
 
 __all__ = ["cp_recurrent"]
 

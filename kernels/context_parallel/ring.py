@@ -37,8 +37,8 @@ import math
 
 import torch
 
-from kernels.context_parallel.layout import CPContext, check_seq_len, chunk_ranges
-from kernels.context_parallel.p2p import exchange, wait
+from loom.kernels.context_parallel.layout import CPContext, check_seq_len, chunk_ranges
+from loom.kernels.context_parallel.p2p import exchange, wait
 
 __all__ = ["ring_attention"]
 

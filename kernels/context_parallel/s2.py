@@ -6,7 +6,7 @@ key/value heads, P pattern heads (G or H), K head dim.
     q (B, L, H, K) --all-to-all--> (B, T, H/cp, K)   rank j gets query heads [j H/cp, (j+1) H/cp)
     k, v likewise (K/V heads replicated first when G < cp, as ulysses.py)
     position_ids, seq_ids all-gathered to (B, T) in position order
-    o = kernels.s2.s2_attention on the full sequence for this rank's heads
+    o = loom.kernels.s2.s2_attention on the full sequence for this rank's heads
     o (B, T, H/cp, K) --all-to-all--> (B, L, H, K)
 
 Why Ulysses rather than ring with block skipping: the pattern is per head and
@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels.context_parallel.layout import CPContext, check_seq_len, gather_sequence
-from kernels.context_parallel.ulysses import _head_to_seq, _seq_to_head, ulysses_kv_heads
-from kernels.s2 import s2_attention
+from loom.kernels.context_parallel.layout import CPContext, check_seq_len, gather_sequence
+from loom.kernels.context_parallel.ulysses import _head_to_seq, _seq_to_head, ulysses_kv_heads
+from loom.kernels.s2 import s2_attention
 
 __all__ = ["cp_s2_attention", "rank_head_offsets"]
 
@@ -43,7 +43,7 @@ def rank_head_offsets(head_offsets: torch.Tensor, n_heads: int, cp: CPContext) -
 def cp_s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: CPContext, *, block: int,
                     local_blocks: int, vert_stride: int, head_offsets: torch.Tensor, position_ids: torch.Tensor,
                     seq_ids: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
-    """`kernels.s2.s2_attention` over a sequence sharded by `cp` (either layout), via Ulysses.
+    """`loom.kernels.s2.s2_attention` over a sequence sharded by `cp` (either layout), via Ulysses.
 
     q: (B, L, H, K); k, v: (B, L, G, K) this rank's shards (H % cp == 0; G % cp == 0
         or cp % G == 0). head_offsets: (P,) offsets of the GLOBAL pattern heads (P = G or H).

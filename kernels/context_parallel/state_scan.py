@@ -6,7 +6,7 @@ piece (T / (2 cp) zigzag, T / cp contiguous), N = T / P pieces in position order
 
 The recurrence S_t = lambda S_{t-1} (1 - reset_t) + k_t^T v_t is affine in the
 state, so a piece's final state is final = carry * S_in + local (see
-kernels.linear.linear_attention_state): local is the piece's final state from a
+loom.kernels.linear.linear_attention_state): local is the piece's final state from a
 zero start, carry = lambda^P, or 0 if a document starts inside the piece. And
 the output of a piece started from S_in is its output from zero plus the
 decayed read of S_in:
@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels.context_parallel.gather import all_gather, depend_on
-from kernels.context_parallel.layout import CPContext, check_seq_len, chunk_ranges
-from kernels.linear import linear_attention
+from loom.kernels.context_parallel.gather import all_gather, depend_on
+from loom.kernels.context_parallel.layout import CPContext, check_seq_len, chunk_ranges
+from loom.kernels.linear import linear_attention
 
 __all__ = ["cp_linear_attention", "global_pieces"]
 
@@ -48,7 +48,7 @@ def global_pieces(T: int, cp: CPContext, rank: int | None = None) -> list[int]:
 
 def cp_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, cp: CPContext, *,
                         block: int = 64, reset: torch.Tensor | None = None, scale: float = 1.0):
-    """`kernels.linear.linear_attention` over a sequence sharded by `cp` (either layout).
+    """`loom.kernels.linear.linear_attention` over a sequence sharded by `cp` (either layout).
 
     q, k: (B, L, H, K); v: (B, L, H, V) this rank's shard (L = T / cp tokens).
     decay: (H,) rates, lambda = exp(-decay). reset: (B, L) bool, True at a

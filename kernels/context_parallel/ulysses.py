@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from kernels.attention import attention
-from kernels.context_parallel.layout import (CPContext, check_seq_len, gather_sequence, one_document_or_ids,
+from loom.kernels.attention import attention
+from loom.kernels.context_parallel.layout import (CPContext, check_seq_len, gather_sequence, one_document_or_ids,
                                              rank_order, true_order)
 
 __all__ = ["ulysses_attention", "ulysses_kv_heads"]

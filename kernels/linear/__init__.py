@@ -38,8 +38,8 @@ import logging
 
 import torch
 
-from kernels.linear.chunked import linear_attention_chunked, linear_attention_state as _state
-from kernels.linear.reference import linear_attention_recurrent
+from loom.kernels.linear.chunked import linear_attention_chunked, linear_attention_state as _state
+from loom.kernels.linear.reference import linear_attention_recurrent
 
 __all__ = ["linear_attention", "linear_attention_state", "alibi_slopes"]
 log = logging.getLogger(__name__)

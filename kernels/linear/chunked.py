@@ -80,7 +80,7 @@ def _segment(q, k, v, log_lam, reset, Q: int, initial):
 
 def linear_attention_chunked(q, k, v, decay, *, block: int = 64, reset=None, initial_state=None,
                              return_state: bool = False, scale: float = 1.0, segment_blocks: int = 32):
-    """See `kernels.linear.linear_attention`. Returns (o (B, T, H, V), final state or None).
+    """See `loom.kernels.linear.linear_attention`. Returns (o (B, T, H, V), final state or None).
 
     The sequence is processed `segment_blocks` blocks at a time with the state carried
     (2K tokens for blocks of 64), which keeps the working set in cache: the cost per

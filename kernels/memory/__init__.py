@@ -17,9 +17,9 @@ import logging
 
 import torch
 
-from kernels.memory.chunked import neural_memory_chunked
-from kernels.memory.common import ACTIVATIONS, MemoryState, Weights, mlp_forward
-from kernels.memory.layout import DocChunks, doc_chunks
+from loom.kernels.memory.chunked import neural_memory_chunked
+from loom.kernels.memory.common import ACTIVATIONS, MemoryState, Weights, mlp_forward
+from loom.kernels.memory.layout import DocChunks, doc_chunks
 
 __all__ = ["neural_memory", "MemoryState", "init_memory_weights", "RETRIEVALS", "MOMENTUM_STEPS", "IMPLS",
            "DocChunks", "doc_chunks", "memory_read"]

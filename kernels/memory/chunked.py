@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.memory.common import FAST_ACTIVATIONS, NORM_EPS, MemoryState, Weights, mlp_forward, out_norm
-from kernels.memory.layout import doc_chunks
+from loom.kernels.memory.common import FAST_ACTIVATIONS, NORM_EPS, MemoryState, Weights, mlp_forward, out_norm
+from loom.kernels.memory.layout import doc_chunks
 
 
 def _segsum(x: torch.Tensor) -> torch.Tensor:
@@ -172,7 +172,7 @@ def neural_memory_chunked(q, k, v, theta, eta, alpha, init_weights: Weights, *, 
                           mask: torch.Tensor | None = None, activation: str = "gelu",
                           retrieval: str = "chunk", norm_weight: torch.Tensor | None = None,
                           momentum_step: str = "token", compiled: bool = False):
-    """Chunk-parallel neural memory. Shapes and semantics as `kernels.memory.neural_memory`;
+    """Chunk-parallel neural memory. Shapes and semantics as `loom.kernels.memory.neural_memory`;
     `compiled` runs the gate coefficients and each block through torch.compile.
 
     Returns (y (B, T, H, K), final MemoryState)."""

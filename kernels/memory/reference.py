@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.memory.common import ACTIVATIONS, MemoryState, Weights, mlp_forward
+from loom.kernels.memory.common import ACTIVATIONS, MemoryState, Weights, mlp_forward
 
 
 def _assoc_loss(weights: Weights, k_HK: torch.Tensor, v_HK: torch.Tensor, act, norm_weight) -> torch.Tensor:
@@ -65,7 +65,7 @@ def _stack_state(rows, init_weights) -> MemoryState:
 def neural_memory_sequential(q, k, v, theta, eta, alpha, init_weights, *, chunk_size, state=None,
                              reset=None, mask=None, activation="gelu", retrieval="chunk", norm_weight=None,
                              momentum_step="token"):
-    """The token-by-token definition. Shapes as `kernels.memory.neural_memory`.
+    """The token-by-token definition. Shapes as `loom.kernels.memory.neural_memory`.
 
     Returns (y (B, T, H, K), final MemoryState)."""
     act = ACTIVATIONS[activation][0]

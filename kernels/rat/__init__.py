@@ -47,8 +47,8 @@ import logging
 
 import torch
 
-from kernels.rat.chunked import rat_chunked
-from kernels.rat.reference import rat_naive
+from loom.kernels.rat.chunked import rat_chunked
+from loom.kernels.rat.reference import rat_naive
 
 __all__ = ["rat"]
 log = logging.getLogger(__name__)

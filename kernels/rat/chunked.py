@@ -178,7 +178,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 def rat_chunked(q, k, v, f, position_ids, *, chunk: int, seq_ids=None, cos=None, sin=None, scale=None,
                 initial_state=None, return_state=False, return_stats=False, block_q: int = 256):
-    """See `kernels.rat.rat`. Returns (o (B, T, H, K), stats, state or None)."""
+    """See `loom.kernels.rat.rat`. Returns (o (B, T, H, K), stats, state or None)."""
     B, T, G, K = q.shape
     H = v.shape[2]
     L = chunk

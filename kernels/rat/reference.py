@@ -27,7 +27,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 def rat_naive(q, k, v, f, position_ids, *, chunk: int, seq_ids=None, cos=None, sin=None, scale=None,
               initial_state=None):
-    """Same arguments as `kernels.rat.rat`. Returns (o (B, T, H, K), stats, state)."""
+    """Same arguments as `loom.kernels.rat.rat`. Returns (o (B, T, H, K), stats, state)."""
     B, T, G, K = q.shape
     H = v.shape[2]
     L = chunk

@@ -34,8 +34,8 @@ import logging
 
 import torch
 
-from kernels.s2.blocksparse import s2_blocksparse
-from kernels.s2.reference import s2_attention_reference, s2_mask
+from loom.kernels.s2.blocksparse import s2_blocksparse
+from loom.kernels.s2.reference import s2_attention_reference, s2_mask
 
 __all__ = ["s2_attention", "default_head_offsets", "covers_all_residues", "s2_mask",
            "s2_attention_reference", "s2_blocksparse"]

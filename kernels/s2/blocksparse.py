@@ -20,7 +20,7 @@ document. On this layout, for pattern head h with residue r_h = -o_h mod V:
     local part     each query block of Q coordinates reads a band of
                    W = 1 + ceil((L*b - 1) / Q) key blocks, masked to the same
                    document, causal, and block distance < L
-                   (kernels.swa.banded: matmuls, linear in T);
+                   (loom.kernels.swa.banded: matmuls, linear in T);
     vertical part  the b-blocks r_h, r_h + V, r_h + 2V, ... of the layout form
                    one strided key list per head (S / V keys); a query sees the
                    ones of its own document at block distance >= L.
@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.s2.reference import doc_positions
-from kernels.swa.banded import Band, banded_attention
+from loom.kernels.s2.reference import doc_positions
+from loom.kernels.swa.banded import Band, banded_attention
 
 
 def engine_block(block: int) -> int:

@@ -12,7 +12,7 @@ impl:
     "banded"  banded.py: queries in blocks, each reading only its window of
               key blocks; O(T * window) time, O(T) memory; forward and
               backward in PyTorch (the CPU path, and any device).
-    "flash"   flash-attn's window on CUDA (through kernels.attention).
+    "flash"   flash-attn's window on CUDA (through loom.kernels.attention).
     "sdpa"    reference.py: the dense masked SDPA, O(T * S) (tests).
     "auto"    "flash" when q is CUDA fp16/bf16, flash-attn is installed, no
               lse is requested, and documents do not need a cache-aware mask
@@ -28,9 +28,9 @@ import logging
 
 import torch
 
-from kernels.attention import attention, check_shapes, select_impl
-from kernels.swa.banded import banded_swa
-from kernels.swa.reference import swa_reference
+from loom.kernels.attention import attention, check_shapes, select_impl
+from loom.kernels.swa.banded import banded_swa
+from loom.kernels.swa.reference import swa_reference
 
 __all__ = ["sliding_window_attention", "select_swa_impl", "swa_reference", "banded_swa"]
 log = logging.getLogger(__name__)

@@ -263,7 +263,7 @@ def banded_swa(q: Tensor, k: Tensor, v: Tensor, *, window: int, seq_ids: Tensor 
                scale: float | None = None, block: int | None = None,
                chunk: int | None = None) -> tuple[Tensor, Tensor]:
     """Sliding-window causal attention, banded. Same contract as
-    kernels.attention.attention(window=...): q (B, T, H, K); k, v (B, S, G, K),
+    loom.kernels.attention.attention(window=...): q (B, T, H, K); k, v (B, S, G, K),
     queries are the last T of the S keys; seq_ids (B, S) or None.
     Returns o (B, T, H, K) and lse (B, T, H) (fp32, fp64 for fp64 inputs).
     """

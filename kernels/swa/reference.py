@@ -6,13 +6,13 @@ heads, G key/value heads, K head dim.
 Query i sits at key index S - T + i. Key j is visible when
     0 <= (S - T + i) - j <= window            (itself plus `window` past tokens)
     seq_ids[j] == seq_ids[S - T + i]          (same document, if seq_ids is set)
-This is kernels.attention's masked reference with `window` set; it costs
+This is loom.kernels.attention's masked reference with `window` set; it costs
 O(T * S) time and memory, so it is the yardstick for tests, not the CPU path
 (banded.py is).
 """
 from __future__ import annotations
 
-from kernels.attention.reference import attention_reference
+from loom.kernels.attention.reference import attention_reference
 
 
 def swa_reference(q, k, v, *, window: int, seq_ids=None, scale=None, return_lse=False):

@@ -3,7 +3,7 @@
 import importlib
 import pkgutil
 
-from models.mixers.base import MIXERS, Mixer, MixerDims, SeqContext, register
+from loom.models.mixers.base import MIXERS, Mixer, MixerDims, SeqContext, register
 
 for _m in pkgutil.iter_modules(__path__):
     if _m.name not in ("base",):

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.attention import attention
-from models.mixers.base import Mixer, MixerDims, SeqContext, register
-from models.mixers.heads import HeadOptions, HeadOutput, sink_mass
-from models.norms import RMSNorm
-from models.rope import Rotary, apply_rotary
+from loom.kernels.attention import attention
+from loom.models.mixers.base import Mixer, MixerDims, SeqContext, register
+from loom.models.mixers.heads import HeadOptions, HeadOutput, sink_mass
+from loom.models.norms import RMSNorm
+from loom.models.rope import Rotary, apply_rotary
 
 
 @dataclass
@@ -39,7 +39,7 @@ def continue_docs(state_doc: torch.Tensor, position_ids: torch.Tensor) -> torch.
 @register("attn")
 class Attention(Mixer):
     Config = AttnConfig
-    cp_impls = ("ring", "ulysses")  # kernels.context_parallel.cp_attention
+    cp_impls = ("ring", "ulysses")  # loom.kernels.context_parallel.cp_attention
     window: int | None = None
 
     def __init__(self, dims: MixerDims, cfg: AttnConfig):
@@ -76,7 +76,7 @@ class Attention(Mixer):
         if ctx.cp is not None:
             if state is not None or ctx.want_state:
                 raise ValueError("attn: context parallelism does not take or return a decoding state")
-            from kernels.context_parallel import cp_attention
+            from loom.kernels.context_parallel import cp_attention
 
             o = cp_attention(q, k, v, ctx.cp, seq_ids=ctx.seq_ids)
             return self.o_proj(self.heads(x, o, ctx).reshape(B, T, -1)), None

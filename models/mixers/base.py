@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from models.rope import RopeConfig
+from loom.models.rope import RopeConfig
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class SeqContext:
         if their seq_ids are equal.
     want_state: mixers return their final state (KV cache, recurrent state)
         when True, else None.
-    cp: context-parallel handle (kernels.context_parallel) or None.
+    cp: context-parallel handle (loom.kernels.context_parallel) or None.
     aux_losses: mixers append scalar auxiliary losses, already weighted
         (e.g. MoH load balancing); the model adds them to the training loss.
     stats: when a dict, mixers record diagnostics as detached scalar tensors

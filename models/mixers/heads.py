@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.mixers.base import SeqContext
+from loom.models.mixers.base import SeqContext
 
 
 @dataclass

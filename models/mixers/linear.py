@@ -4,7 +4,7 @@ Legend: B batch, T tokens, D model width, H heads, K head dim.
 
 As TransNormerLLM / TNL (OpenNLPLab/lightning-attention examples/module/tnl_attn.py):
     q, k, v = SiLU(x W_q), SiLU(x W_k), SiLU(x W_v)           (B, T, H, K) each
-    o       = linear attention with decay lambda_h = exp(-s_h)  (kernels.linear)
+    o       = linear attention with decay lambda_h = exp(-s_h)  (loom.kernels.linear)
     o       = RMSNorm(o) per head                               (the operator has no denominator)
     o       = o * sigmoid(x W_a W_b)                            (low-rank output gate, rank K)
     y       = o_proj(o)
@@ -19,7 +19,7 @@ H x K x K whatever the grouping.
 
 Decoding state: {"kv": (B, H, K, K) fp32}, constant in the sequence length.
 
-Context parallelism (ctx.cp): kernels.context_parallel.cp_linear_attention, a
+Context parallelism (ctx.cp): loom.kernels.context_parallel.cp_linear_attention, a
 prefix scan of the pieces' states across ranks (the same for either cp_impl).
 """
 from __future__ import annotations
@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.linear import alibi_slopes, linear_attention
-from models.mixers.base import Mixer, MixerDims, SeqContext, register
-from models.norms import RMSNorm
+from loom.kernels.linear import alibi_slopes, linear_attention
+from loom.models.mixers.base import Mixer, MixerDims, SeqContext, register
+from loom.models.norms import RMSNorm
 
 
 @dataclass
@@ -55,7 +55,7 @@ class LinearConfig:
 @register("linear")
 class LinearAttention(Mixer):
     Config = LinearConfig
-    cp_impls = ("ring", "ulysses")  # both run the state scan (kernels.context_parallel.state_scan)
+    cp_impls = ("ring", "ulysses")  # both run the state scan (loom.kernels.context_parallel.state_scan)
 
     def __init__(self, dims: MixerDims, cfg: LinearConfig):
         super().__init__(dims, cfg)
@@ -97,7 +97,7 @@ class LinearAttention(Mixer):
         if ctx.cp is not None:
             if state is not None:
                 raise ValueError("linear: context parallelism does not take a decoding state")
-            from kernels.context_parallel.state_scan import cp_linear_attention
+            from loom.kernels.context_parallel.state_scan import cp_linear_attention
 
             o, kv = cp_linear_attention(q, k, v, self.decay, ctx.cp, block=self.cfg.block, reset=ctx.doc_starts,
                                         scale=scale)

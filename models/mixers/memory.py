@@ -7,7 +7,7 @@ Paper §4.4 block, per head:
     theta   = theta_max * sigmoid(x w_theta + b_theta)    inner learning rate
     eta     = sigmoid(x w_eta + b_eta)                    momentum
     alpha   = sigmoid(x w_alpha + b_alpha)                forget (weight decay)
-    m       = kernels.memory.neural_memory(q, k, v, theta, eta, alpha, W0)
+    m       = loom.kernels.memory.neural_memory(q, k, v, theta, eta, alpha, W0)
     y       = (RMSNorm(m) * sigmoid(x W_g)) W_o      W_g: D -> H*K (output_gate: elementwise),
                                                   D -> H (headwise) or absent (none)
 The conv comes before the SiLU, as in the linear-recurrent models the paper
@@ -38,7 +38,7 @@ in global chunk order (kernels/context_parallel/memory.py; serialised, so the
 memory op takes about as long as on one process). Training only: no state.
 
 Decoding state: {"conv": (B, W-1, 3*H*K) last pre-conv projections,
-"memory": kernels.memory.MemoryState}.
+"memory": loom.kernels.memory.MemoryState}.
 """
 from __future__ import annotations
 
@@ -50,10 +50,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.context_parallel import CPContext, cp_neural_memory, sequence_halo
-from kernels.memory import init_memory_weights, neural_memory
-from models.mixers.base import Mixer, MixerDims, SeqContext, register
-from models.norms import RMSNorm
+from loom.kernels.context_parallel import CPContext, cp_neural_memory, sequence_halo
+from loom.kernels.memory import init_memory_weights, neural_memory
+from loom.models.mixers.base import Mixer, MixerDims, SeqContext, register
+from loom.models.norms import RMSNorm
 
 
 @dataclass
@@ -71,7 +71,7 @@ class MemoryOptions:
     conv_size: int = 4             # causal depthwise conv taps on q, k, v; 0 disables
     theta_max: float | None = None  # upper bound of the inner learning rate; None: 1 / (2 chunk_size)
     memory_norm: bool = True       # M(x) = rmsnorm(MLP(x)) * gamma; False: the paper's plain MLP
-    # kernels.memory backend: auto/chunked (eager) or compiled (torch.compile of each chunk block:
+    # loom.kernels.memory backend: auto/chunked (eager) or compiled (torch.compile of each chunk block:
     # ~1.25x faster on CPU once compiled, seconds of compilation per new shape; not under cp)
     impl: Literal["auto", "chunked", "compiled"] = "auto"
 
@@ -163,7 +163,7 @@ class NeuralMemory(nn.Module):
                 mask: torch.Tensor | None = None, lengths: torch.Tensor | None = None, cp: CPContext | None = None):
         """Under context parallelism (`cp` given, x and position_ids this rank's shard) the
         conv's previous taps come from the preceding chunk's owner and the memory state is
-        carried rank to rank (kernels.context_parallel.cp_neural_memory); no state in or out."""
+        carried rank to rank (loom.kernels.context_parallel.cp_neural_memory); no state in or out."""
         B, T, _ = x.shape
         H, K = self.n_heads, self.head_dim
         if cp is not None and (state is not None or lengths is not None):

@@ -8,7 +8,7 @@ As the paper (arXiv 2507.04416) and its code:
   group h % G); v, the forget gate f and the output gate z: H heads each.
 - Inside a chunk (position // L), keys and values follow one gated recurrence
   s_t = g_t s_{t-1} + (1 - g_t) x_t with g = sigmoid(f), per channel, restarted
-  at every chunk and document start (kernels.rat).
+  at every chunk and document start (loom.kernels.rat).
 - RoPE at the CHUNK index (position // L) on q and on the recurrent keys, so a
   query sees earlier chunk summaries at their chunk distance.
 - o = softmax attention over the chunk-final states of the document's earlier
@@ -17,11 +17,11 @@ As the paper (arXiv 2507.04416) and its code:
   output like for every softmax-attention mixer.
 The block is pre-norm, so there is no norm or residual here (the paper's layer has both).
 
-Decoding state (kernels.rat): chunk-final "k" (post-RoPE), "v" of shape
+Decoding state (loom.kernels.rat): chunk-final "k" (post-RoPE), "v" of shape
 (B, C, H, K) with C ~ T / L, their count "n" (B,), and the fp32 running state
 "k_run", "v_run" (B, H, K): about L times smaller than attention's KV cache.
 
-Context parallelism (ctx.cp): kernels.context_parallel.cp_rat all-gathers the
+Context parallelism (ctx.cp): loom.kernels.context_parallel.cp_rat all-gathers the
 chunk states and the running state at piece boundaries (the same for either
 cp_impl); every piece of seq_len / (2 cp) tokens must be a multiple of L
 (cp_chunk_tokens). Diagnostics (ctx.stats) are not recorded under cp.
@@ -33,10 +33,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.rat import rat
-from models.mixers.base import Mixer, MixerDims, SeqContext, register
-from models.mixers.heads import HeadOptions, HeadOutput
-from models.rope import Rotary
+from loom.kernels.rat import rat
+from loom.models.mixers.base import Mixer, MixerDims, SeqContext, register
+from loom.models.mixers.heads import HeadOptions, HeadOutput
+from loom.models.rope import Rotary
 
 
 @dataclass
@@ -55,7 +55,7 @@ class RatConfig(HeadOptions):
 @register("rat")
 class RAT(Mixer):
     Config = RatConfig
-    cp_impls = ("ring", "ulysses")  # both gather chunk states (kernels.context_parallel.rat)
+    cp_impls = ("ring", "ulysses")  # both gather chunk states (loom.kernels.context_parallel.rat)
 
     def __init__(self, dims: MixerDims, cfg: RatConfig):
         super().__init__(dims, cfg)
@@ -92,7 +92,7 @@ class RAT(Mixer):
         if ctx.cp is not None:
             if state is not None or ctx.want_state:
                 raise ValueError("rat: context parallelism neither takes nor returns a decoding state")
-            from kernels.context_parallel.rat import cp_rat
+            from loom.kernels.context_parallel.rat import cp_rat
 
             o = cp_rat(q, k, v, f, ctx.position_ids, ctx.cp, chunk=L, seq_ids=ctx.seq_ids, cos=cos, sin=sin)
         else:

@@ -11,7 +11,7 @@ maths). Blocks are document-relative (position_ids // b), so a packed row
 equals its documents run separately. The paper's hybrid interleaves dense
 layers: `model.layers: [[s2, attn], xN]`.
 
-Offsets (kernels.s2.default_head_offsets): one per KV head when
+Offsets (loom.kernels.s2.default_head_offsets): one per KV head when
 n_kv_heads >= V (the paper; query heads of a group share the pattern), else
 one per query head; construction fails when n_heads < V, since the union could
 not cover the context.
@@ -22,7 +22,7 @@ whole cache; `state_bytes` reports what a KV-efficient cache needs (the local
 window plus the blocks of the KV head's own residues, about L*b + S*r/V tokens
 per KV head, r residues per KV head).
 
-Context parallelism (ctx.cp, cp_impl=ulysses): kernels.context_parallel.cp_s2_attention
+Context parallelism (ctx.cp, cp_impl=ulysses): loom.kernels.context_parallel.cp_s2_attention
 runs this op on the full sequence for H / cp heads after an all-to-all.
 """
 from __future__ import annotations
@@ -32,11 +32,11 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.s2 import covers_all_residues, default_head_offsets, s2_attention
-from models.mixers.attn import AttnConfig, Attention
-from models.mixers.base import MixerDims, SeqContext, register
-from models.mixers.heads import sink_mass
-from models.mixers.attn import continue_docs
+from loom.kernels.s2 import covers_all_residues, default_head_offsets, s2_attention
+from loom.models.mixers.attn import AttnConfig, Attention
+from loom.models.mixers.base import MixerDims, SeqContext, register
+from loom.models.mixers.heads import sink_mass
+from loom.models.mixers.attn import continue_docs
 
 
 @dataclass
@@ -76,7 +76,7 @@ class S2Attention(Attention):
         if ctx.cp is not None:
             if state is not None or ctx.want_state:
                 raise ValueError("s2: context parallelism neither takes nor returns a decoding state")
-            from kernels.context_parallel.s2 import cp_s2_attention
+            from loom.kernels.context_parallel.s2 import cp_s2_attention
 
             o = cp_s2_attention(q, k, v, ctx.cp, block=c.block, local_blocks=c.local_blocks,
                                 vert_stride=c.vert_stride, head_offsets=self.head_offsets,

@@ -5,7 +5,7 @@ H query heads, G key/value heads, K head dim, W the window.
 
 The `attn` mixer with a window: key j is visible to query i when
 0 <= i - j <= W (the token itself plus W past tokens, RAT's convention) and
-both are in the same document. The op is kernels.swa: banded on CPU (linear in
+both are in the same document. The op is loom.kernels.swa: banded on CPU (linear in
 T), flash-attn's window on CUDA, halo exchange under context parallelism.
 
 Decoding state: {"k": (B, <= W, G, K) post-RoPE keys, "v": same, "doc":
@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.swa import sliding_window_attention
-from models.mixers.attn import AttnConfig, Attention, continue_docs
-from models.mixers.base import MixerDims, SeqContext, register
-from models.mixers.heads import sink_mass
+from loom.kernels.swa import sliding_window_attention
+from loom.models.mixers.attn import AttnConfig, Attention, continue_docs
+from loom.models.mixers.base import MixerDims, SeqContext, register
+from loom.models.mixers.heads import sink_mass
 
 
 @dataclass
@@ -59,7 +59,7 @@ class SlidingWindowAttention(Attention):
         if ctx.cp is not None:
             if state is not None:
                 raise ValueError("swa: context parallelism does not take a decoding state")
-            from kernels.context_parallel import cp_attention
+            from loom.kernels.context_parallel import cp_attention
 
             o = cp_attention(q, k, v, ctx.cp, seq_ids=ctx.seq_ids, window=W)
         else:

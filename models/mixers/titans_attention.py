@@ -8,7 +8,7 @@ front of the sequence that every query sees. Since they never depend on the
 input, their keys and values after projection are learned constants too, so
 they are learned here directly as (P, G, K) tensors and skip RoPE.
 
-MAG: kernels.swa's sliding window, with the prefix merged through its
+MAG: loom.kernels.swa's sliding window, with the prefix merged through its
 log-sum-exp. MAC: a segment's visibility pattern (prefix, its memory tokens,
 itself, the cached start of the segment) is not one the attention kernels
 offer, so `masked_attention` computes it explicitly, one segment at a time, in
@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from kernels.swa import sliding_window_attention
+from loom.kernels.swa import sliding_window_attention
 
 
 class PersistentKV(nn.Module):
@@ -62,7 +62,7 @@ def masked_attention(q, k, v, visible, prefix: PersistentKV | None = None):
 
 
 def window_attention_with_prefix(q, k, v, doc, window: int, prefix: PersistentKV | None = None):
-    """kernels.swa's sliding-window attention, plus the persistent prefix merged through
+    """loom.kernels.swa's sliding-window attention, plus the persistent prefix merged through
     the log-sum-exp. q (B, T, H, K); k, v (B, S, G, K), the queries being the last T
     keys; doc (B, S) document ids or None (one document per row)."""
     if prefix is None:

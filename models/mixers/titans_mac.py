@@ -25,7 +25,7 @@ Choices where the paper leaves room:
 
 Segments depend on each other through the memory, so this mixer loops over
 segments. Rows whose documents start at different tokens are laid out per
-document (kernels.memory.doc_chunks).
+document (loom.kernels.memory.doc_chunks).
 
 Decoding state:
 - "memory": the memory branch's state.
@@ -39,7 +39,7 @@ Decoding state:
 Context parallelism (ctx.cp): every part of a segment depends on the memory
 weights at its start, so the whole layer is the pipeline stage: the local chunks
 run in global order with the decoding state above carried rank to rank
-(kernels.context_parallel.cp_recurrent). Serialised: the layer takes about its
+(loom.kernels.context_parallel.cp_recurrent). Serialised: the layer takes about its
 single-process time. Training only: no state in or out.
 """
 from __future__ import annotations
@@ -50,13 +50,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.context_parallel import cp_recurrent
-from kernels.memory import MemoryState, doc_chunks, memory_read
-from models.mixers.base import Mixer, MixerDims, SeqContext, register
-from models.mixers.memory import MemoryOptions, NeuralMemory, ShortConv
-from models.mixers.titans_attention import PersistentKV, masked_attention
-from models.norms import RMSNorm
-from models.rope import Rotary, apply_rotary
+from loom.kernels.context_parallel import cp_recurrent
+from loom.kernels.memory import MemoryState, doc_chunks, memory_read
+from loom.models.mixers.base import Mixer, MixerDims, SeqContext, register
+from loom.models.mixers.memory import MemoryOptions, NeuralMemory, ShortConv
+from loom.models.mixers.titans_attention import PersistentKV, masked_attention
+from loom.models.norms import RMSNorm
+from loom.models.rope import Rotary, apply_rotary
 
 
 @dataclass

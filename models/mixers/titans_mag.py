@@ -13,7 +13,7 @@ The paper only says "normalise both with learnable vector weights, then a
 non-linearity"; the form above is our choice. Documents: no attention or
 memory crosses a position-0 token.
 
-The window branch is kernels.swa (banded on CPU, flash-attn's window on CUDA
+The window branch is loom.kernels.swa (banded on CPU, flash-attn's window on CUDA
 when there are no persistent tokens); the persistent tokens are merged
 through its log-sum-exp.
 
@@ -33,13 +33,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.context_parallel import sequence_halo
-from models.mixers.base import Mixer, MixerDims, SeqContext, register
-from models.mixers.memory import MemoryOptions, NeuralMemory
-from models.mixers.attn import continue_docs
-from models.mixers.titans_attention import PersistentKV, window_attention_with_prefix
-from models.norms import RMSNorm
-from models.rope import Rotary, apply_rotary
+from loom.kernels.context_parallel import sequence_halo
+from loom.models.mixers.base import Mixer, MixerDims, SeqContext, register
+from loom.models.mixers.memory import MemoryOptions, NeuralMemory
+from loom.models.mixers.attn import continue_docs
+from loom.models.mixers.titans_attention import PersistentKV, window_attention_with_prefix
+from loom.models.norms import RMSNorm
+from loom.models.rope import Rotary, apply_rotary
 
 
 @dataclass

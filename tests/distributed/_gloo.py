@@ -29,8 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 def launch(script: str | Path, world: int, names: Sequence[str], d: Path, timeout_s: float = 240.0) -> dict:
     """Runs `script` as `world` worker processes on the cases `names` (files in `d`); raises
     with their logs on failure. Returns {"world": world, case: [result of each rank]}."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     logs = [d / f"rank{r}.log" for r in range(world)]
     args = [str(d / "store"), str(d), ",".join(names)]
     procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world), *args],

@@ -24,11 +24,11 @@ import sys
 
 import torch
 
-from models import HybridLM
-from trainer import dist
-from trainer.config import RunConfig, apply_overrides, config_from_dict, validate
-from trainer.data import seq_ids_from_position_ids
-from trainer.engine import build_engine
+from loom.models import HybridLM
+from loom.trainer import dist
+from loom.trainer.config import RunConfig, apply_overrides, config_from_dict, validate
+from loom.trainer.data import seq_ids_from_position_ids
+from loom.trainer.engine import build_engine
 
 GLOBAL_ROWS, T, VOCAB, STEPS, ACCUM = 4, 32, 64, 3, 2
 DOC_LENGTHS = [[5, 17, 1, 9], [32], [12, 20], [3, 3, 26]]  # documents cross the zigzag chunk borders

@@ -1,5 +1,5 @@
 """Context-parallel softmax attention (kernels/context_parallel) against the
-single-process op kernels.attention.
+single-process op loom.kernels.attention.
 
 Multi-process (gloo, CPU, fp64 unless named fp32), for cp = 2 and cp = 4: every
 rank's output shard and its dq / dk / dv shards (fixed random upstream gradient)
@@ -24,12 +24,12 @@ from unittest import mock
 import pytest
 import torch
 
-from kernels.attention import attention
-from kernels.context_parallel import (CPContext, comm_bytes, cp_attention, gather_sequence, halo_attention,
+from loom.kernels.attention import attention
+from loom.kernels.context_parallel import (CPContext, comm_bytes, cp_attention, gather_sequence, halo_attention,
                                       ring_attention, shard_positions, shard_sequence, ulysses_attention)
-from kernels.context_parallel import ring as ring_module
-from kernels.context_parallel.halo import halo_plan
-from kernels.context_parallel.ulysses import ulysses_kv_heads
+from loom.kernels.context_parallel import ring as ring_module
+from loom.kernels.context_parallel.halo import halo_plan
+from loom.kernels.context_parallel.ulysses import ulysses_kv_heads
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _gloo, next to this file
 import _gloo  # noqa: E402

@@ -29,13 +29,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from kernels.context_parallel import CPContext, cp_neural_memory, shard_sequence
-from kernels.memory import init_memory_weights, neural_memory
-from models.mixers.base import MixerDims, SeqContext
-from models.mixers.memory import Memory, MemoryMixerConfig
-from models.mixers.titans_mac import MACConfig, TitansMAC
-from models.mixers.titans_mag import MAGConfig, TitansMAG
-from models.rope import RopeConfig
+from loom.kernels.context_parallel import CPContext, cp_neural_memory, shard_sequence
+from loom.kernels.memory import init_memory_weights, neural_memory
+from loom.models.mixers.base import MixerDims, SeqContext
+from loom.models.mixers.memory import Memory, MemoryMixerConfig
+from loom.models.mixers.titans_mac import MACConfig, TitansMAC
+from loom.models.mixers.titans_mag import MAGConfig, TitansMAG
+from loom.models.rope import RopeConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _gloo, next to this file
 import _gloo  # noqa: E402

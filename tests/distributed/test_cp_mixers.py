@@ -25,11 +25,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from kernels.context_parallel import CPContext, rat_comm_bytes, shard_sequence
-from kernels.context_parallel.s2 import rank_head_offsets
-from models import HybridLM, ModelConfig
-from models.mixers import MIXERS, MixerDims, SeqContext
-from models.rope import RopeConfig
+from loom.kernels.context_parallel import CPContext, rat_comm_bytes, shard_sequence
+from loom.kernels.context_parallel.s2 import rank_head_offsets
+from loom.models import HybridLM, ModelConfig
+from loom.models.mixers import MIXERS, MixerDims, SeqContext
+from loom.models.rope import RopeConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _gloo, next to this file
 import _gloo  # noqa: E402
@@ -206,7 +206,7 @@ def test_declared_cp_impls():
 
 
 def test_rat_pieces_shorter_than_chunk_raise():
-    from kernels.context_parallel import cp_rat
+    from loom.kernels.context_parallel import cp_rat
 
     cp = CPContext(None, 0, 2, "ring", "zigzag")
     q = torch.zeros(1, 6, 2, 4)  # T = 12: pieces of 3 < chunk 4

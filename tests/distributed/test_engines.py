@@ -19,7 +19,7 @@ model under cp=2 (ring with ddp, ulysses with fsdp), ZeRO-3 with activation
 checkpointing, and a non-finite loss at step 2 (engine.skip_step(): no update,
 the schedule advances) for ddp, fsdp, ZeRO-0 and ZeRO-2.
 
-Through the real CLI (`python -m torch.distributed.run ... -m trainer train`):
+Through the real CLI (`python -m torch.distributed.run ... -m loom.trainer train`):
 a 2-rank FSDP run equals the 1-rank run step by step, stops at step 3, and
 resumes on 1 rank with the single engine (exact losses, RNG reseeded, `loom eval`
 reads its checkpoint); slow: ZeRO-3 on 2 ranks resumed by ZeRO-2 on 4, cp=2
@@ -44,8 +44,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer.cli import main
-from trainer.metrics import train_losses as losses
+from loom.trainer.cli import main
+from loom.trainer.metrics import train_losses as losses
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("engine_worker.py")
@@ -53,8 +53,7 @@ pytestmark = pytest.mark.distributed
 
 
 def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
 
 
 def _port() -> int:
@@ -178,7 +177,7 @@ def single_run(recipe, tmp_path_factory) -> dict[int, float]:
 
 def test_torchrun_fsdp_run_resumes_on_one_rank(recipe, single_run, tmp_path, capsys):
     run = tmp_path / "run"
-    torchrun(2, ["-m", "trainer", "train", str(recipe), f"output_dir={run}", "parallel.engine=fsdp",
+    torchrun(2, ["-m", "loom.trainer", "train", str(recipe), f"output_dir={run}", "parallel.engine=fsdp",
                  "train.batch_size=2", "train.stop_after_steps=3"], tmp_path)
     assert_same_losses(single_run, losses(run), [1, 2, 3])
     weights = load_file(str(run / "checkpoints" / "step-00000003" / "model.safetensors"))
@@ -196,9 +195,9 @@ def test_torchrun_fsdp_run_resumes_on_one_rank(recipe, single_run, tmp_path, cap
 @pytest.mark.slow
 def test_zero3_on_two_ranks_resumes_on_four(recipe, single_run, tmp_path):
     run = tmp_path / "run"
-    torchrun(2, ["-m", "trainer", "train", str(recipe), f"output_dir={run}", "parallel.engine=deepspeed",
+    torchrun(2, ["-m", "loom.trainer", "train", str(recipe), f"output_dir={run}", "parallel.engine=deepspeed",
                  "parallel.zero=3", "train.batch_size=2", "train.stop_after_steps=3"], tmp_path)
-    proc = torchrun(4, ["-m", "trainer", "train", str(recipe), f"output_dir={run}", "parallel.engine=deepspeed",
+    proc = torchrun(4, ["-m", "loom.trainer", "train", str(recipe), f"output_dir={run}", "parallel.engine=deepspeed",
                         "parallel.zero=2", "train.batch_size=1"], tmp_path)
     assert "resuming a checkpoint of 2 rank(s)" in proc.stdout
     assert_same_losses(single_run, losses(run), range(1, 7))
@@ -207,7 +206,7 @@ def test_zero3_on_two_ranks_resumes_on_four(recipe, single_run, tmp_path):
 @pytest.mark.slow
 def test_cli_context_parallel_run_matches_single_process(recipe, single_run, tmp_path):
     run = tmp_path / "run"
-    torchrun(2, ["-m", "trainer", "train", str(recipe), f"output_dir={run}", "parallel.cp=2"], tmp_path)
+    torchrun(2, ["-m", "loom.trainer", "train", str(recipe), f"output_dir={run}", "parallel.cp=2"], tmp_path)
     assert_same_losses(single_run, losses(run), range(1, 7))
 
 
@@ -215,7 +214,7 @@ def test_cli_context_parallel_run_matches_single_process(recipe, single_run, tmp
 def test_sigterm_to_torchrun_stops_every_rank_at_one_step(recipe, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
-           "-m", "trainer", "train", str(recipe), f"output_dir={run}", "train.batch_size=2", "train.steps=400",
+           "-m", "loom.trainer", "train", str(recipe), f"output_dir={run}", "train.batch_size=2", "train.steps=400",
            "train.save_every=1000", "train.eval_every=1000"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics, deadline = run / "metrics.jsonl", time.time() + 300
@@ -226,7 +225,7 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step(recipe, tmp_path):
     assert "checkpoint saved" in stdout, stderr[-3000:]
     step = int((run / "checkpoints" / "latest").read_text().split("-")[1])
     assert 3 <= step < 400 and max(losses(run)) == step
-    torchrun(2, ["-m", "trainer", "train", str(recipe), f"output_dir={run}", "train.batch_size=2",
+    torchrun(2, ["-m", "loom.trainer", "train", str(recipe), f"output_dir={run}", "train.batch_size=2",
                  "train.steps=400", "train.stop_after_steps=1", "train.save_every=1000"], tmp_path)
     assert max(losses(run)) == step + 1
 
@@ -245,19 +244,19 @@ def test_accelerate_launch_ddp_config(recipe, single_run, tmp_path):
     run = tmp_path / "run"
     accelerate = Path(sys.executable).with_name("accelerate")
     _run([str(accelerate), "launch", "--config_file", str(REPO / "launch" / "accelerate" / "ddp.yaml"),
-          "--main_process_port", str(_port()), "-m", "trainer", "train", str(recipe), f"output_dir={run}",
+          "--main_process_port", str(_port()), "-m", "loom.trainer", "train", str(recipe), f"output_dir={run}",
           "train.batch_size=2"], tmp_path)
     assert_same_losses(single_run, losses(run), range(1, 7))
 
 
 @pytest.mark.slow
 def test_launch_from_slurm_variables(recipe, single_run, tmp_path):
-    """`srun --ntasks 2 python -m trainer train ...` without torchrun: rank, world
+    """`srun --ntasks 2 python -m loom.trainer train ...` without torchrun: rank, world
     and rendezvous come from SLURM_PROCID / SLURM_NTASKS / SLURM_JOB_NODELIST."""
     run = tmp_path / "run"
     base = {k: v for k, v in _env().items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR")}
     base.update(SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID="4242", MASTER_PORT=str(_port()))
-    cmd = [sys.executable, "-m", "trainer", "train", str(recipe), f"output_dir={run}", "train.batch_size=2"]
+    cmd = [sys.executable, "-m", "loom.trainer", "train", str(recipe), f"output_dir={run}", "train.batch_size=2"]
     procs = [subprocess.Popen(cmd, cwd=tmp_path, env={**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]

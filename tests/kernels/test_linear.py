@@ -1,4 +1,4 @@
-"""kernels.linear: the block-tiled op against the token loop and the dense form (fast tier, ~5 s).
+"""loom.kernels.linear: the block-tiled op against the token loop and the dense form (fast tier, ~5 s).
 
 In fp64: chunked == recurrent == dense masked O(T^2) for the output, and chunked ==
 recurrent for the final state and the gradients of q, k, v, the decay rates and
@@ -10,8 +10,8 @@ composed by a prefix scan == the whole; ALiBi slopes; shape errors.
 import pytest
 import torch
 
-from kernels.linear import alibi_slopes, linear_attention, linear_attention_state
-from kernels.linear.reference import linear_attention_dense
+from loom.kernels.linear import alibi_slopes, linear_attention, linear_attention_state
+from loom.kernels.linear.reference import linear_attention_dense
 
 F64 = torch.float64
 H, K, V = 4, 8, 6

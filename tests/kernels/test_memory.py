@@ -1,4 +1,4 @@
-"""kernels.memory (Titans neural memory): the chunked op against its definitions.
+"""loom.kernels.memory (Titans neural memory): the chunked op against its definitions.
 
 Checks, in fp64 with tight tolerances unless stated (fast tier, ~10 s in all):
 - chunk size 1: chunked == the token-by-token definition, forward and gradients
@@ -24,8 +24,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.memory import MemoryState, init_memory_weights, neural_memory
-from kernels.memory.reference import neural_memory_naive_chunks, neural_memory_sequential
+from loom.kernels.memory import MemoryState, init_memory_weights, neural_memory
+from loom.kernels.memory.reference import neural_memory_naive_chunks, neural_memory_sequential
 
 F64 = dict(rtol=1e-9, atol=1e-11)
 

@@ -1,4 +1,4 @@
-"""kernels.rat: the chunked op against the token loop of reference.py (fast tier, ~15 s).
+"""loom.kernels.rat: the chunked op against the token loop of reference.py (fast tier, ~15 s).
 
 In fp64 unless stated: chunked == naive for the output, the attention stats, the
 final state and the gradients of every input (T in {1, 15, 33, 63}, L in {4, 16},
@@ -10,8 +10,8 @@ the whole; the segmented scan against a loop; fp32 against fp64; shape errors.
 import pytest
 import torch
 
-from kernels.rat import rat
-from kernels.rat.chunked import SegmentScan
+from loom.kernels.rat import rat
+from loom.kernels.rat.chunked import SegmentScan
 
 F64 = torch.float64
 G, H, K = 2, 4, 8

@@ -1,4 +1,4 @@
-"""kernels.s2: the block-sparse path against the dense-mask reference (fp64,
+"""loom.kernels.s2: the block-sparse path against the dense-mask reference (fp64,
 forward, lse and gradients of q, k, v) over awkward lengths, GQA with per-KV-
 and per-query-head patterns, queries after a cache, several chunks; packed
 documents (including one that began before the row) equal separate runs; the
@@ -10,10 +10,10 @@ import itertools
 import pytest
 import torch
 
-import kernels.swa.banded as banded
-from kernels.s2 import covers_all_residues, default_head_offsets, s2_attention, s2_mask
-from kernels.s2.blocksparse import s2_blocksparse
-from kernels.s2.reference import doc_positions
+import loom.kernels.swa.banded as banded
+from loom.kernels.s2 import covers_all_residues, default_head_offsets, s2_attention, s2_mask
+from loom.kernels.s2.blocksparse import s2_blocksparse
+from loom.kernels.s2.reference import doc_positions
 
 # (B, T, S, H, G, K, block, local_blocks, vert_stride)
 SHAPES = [

@@ -1,4 +1,4 @@
-"""kernels.swa: the banded sliding-window path against the dense masked
+"""loom.kernels.swa: the banded sliding-window path against the dense masked
 reference (fp64, forward, lse and gradients of q, k, v), awkward lengths, GQA,
 queries after a cache (S > T), documents, several chunks, fp32 and bf16 error budgets,
 a row past the int32 index threshold, and the dispatcher. Cost: ~2 s."""
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from kernels.attention.reference import visibility_mask
-from kernels.swa import banded_swa, select_swa_impl, sliding_window_attention, swa_reference
+from loom.kernels.attention.reference import visibility_mask
+from loom.kernels.swa import banded_swa, select_swa_impl, sliding_window_attention, swa_reference
 
 # (B, T, S, H, G, K, window)
 SHAPES = [

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.config import build
-from models.mixers import MIXERS, MixerDims, SeqContext
-from models.mixers.heads import HeadOptions, HeadOutput
-from models.rope import RopeConfig
+from loom.models.config import build
+from loom.models.mixers import MIXERS, MixerDims, SeqContext
+from loom.models.mixers.heads import HeadOptions, HeadOutput
+from loom.models.rope import RopeConfig
 
 SMALL = {"swa": {"window": 5}, "s2": {"block": 4, "local_blocks": 2, "vert_stride": 3}}
 KINDS = ["attn", "swa", "s2"]

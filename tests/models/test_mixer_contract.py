@@ -5,8 +5,8 @@ decoding equals the full forward. Cost: a few seconds per mixer kind."""
 import pytest
 import torch
 
-from models import HybridLM, ModelConfig
-from models.mixers import MIXERS
+from loom.models import HybridLM, ModelConfig
+from loom.models.mixers import MIXERS
 
 # Options that make each mixer's structure (chunks, windows, blocks) smaller
 # than the test sequences, so boundaries are crossed.

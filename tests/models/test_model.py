@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import ConfigError, HybridLM, ModelConfig, expand_layers
-from models.rope import RopeConfig, Rotary
+from loom.models import ConfigError, HybridLM, ModelConfig, expand_layers
+from loom.models.rope import RopeConfig, Rotary
 
 
 def test_expand_layers():

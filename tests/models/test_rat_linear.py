@@ -14,9 +14,9 @@ import math
 import pytest
 import torch
 
-from models import HybridLM, ModelConfig
-from models.mixers import MIXERS, MixerDims, SeqContext
-from models.rope import RopeConfig
+from loom.models import HybridLM, ModelConfig
+from loom.models.mixers import MIXERS, MixerDims, SeqContext
+from loom.models.rope import RopeConfig
 
 F64 = torch.float64
 KINDS = ["rat", "linear"]

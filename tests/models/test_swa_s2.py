@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from kernels.s2 import s2_mask
-from models.config import ConfigError, build
-from models.mixers import MIXERS, MixerDims, SeqContext
-from models.rope import RopeConfig
+from loom.kernels.s2 import s2_mask
+from loom.models.config import ConfigError, build
+from loom.models.mixers import MIXERS, MixerDims, SeqContext
+from loom.models.rope import RopeConfig
 
 SMALL = {"swa": {"window": 5}, "s2": {"block": 4, "local_blocks": 2, "vert_stride": 3}}
 D, H, G, K = 32, 4, 2, 8
@@ -157,7 +157,7 @@ def test_sink_mass_counts_only_visible_first_tokens(kind):
     got = ctx.stats["sink_mass/layer0"]
     q, k, _ = m.project(x, ctx)
     if kind == "swa":
-        from kernels.attention.reference import visibility_mask
+        from loom.kernels.attention.reference import visibility_mask
         mask = visibility_mask(49, 49, seq, m.window, None).expand(1, H, 49, 49)
     else:
         c = m.cfg

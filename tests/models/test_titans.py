@@ -12,8 +12,8 @@ import dataclasses
 import pytest
 import torch
 
-from models import ConfigError, HybridLM, ModelConfig
-from trainer.config import load_config
+from loom.models import ConfigError, HybridLM, ModelConfig
+from loom.trainer.config import load_config
 
 SMALL = {
     "memory": {"chunk_size": 4},

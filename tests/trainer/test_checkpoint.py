@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-import trainer.checkpoint as checkpoint
-from trainer.checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
+import loom.trainer.checkpoint as checkpoint
+from loom.trainer.checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
 
 
 def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:

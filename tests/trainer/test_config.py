@@ -2,8 +2,8 @@
 name the offending key before any work starts."""
 import pytest
 
-from models.config import ConfigError
-from trainer.config import load_config
+from loom.models.config import ConfigError
+from loom.trainer.config import load_config
 
 REPO_RECIPES = __import__("pathlib").Path(__file__).resolve().parents[2] / "recipes"
 

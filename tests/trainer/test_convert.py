@@ -17,9 +17,9 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from models import HybridLM
-from models.config import build
-from trainer.convert import ConvertError, convert_hf, load_converted, main_convert, model_config_from_hf
+from loom.models import HybridLM
+from loom.models.config import build
+from loom.trainer.convert import ConvertError, convert_hf, load_converted, main_convert, model_config_from_hf
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -206,7 +206,7 @@ def test_existing_output_is_not_overwritten(tmp_path):
 def test_loom_convert_hf_prints_one_line_without_importing_transformers(tmp_path):
     cfg = hf_config()
     src = write_hf(tmp_path / "hf", cfg, hf_tensors(cfg))
-    code = ("import sys; from trainer.cli import main; rc = main(sys.argv[1:]); "
+    code = ("import sys; from loom.trainer.cli import main; rc = main(sys.argv[1:]); "
             "assert 'transformers' not in sys.modules, 'transformers imported'; sys.exit(rc)")
     run = subprocess.run([sys.executable, "-c", code, "convert", "hf", str(src), str(tmp_path / "out")], cwd=REPO,
                          capture_output=True, text=True, timeout=120)

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.data import (Batcher, DataConfig, SourceConfig, answer_span_correct, build_dataset,
+from loom.trainer.data import (Batcher, DataConfig, SourceConfig, answer_span_correct, build_dataset,
                           cu_seqlens_from_position_ids, eval_windows, load_tokenizer, passkey_examples,
                           seq_ids_from_position_ids)
-from trainer.data.dataset import MIX_BLOCK
-from trainer.data.packing import IGNORE_INDEX, PackedStream, pack_window, tokenize_documents
-from trainer.data.sources import carve, files_documents, hub_documents, stdlib_documents
-from trainer.data.synthetic import MQARTask, PasskeyTask
+from loom.trainer.data.dataset import MIX_BLOCK
+from loom.trainer.data.packing import IGNORE_INDEX, PackedStream, pack_window, tokenize_documents
+from loom.trainer.data.sources import carve, files_documents, hub_documents, stdlib_documents
+from loom.trainer.data.synthetic import MQARTask, PasskeyTask
 
 BYTE = load_tokenizer("byte")
 DOCS = [f"document {i}: " + "word " * (i % 7 + 1) for i in range(40)]
@@ -273,7 +273,7 @@ def test_mixture_follows_weights_and_sources_are_separate(tmp_path):
 
 
 def test_config_errors_name_the_key():
-    from models.config import ConfigError, build
+    from loom.models.config import ConfigError, build
 
     cfg = build(DataConfig, {"seq_len": 128, "sources": [{"kind": "passkey", "depth": 0.5},
                                                          {"kind": "files", "paths": ["a.jsonl"]}]}, "data")

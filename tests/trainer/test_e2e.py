@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.cli import main
-from trainer.metrics import read_metrics, train_losses as losses
+from loom.trainer.cli import main
+from loom.trainer.metrics import read_metrics, train_losses as losses
 
 TINY = Path(__file__).resolve().parents[1] / "tiny.yaml"
 
@@ -79,7 +79,7 @@ def test_cli_errors_are_one_line(recipe, tmp_path, capsys, args, needle):
 def test_sigterm_checkpoints_and_resumes(recipe, tmp_path):
     out = tmp_path / "s"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "trainer", "train", str(recipe), f"output_dir={out}", "train.steps=400",
+    cmd = [sys.executable, "-m", "loom.trainer", "train", str(recipe), f"output_dir={out}", "train.steps=400",
            "train.save_every=1000", "train.eval_every=1000"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     metrics = out / "metrics.jsonl"
@@ -98,7 +98,7 @@ def test_sigterm_checkpoints_and_resumes(recipe, tmp_path):
 def test_hybrid_of_every_mixer_trains(tmp_path):
     """recipes/hybrid-all.yaml (one layer of every kind) trains through the real
     trainer: finite losses that fall, and a checkpoint that `loom eval` reads."""
-    from models.mixers import MIXERS
+    from loom.models.mixers import MIXERS
 
     repo = Path(__file__).resolve().parents[2]
     out = tmp_path / "all"

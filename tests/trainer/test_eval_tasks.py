@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-import trainer.evaluate as evaluate
-from models.config import ConfigError
-from trainer.cli import main
-from trainer.config import load_config, mqar_shape, passkey_key_digits
-from trainer.data import (DataConfig, SourceConfig, build_dataset, load_tokenizer, mqar_examples,
+import loom.trainer.evaluate as evaluate
+from loom.models.config import ConfigError
+from loom.trainer.cli import main
+from loom.trainer.config import load_config, mqar_shape, passkey_key_digits
+from loom.trainer.data import (DataConfig, SourceConfig, build_dataset, load_tokenizer, mqar_examples,
                           passkey_examples)
-from trainer.data.synthetic import CopyTask
-from trainer.metrics import read_metrics
+from loom.trainer.data.synthetic import CopyTask
+from loom.trainer.metrics import read_metrics
 
 BYTE = load_tokenizer("byte")
 

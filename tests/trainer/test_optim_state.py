@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import HybridLM, ModelConfig
-from trainer.config import OptimConfig
-from trainer.engine import SingleEngine
-from trainer.optim import build_optimizer
-from trainer.optim_state import is_named, load_named_state, named_state
+from loom.models import HybridLM, ModelConfig
+from loom.trainer.config import OptimConfig
+from loom.trainer.engine import SingleEngine
+from loom.trainer.optim import build_optimizer
+from loom.trainer.optim_state import is_named, load_named_state, named_state
 
 
 def model(layers=("attn", "x2")) -> HybridLM:

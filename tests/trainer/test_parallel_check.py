@@ -9,11 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from models import HybridLM, ModelConfig
-from models.config import ConfigError
-from models.mixers import Mixer
-from trainer.config import RunConfig
-from trainer.parallel_check import check_cp_support, supported_cp_impls
+from loom.models import HybridLM, ModelConfig
+from loom.models.config import ConfigError
+from loom.models.mixers import Mixer
+from loom.trainer.config import RunConfig
+from loom.trainer.parallel_check import check_cp_support, supported_cp_impls
 
 
 class Chunked(Mixer):  # a stand-in, never registered: chunks of 16 tokens must stay on one rank

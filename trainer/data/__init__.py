@@ -30,13 +30,13 @@ from typing import Literal, Optional
 
 import torch
 
-from models.config import ConfigError
-from trainer.data.batcher import Batcher, collate
-from trainer.data.dataset import PURPOSE_TASK, SPLIT_CODES, WindowDataset, make_source
-from trainer.data.packing import (IGNORE_INDEX, cu_seqlens_from_position_ids, pack_window,
+from loom.models.config import ConfigError
+from loom.trainer.data.batcher import Batcher, collate
+from loom.trainer.data.dataset import PURPOSE_TASK, SPLIT_CODES, WindowDataset, make_source
+from loom.trainer.data.packing import (IGNORE_INDEX, cu_seqlens_from_position_ids, pack_window,
                                   seq_ids_from_position_ids)
-from trainer.data.synthetic import MQARTask, PasskeyTask, answer_span_correct
-from trainer.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from loom.trainer.data.synthetic import MQARTask, PasskeyTask, answer_span_correct
+from loom.trainer.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 __all__ = [
     "SourceConfig", "DataConfig", "build_dataset", "eval_windows", "passkey_examples", "mqar_examples",
@@ -139,7 +139,7 @@ def _check_source(src: SourceConfig, where: str) -> None:
 
 
 def validate_data_config(cfg: DataConfig, prefix: str = "data") -> None:
-    """Semantic checks beyond types (which models.config.build does).
+    """Semantic checks beyond types (which loom.models.config.build does).
 
     Raises ConfigError (a ValueError) naming the key, e.g. data.sources[1].path.
     """

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.data.packing import seq_ids_from_position_ids
+from loom.trainer.data.packing import seq_ids_from_position_ids
 
 
 def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -32,9 +32,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from trainer.data.packing import PackedStream, pack_window, seeded_rng, tokenize_documents
-from trainer.data.sources import load_documents
-from trainer.data.synthetic import CopyTask, MQARTask, PasskeyTask
+from loom.trainer.data.packing import PackedStream, pack_window, seeded_rng, tokenize_documents
+from loom.trainer.data.sources import load_documents
+from loom.trainer.data.synthetic import CopyTask, MQARTask, PasskeyTask
 
 log = logging.getLogger(__name__)
 

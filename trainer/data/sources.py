@@ -204,7 +204,7 @@ def stdlib_documents(part: Part, val_fraction: float, max_bytes: Optional[int] =
 # ----------------------------------------------------------------------------- dispatch
 
 def load_documents(src, part: Part, cache_dir: Optional[str] = None) -> list[str]:
-    """Documents of one real-text source config (trainer.data.SourceConfig) for `part`."""
+    """Documents of one real-text source config (loom.trainer.data.SourceConfig) for `part`."""
     if src.kind == "stdlib":
         return stdlib_documents(part, src.val_fraction, src.max_bytes)
     if src.kind == "files":

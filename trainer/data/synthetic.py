@@ -47,7 +47,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from trainer.data.packing import seeded_rng
+from loom.trainer.data.packing import seeded_rng
 
 FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.",
           "Here we go.", "There and back again.")

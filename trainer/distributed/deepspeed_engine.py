@@ -3,7 +3,7 @@
 The DeepSpeed config comes from the recipe (`deepspeed_config` below) or from
 `parallel.deepspeed_config` (a JSON such as recipes/deepspeed/zero3.json, whose
 "auto" values are filled from the recipe). Loom keeps the maths of the single
-engine: the optimiser is trainer.optim's AdamW (passed to DeepSpeed as the
+engine: the optimiser is loom.trainer.optim's AdamW (passed to DeepSpeed as the
 client optimiser, which ZeRO partitions), the schedule is Loom's LambdaLR on
 it, clipping is DeepSpeed's (the same formula as torch's clip_grad_norm_),
 and `step()` returns the global gradient norm before clipping.
@@ -39,12 +39,12 @@ from pathlib import Path
 
 import torch
 
-from models.config import ConfigError
-from trainer import dist
-from trainer.distributed.mesh import ensure_process_group
-from trainer.distributed.precision import use_bf16
-from trainer.optim import build_optimizer, build_scheduler, param_groups
-from trainer.optim_state import is_named, load_named_state, named_state
+from loom.models.config import ConfigError
+from loom.trainer import dist
+from loom.trainer.distributed.mesh import ensure_process_group
+from loom.trainer.distributed.precision import use_bf16
+from loom.trainer.optim import build_optimizer, build_scheduler, param_groups
+from loom.trainer.optim_state import is_named, load_named_state, named_state
 
 
 def import_deepspeed():

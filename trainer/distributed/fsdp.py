@@ -8,7 +8,7 @@ calls after the forward, can use the tied head weight directly.
 Mixed precision (bf16 compute, fp32 gradient reduction and fp32 master
 weights) applies on CUDA only; on CPU everything is fp32.
 
-The optimiser is trainer.optim's AdamW over the sharded (DTensor) parameters,
+The optimiser is loom.trainer.optim's AdamW over the sharded (DTensor) parameters,
 so each rank keeps 1/world of the AdamW state. Gradient norm and clipping are
 computed over the full (sharded) gradient; the update equals the single
 engine's. Checkpoints: full weights and the name-keyed optimizer state,
@@ -28,13 +28,13 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from models.config import ConfigError
-from trainer import dist
-from trainer.distributed.mesh import ensure_process_group
-from trainer.distributed.precision import use_bf16
-from trainer.engine import SingleEngine
-from trainer.optim import build_optimizer, build_scheduler
-from trainer.optim_state import is_named
+from loom.models.config import ConfigError
+from loom.trainer import dist
+from loom.trainer.distributed.mesh import ensure_process_group
+from loom.trainer.distributed.precision import use_bf16
+from loom.trainer.engine import SingleEngine
+from loom.trainer.optim import build_optimizer, build_scheduler
+from loom.trainer.optim_state import is_named
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 

@@ -5,7 +5,7 @@ Where rank and world size come from, in order:
        MASTER_ADDR, MASTER_PORT (all three launchers set the torchrun variables;
        under accelerate, its config file's FSDP / DeepSpeed choice also selects
        the engine: engine_from_accelerate);
-    2. SLURM without a launcher (`srun python -m trainer ...`, one task per
+    2. SLURM without a launcher (`srun python -m loom.trainer ...`, one task per
        process): SLURM_PROCID, SLURM_NTASKS (SLURM_STEP_NUM_TASKS inside a step),
        SLURM_LOCALID; MASTER_ADDR is the first host of SLURM_JOB_NODELIST and
        MASTER_PORT defaults to 20000 + SLURM_JOB_ID % 10000.
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
-from models.config import ConfigError
+from loom.models.config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ def init_process_groups(parallel_cfg):
     Raises ConfigError (before any process group exists) when parallel.cp
     does not divide the world size.
     """
-    from trainer.dist import Env
+    from loom.trainer.dist import Env
 
     launch = detect_launch()
     engine_from_accelerate(parallel_cfg)
@@ -167,7 +167,7 @@ def init_process_groups(parallel_cfg):
     rank = tdist.get_rank()
     cp_ctx = None
     if cp > 1:
-        from kernels.context_parallel import CPContext
+        from loom.kernels.context_parallel import CPContext
 
         cp_ctx = CPContext.from_group(mesh.get_group("cp"), impl=parallel_cfg.cp_impl, layout="zigzag")
     return Env(rank=rank, world=launch.world, dp_rank=rank // cp, dp_size=dp, cp_rank=rank % cp, cp_size=cp,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from models.config import ConfigError
+from loom.models.config import ConfigError
 
 
 def use_bf16(parallel, device: torch.device) -> bool:

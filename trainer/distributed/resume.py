@@ -29,8 +29,8 @@ import random
 import numpy as np
 import torch
 
-from trainer import dist
-from trainer.checkpoint import set_rng_state
+from loom.trainer import dist
+from loom.trainer.checkpoint import set_rng_state
 
 
 def run_layout(env, cfg) -> dict:
