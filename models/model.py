@@ -39,7 +39,6 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     rope: RopeConfig = field(default_factory=RopeConfig)
-    activation_checkpointing: bool = False
 
     def layer_kinds(self) -> list[str]:
         return expand_layers(self.layers)
@@ -161,21 +160,36 @@ class HybridLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 seq_ids: torch.Tensor | None = None, state: list[Any] | None = None,
                 want_state: bool = False, cp: Any = None, stats: dict | None = None) -> ModelOutput:
-        """input_ids, position_ids, seq_ids: (B, T). With `state` (from a
-        previous call with want_state=True) the tokens continue those rows."""
+        """input_ids (B, T) -> ModelOutput.
+
+        position_ids: (B, T) position of each token inside its document; a packed
+            row restarts them at 0 per document. Default: 0..T-1 (or continuing
+            the cache length with `state`).
+        seq_ids: (B, T) document index of each token. Default: derived from
+            position_ids, a new document at each position 0 (so a packed row
+            never attends across documents).
+        state: per-layer decoding state from a previous call with
+            want_state=True; the tokens continue those rows.
+        cp: the context-parallel handle (a kernels CPContext) when the inputs are
+            this process's shard of a longer sequence (training only: no state;
+            pass seq_ids, which a shard's positions cannot tell).
+        stats: a dict that mixers fill with diagnostics (evaluation).
+        """
         B, T = input_ids.shape
+        if cp is not None and (state is not None or want_state):
+            raise ValueError("context parallelism is a training-time sharding: no decoding state in or out "
+                             "(decode with parallel.cp=1)")
         if position_ids is None:
             start = 0 if state is None else state_length(state)
             position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        ctx = SeqContext(position_ids=position_ids, seq_ids=seq_ids, want_state=want_state, cp=cp, stats=stats)
+        elif seq_ids is None and cp is None:
+            seq_ids = seq_ids_from_position_ids(position_ids)
+        ctx = SeqContext(position_ids=position_ids, seq_ids=seq_ids, want_state=want_state, sharding=cp, stats=stats)
         x = self.embed(input_ids)
         new_state = [] if want_state else None
         for i, block in enumerate(self.blocks):
             layer_state = None if state is None else state[i]["mixer"]
-            if self.cfg.activation_checkpointing and self.training and layer_state is None and not want_state:
-                x, s = checkpoint(block, x, ctx, None, use_reentrant=False)
-            else:
-                x, s = block(x, ctx, layer_state)
+            x, s = block(x, ctx, layer_state)
             if want_state:
                 new_state.append({"mixer": s, "length": T + (0 if state is None else state[i]["length"])})
         aux = torch.stack(ctx.aux_losses).sum() if ctx.aux_losses else x.new_zeros(())
@@ -237,6 +251,16 @@ class HybridLM(nn.Module):
         else:
             tokens.append(nxt)
         return torch.cat(tokens, dim=1)
+
+
+def seq_ids_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """Document index of each token within its row.
+
+    position_ids (B, T) -> seq_ids (B, T) int64: 0 for the row's first document,
+    then +1 at each position_ids == 0 (a row that begins inside a document has
+    -1 there), the same document starts at which the recurrent mixers reset.
+    """
+    return (position_ids == 0).to(torch.int64).cumsum(dim=-1) - 1
 
 
 def state_length(state: list[Any]) -> int:

@@ -44,6 +44,9 @@ class TrainConfig:
     loss_chunk: int = 1024  # tokens per cross-entropy chunk
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     stop_after_steps: int | None = None  # checkpoint and exit after this many steps in this invocation
+    # per block: none | full (recompute the block) | selective (recompute the MLP); trainer/parallelize.py
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    compile: bool | None = None  # torch.compile per block; None: on for CUDA, off on CPU
 
 
 @dataclass

@@ -1,22 +1,20 @@
-"""Process groups and the per-run distributed environment.
+"""This process's place in a run: ranks, the (dp x cp) mesh, rank-0 logging.
 
-`setup(parallel_cfg)` reads torchrun/deepspeed/SLURM variables, initialises
-torch.distributed when more than one process runs (NCCL on CUDA, gloo on
-CPU), and returns an `Env` describing this rank's place in the
-(data-parallel x context-parallel) mesh. With one process every collective
-below is the identity, so the loop has a single code path.
+A leaf module (it imports only torch): every other trainer module may import
+it, it imports none of them. `Env` describes one process and is passed
+explicitly to whatever needs it; there is no module-level state. It is built
+by `loom.trainer.distributed.setup_env` (process groups, mesh) or as `Env()`
+for a single process, where every collective below is the identity, so the
+training loop has one code path.
 """
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as tdist
-
-from loom.models.config import ConfigError
 
 
 def _rank() -> int:
@@ -24,36 +22,36 @@ def _rank() -> int:
 
 
 def log(msg: str) -> None:
+    """Print on global rank 0 only."""
     if _rank() == 0:
         print(msg, flush=True)
 
 
 def warn(msg: str) -> None:
+    """Print to stderr on global rank 0 only."""
     if _rank() == 0:
         print(msg, file=sys.stderr, flush=True)
 
 
 @dataclass
 class Env:
+    """One process of a run. Ranks are global (rank, world), in the data-parallel
+    group (dp_rank, dp_size) and in the context-parallel group (cp_rank, cp_size);
+    `cp` is this rank's kernels.context_parallel.CPContext when cp_size > 1, the
+    handle every sequence-mixing op takes as its `cp` argument."""
+
     rank: int = 0
     world: int = 1
     dp_rank: int = 0
     dp_size: int = 1
     cp_rank: int = 0
     cp_size: int = 1
-    cp: Any = None  # loom.kernels.context_parallel.CPContext when cp_size > 1
+    cp: Any = None
     device: torch.device = torch.device("cpu")
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    def check_model(self, model, cfg) -> None:
-        """Fail early when a layer cannot run under the chosen context parallelism."""
-        if self.cp_size > 1:
-            from loom.trainer.parallel_check import check_cp_support
-
-            check_cp_support(model, cfg)
 
     def shard_batch(self, batch: dict) -> dict:
         """This rank's part of a batch, on this rank's device: under cp, the zigzag
@@ -62,9 +60,7 @@ class Env:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         if self.cp is None:
             return batch
-        from loom.kernels.context_parallel import shard_sequence
-
-        return {k: (shard_sequence(v, self.cp, dim=1) if k != "source" else v) for k, v in batch.items()}
+        return {k: (self.cp.shard(v, dim=1) if k != "source" else v) for k, v in batch.items()}
 
     def reduce_loss(self, model, hidden: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
         """Mean token loss of the global micro-batch (all ranks' rows, whole windows).
@@ -100,63 +96,28 @@ class Env:
         tdist.all_reduce(v)
         return float(v) / self.world
 
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        tdist.broadcast_object_list(box, src=0)
+        return box[0]
 
-_ENV = Env()
+    def gather_object(self, obj: Any) -> Any:
+        """Every rank's object as a list on all ranks (e.g. RNG states, which are per rank)."""
+        if self.world == 1:
+            return obj
+        out = [None] * self.world
+        tdist.all_gather_object(out, obj)
+        return out
 
+    def barrier(self) -> None:
+        if self.world > 1:
+            tdist.barrier()
 
-def setup(parallel) -> Env:
-    global _ENV
-    from loom.trainer.distributed.mesh import launched_world_size
-
-    world = launched_world_size()  # torchrun / deepspeed / accelerate, or SLURM's srun
-    if world == 1:
-        if parallel.cp > 1:
-            raise ConfigError(f"parallel.cp={parallel.cp} needs {parallel.cp} processes per data-parallel group; "
-                              "launch with torchrun --nproc_per_node N")
-        _ENV = Env()
-        return _ENV
-    from loom.trainer.distributed import init_process_groups
-
-    _ENV = init_process_groups(parallel)
-    return _ENV
-
-
-def teardown() -> None:
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.barrier()
-        tdist.destroy_process_group()
-
-
-def broadcast_object(obj: Any) -> Any:
-    if _ENV.world == 1:
-        return obj
-    box = [obj]
-    tdist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def gather_object(obj: Any) -> Any:
-    """Every rank's object as a list on all ranks (RNG states are per rank)."""
-    if _ENV.world == 1:
-        return obj
-    out = [None] * _ENV.world
-    tdist.all_gather_object(out, obj)
-    return out
-
-
-def save_checkpoint(ckpt, step: int, tensors: dict, state: dict, meta: dict) -> None:
-    if _ENV.is_main:
-        ckpt.save(step, tensors, state, meta)
-    if _ENV.world > 1:
-        tdist.barrier()
-
-
-def load_checkpoint(ckpt, path):
-    """Rank 0 reads and verifies; the others receive the objects."""
-    if _ENV.world == 1:
-        return ckpt.load(path)
-    from loom.trainer.checkpoint import CheckpointManager
-
-    reader = ckpt or CheckpointManager(Path(path).parent.parent)
-    return reader.load(path)
-
+    def teardown(self) -> None:
+        """Leave the process groups (a no-op for one process)."""
+        if tdist.is_available() and tdist.is_initialized():
+            tdist.barrier()
+            tdist.destroy_process_group()

@@ -10,8 +10,8 @@ The loop calls only:
 and, for parity tests, engine.grads() (full gradients by parameter name).
 Checkpoints hold full (unsharded) weights and the name-keyed optimizer state of
 trainer/optim_state.py, so any engine on any number of ranks can resume them.
-`single` is here; the distributed engines live beside it and are chosen by
-`build_engine` from `parallel.engine`.
+`single` is here and is the base of the others (trainer/distributed/); the
+one `build_engine` (trainer/parallelize.py) picks one from `parallel.engine`.
 """
 from __future__ import annotations
 
@@ -73,20 +73,3 @@ class SingleEngine:
         self.model.load_state_dict(tensors)
         load_named_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-
-
-def build_engine(name: str, model: HybridLM, optim_cfg: OptimConfig, total_steps: int, **kwargs):
-    """`parallel.engine` around `model`. `single` launched on several processes
-    (e.g. `torchrun ... parallel.cp=4` with the default engine) runs as `ddp`:
-    replicas must average their gradients to stay one model."""
-    env = kwargs.get("env")
-    if name == "single" and env is not None and env.world > 1:
-        from loom.trainer import dist
-
-        dist.log(f"parallel.engine=single on {env.world} processes: using ddp")
-        name = "ddp"
-    if name == "single":
-        return SingleEngine(model, optim_cfg, total_steps)
-    from loom.trainer import distributed
-
-    return distributed.build_engine(name, model, optim_cfg, total_steps, **kwargs)

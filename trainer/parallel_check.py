@@ -1,6 +1,6 @@
 """Start-up checks that a built model can run under the chosen context parallelism.
 
-Called by loom.trainer.dist.Env.check_model when parallel.cp > 1, after the model is
+Called by the training loop when parallel.cp > 1, after the model is
 built and before any engine, data or step: a layer that cannot shard its
 sequence fails here in one line naming it, not as a hang or a wrong gradient
 minutes later. The rules come from the mixers themselves:

@@ -25,10 +25,13 @@ from loom.trainer import dist
 from loom.trainer.checkpoint import CheckpointManager, rng_state
 from loom.trainer.config import RunConfig, dump, mqar_shape, passkey_key_digits
 from loom.trainer.data import Batcher, build_dataset, load_tokenizer, mqar_examples, passkey_examples, eval_windows
+from loom.trainer.distributed import setup_env
 from loom.trainer.distributed.resume import check_layout, restore_rng, run_layout
-from loom.trainer.engine import build_engine
 from loom.trainer.evaluate import answer_accuracy, answer_scores, validation
+from loom.trainer.logs import show_kernel_backends
 from loom.trainer.metrics import MetricsWriter
+from loom.trainer.parallel_check import check_cp_support
+from loom.trainer.parallelize import parallelize
 
 
 class TrainingError(RuntimeError):
@@ -126,27 +129,28 @@ def fmt_eval(step: int, ev: dict) -> str:
 
 
 def train(cfg: RunConfig) -> int:
-    env = dist.setup(cfg.parallel)
+    env = setup_env(cfg.parallel)
     run_dir = cfg.run_dir
     ckpt = CheckpointManager(run_dir, keep_last=cfg.train.keep_last) if env.is_main else None
-    latest = dist.broadcast_object(ckpt.latest_valid(log=dist.warn) if ckpt else None)
+    latest = env.broadcast_object(ckpt.latest_valid(log=dist.warn) if ckpt else None)
     if latest is not None:
         done_step = int(Path(latest).name.split("-")[1])
         if done_step >= cfg.train.steps:
             dist.log(f"run {run_dir} already finished at step {done_step} (train.steps={cfg.train.steps}); "
                      "nothing to do")
-            dist.teardown()
+            env.teardown()
             return 0
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     check_eval_tasks(cfg, tokenizer)
     model = build_model(cfg, tokenizer)
-    env.check_model(model, cfg)
+    check_cp_support(model, cfg)
     # described before the engine wraps it: ZeRO-3 leaves empty partitions behind
     model_line = (f"model: {model.num_params() / 1e6:.2f}M parameters, {len(model.blocks)} layers "
                   f"({', '.join(b.kind for b in model.blocks)}), "
                   f"{model.flops_per_token(cfg.data.seq_len) / 1e6:.1f} MFLOPs/token (train)")
-    engine = build_engine(cfg.parallel.engine, model, cfg.optim, cfg.train.steps, env=env, cfg=cfg)
+    show_kernel_backends()
+    engine = parallelize(model, cfg, env)
     train_set = build_dataset(cfg.data, tokenizer, "train", cfg.seed)
     batcher = Batcher(train_set, cfg.train.batch_size, dp_rank=env.dp_rank, dp_size=env.dp_size)
     val_batches = eval_windows(cfg.data, tokenizer, cfg.seed, batch_size=cfg.train.batch_size)
@@ -154,7 +158,8 @@ def train(cfg: RunConfig) -> int:
     step, tokens, elapsed_before = 0, 0, 0.0
     metrics = MetricsWriter(run_dir, enabled=env.is_main)
     if latest is not None:
-        tensors, state, meta = dist.load_checkpoint(ckpt, latest)
+        # every rank reads the (verified) files itself; only rank 0 owns the manager that prunes
+        tensors, state, meta = (ckpt or CheckpointManager(Path(latest).parent.parent)).load(latest)
         engine.load_checkpoint_state(tensors, state["engine"])
         batcher.load_state_dict(state["data"])
         step, tokens, elapsed_before = meta["step"], meta["tokens"], meta.get("elapsed_s", 0.0)
@@ -172,11 +177,13 @@ def train(cfg: RunConfig) -> int:
 
     def save(at_step: int) -> None:
         tensors, engine_state = engine.checkpoint_state()
-        state = {"engine": engine_state, "data": batcher.state_dict(), "rng": dist.gather_object(rng_state()),
+        state = {"engine": engine_state, "data": batcher.state_dict(), "rng": env.gather_object(rng_state()),
                  "layout": run_layout(env, cfg)}
         meta = {"step": at_step, "tokens": tokens, "elapsed_s": elapsed_before + time.time() - t_start,
                 "config": cfg.name}
-        dist.save_checkpoint(ckpt, at_step, tensors, state, meta)
+        if env.is_main:
+            ckpt.save(at_step, tensors, state, meta)
+        env.barrier()
 
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len * cfg.train.grad_accum * env.dp_size
     bar = tqdm(total=cfg.train.steps, initial=step, disable=not (env.is_main and sys.stderr.isatty()),
@@ -241,11 +248,11 @@ def train(cfg: RunConfig) -> int:
                 dist.log(f"stopped at step {step}; checkpoint saved in {run_dir}. "
                          "Run the same command to resume.")
                 metrics.close()
-                dist.teardown()
+                env.teardown()
                 return 0
     bar.close()
     metrics.close()
     if last_eval is not None:
         dist.log("final: " + fmt_eval(step, last_eval))
-    dist.teardown()
+    env.teardown()
     return 0

@@ -1,36 +1,35 @@
 """Causal softmax attention (MHA/GQA, documents, sliding window).
 
-attention(q, k, v, seq_ids=None, window=None, scale=None, impl="auto", return_lse=False)
+attention(q, k, v, seq_ids=None, window=None, scale=None, impl="auto", return_lse=False, cp=None)
     q: (B, T, H, K); k, v: (B, S, G, K) with S >= T and H % G == 0.
     seq_ids: (B, S) int64 document ids of the keys (queries use the last T).
     window: keys at most `window` tokens behind the query are visible.
+    cp: None, or the CPContext of a context-parallel group: q, k, v and seq_ids
+        are then this rank's shard of the full sequence (S == T) and the op runs
+        kernels.context_parallel.cp_attention (ring / Ulysses / halo).
     Returns o (B, T, H, K) [, lse (B, T, H) fp32].
 
 impl: "auto" picks flash-attn on CUDA when it is installed and the dtype is
-fp16/bf16 and no lse is requested, else "sdpa" (PyTorch, reference.py).
+fp16/bf16 and no lse is requested, else "sdpa" (PyTorch SDPA with the
+reference mask); "reference" runs reference.py as written.
 """
 from __future__ import annotations
 
 import functools
 import importlib.util
-import logging
 
 import torch
 
 from loom.kernels.attention.reference import attention_reference, visibility_mask
+from loom.kernels.dispatch import announce
 
-__all__ = ["attention", "check_shapes", "visibility_mask", "select_impl"]
-log = logging.getLogger(__name__)
+__all__ = ["attention", "check_shapes", "visibility_mask", "select_impl", "multi_document"]
+IMPLS = ("auto", "sdpa", "flash", "reference")
 
 
 @functools.lru_cache(maxsize=None)
 def _have_flash_attn() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
-
-
-@functools.lru_cache(maxsize=None)
-def _announce(impl: str) -> None:
-    log.info("attention backend: %s", impl)
 
 
 def select_impl(q: torch.Tensor, return_lse: bool) -> str:
@@ -59,6 +58,14 @@ def _flash(q, k, v, seq_ids, window, scale):
     return o.reshape(B, T, H, K)
 
 
+def multi_document(seq_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """seq_ids, or None when every row holds one document (no mask is needed then,
+    and the fused causal kernels apply)."""
+    if seq_ids is None or bool((seq_ids == seq_ids[:, -1:]).all()):
+        return None
+    return seq_ids
+
+
 def check_shapes(op: str, q, k, v, seq_ids) -> None:
     """ValueError naming the shapes unless q (B,T,H,K), k=v (B,S,G,K), S >= T,
     H % G == 0 and seq_ids is None or (B, S). Shared by the attention-family ops."""
@@ -73,17 +80,29 @@ def check_shapes(op: str, q, k, v, seq_ids) -> None:
         raise ValueError(f"seq_ids must be (B, S) = ({B}, {S}); got {tuple(seq_ids.shape)}")
 
 
-def attention(q, k, v, *, seq_ids=None, window=None, scale=None, impl="auto", return_lse=False):
+def attention(q, k, v, *, seq_ids=None, window=None, scale=None, impl="auto", return_lse=False, cp=None):
+    """Causal softmax attention; arguments and shapes in the module docstring.
+
+    Example:
+        >>> o = attention(q, k, v, seq_ids=doc_ids)          # q (B, T, H, K), k, v (B, T, G, K)
+    """
     check_shapes("attention", q, k, v, seq_ids)
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; choose one of {IMPLS}")
+    if cp is not None:
+        if return_lse:
+            raise ValueError("attention: return_lse is not available under context parallelism")
+        from loom.kernels.context_parallel import cp_attention
+
+        return cp_attention(q, k, v, cp, seq_ids=seq_ids, window=window, scale=scale)
+    seq_ids = multi_document(seq_ids)
     if impl == "auto":
         impl = select_impl(q, return_lse)
-    _announce(impl)
+    announce("attention", impl)
     if impl == "flash":
         if return_lse:
             raise ValueError("impl='flash' does not return lse here; use impl='sdpa'")
         if not _have_flash_attn():
             raise RuntimeError("impl='flash' requested but flash-attn is not installed (pip install loom-lm[gpu])")
         return _flash(q, k, v, seq_ids, window, scale)
-    if impl != "sdpa":
-        raise ValueError(f"unknown attention impl {impl!r}; choose auto, sdpa or flash")
     return attention_reference(q, k, v, seq_ids=seq_ids, window=window, scale=scale, return_lse=return_lse)

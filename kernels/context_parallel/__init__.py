@@ -34,9 +34,6 @@ Example (inside an initialised process group):
 """
 from __future__ import annotations
 
-import functools
-import logging
-
 import torch
 
 from loom.kernels.attention import attention
@@ -52,17 +49,16 @@ from loom.kernels.context_parallel.ring import ring_attention
 from loom.kernels.context_parallel.s2 import cp_s2_attention
 from loom.kernels.context_parallel.state_scan import cp_linear_attention
 from loom.kernels.context_parallel.ulysses import ulysses_attention
+from loom.kernels.dispatch import announce
 
 __all__ = ["CPContext", "shard_sequence", "gather_sequence", "shard_positions", "chunk_ranges",
            "check_seq_len", "cp_attention", "ring_attention", "ulysses_attention", "halo_attention",
            "comm_bytes", "CommBytes", "cp_neural_memory", "sequence_halo",
            "cp_recurrent", "cp_linear_attention", "cp_rat", "rat_comm_bytes", "cp_s2_attention", "all_gather"]
-log = logging.getLogger(__name__)
 
 
-@functools.lru_cache(maxsize=None)
 def _announce(path: str, layout: str, world_size: int) -> None:
-    log.info("context-parallel attention: %s (layout=%s, cp=%d)", path, layout, world_size)
+    announce("context-parallel attention", f"{path} (layout={layout}, cp={world_size})")
 
 
 def cp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: CPContext, *,

@@ -51,6 +51,10 @@ class CPContext:
         """Rank in the default group of `group_rank` in the cp group (P2P peers are global)."""
         return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
 
+    def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's shard of a full tensor along `dim` (shard_sequence)."""
+        return shard_sequence(x, self, dim)
+
     @property
     def n_chunks(self) -> int:
         """How many chunks the full sequence is cut into."""

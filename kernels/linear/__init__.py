@@ -1,7 +1,7 @@
 """Lightning-style causal linear attention with per-head decay.
 
 linear_attention(q, k, v, decay, *, block=64, reset=None, initial_state=None,
-                 return_state=False, scale=1.0, impl="auto")
+                 return_state=False, scale=1.0, impl="auto", cp=None)
 
 Legend: B batch, T tokens, H heads, K key dim, V value dim.
 
@@ -13,6 +13,10 @@ Legend: B batch, T tokens, H heads, K key dim, V value dim.
                    the state from before it is dropped. None: one document per row.
     initial_state: (B, H, K, V) state after the previous tokens of the same rows.
     scale:         multiplies q (the operator itself has no normalisation).
+    cp:            None, or a CPContext: q, k, v, reset are this rank's shard and the
+                   ranks combine their states with a prefix scan (kernels/context_parallel/
+                   state_scan.py); no initial state; the returned state is this rank's
+                   state after its last token.
 Returns o (B, T, H, V) [, final state (B, H, K, V) in fp32 (fp64 for fp64 inputs)].
 
     S_t = lambda * S_{t-1} * (1 - reset_t) + k_t^T v_t,      o_t = scale * q_t S_t
@@ -24,8 +28,8 @@ linear_attention_state(k, v, decay, *, block=64, reset=None) -> (local, carry)
     (c1, s1) then (c2, s2) = (c1 c2, c2 s1 + s2).
 
 impl: "auto" and "chunked" run chunked.py (block-tiled matmuls, a loop over
-T / block blocks for the state); "recurrent" runs the token loop of
-reference.py (tests only).
+T / block blocks for the state); "reference" (alias "recurrent") runs the token
+loop of reference.py (tests only).
 
 Example:
     o, state = linear_attention(q, k, v, slopes, reset=position_ids == 0, return_state=True)
@@ -33,21 +37,14 @@ Example:
 """
 from __future__ import annotations
 
-import functools
-import logging
-
 import torch
 
+from loom.kernels.dispatch import announce
 from loom.kernels.linear.chunked import linear_attention_chunked, linear_attention_state as _state
 from loom.kernels.linear.reference import linear_attention_recurrent
 
 __all__ = ["linear_attention", "linear_attention_state", "alibi_slopes"]
-log = logging.getLogger(__name__)
-
-
-@functools.lru_cache(maxsize=None)
-def _announce(impl: str) -> None:
-    log.info("linear attention backend: %s", impl)
+IMPLS = ("auto", "chunked", "reference", "recurrent")
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
@@ -87,18 +84,25 @@ def _check(q, k, v, decay, reset, initial_state, block) -> None:
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, *,
                      block: int = 64, reset: torch.Tensor | None = None,
                      initial_state: torch.Tensor | None = None, return_state: bool = False,
-                     scale: float = 1.0, impl: str = "auto"):
+                     scale: float = 1.0, impl: str = "auto", cp=None):
     _check(q, k, v, decay, reset, initial_state, block)
+    if impl not in IMPLS:
+        raise ValueError(f"unknown linear_attention impl {impl!r}; choose one of {IMPLS}")
+    if cp is not None:
+        if initial_state is not None:
+            raise ValueError("linear_attention under context parallelism takes no initial state")
+        from loom.kernels.context_parallel.state_scan import cp_linear_attention
+
+        o, state = cp_linear_attention(q, k, v, decay, cp, block=block, reset=reset, scale=scale)
+        return (o, state) if return_state else o
     if impl == "auto":
         impl = "chunked"
-    _announce(impl)
+    announce("linear attention", impl)
     if impl == "chunked":
         o, state = linear_attention_chunked(q, k, v, decay, block=block, reset=reset, initial_state=initial_state,
                                             return_state=return_state, scale=scale)
-    elif impl == "recurrent":
-        o, state = linear_attention_recurrent(q, k, v, decay, reset=reset, initial_state=initial_state, scale=scale)
     else:
-        raise ValueError(f"unknown linear_attention impl {impl!r}; choose auto, chunked or recurrent")
+        o, state = linear_attention_recurrent(q, k, v, decay, reset=reset, initial_state=initial_state, scale=scale)
     return (o, state) if return_state else o
 
 

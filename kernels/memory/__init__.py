@@ -3,7 +3,7 @@ chunked gradient descent with momentum and weight decay.
 
 neural_memory(q, k, v, theta, eta, alpha, init_weights, *, chunk_size, state=None,
               reset=None, mask=None, activation="gelu", retrieval="chunk", norm_weight=None,
-              momentum_step="token", return_state=False, impl="auto")
+              momentum_step="token", return_state=False, impl="auto", cp=None)
 doc_chunks(reset, offset, T, size, mask=None) -> DocChunks: the per-document chunk layout
     the op uses, public for mixers whose segments follow the same grid (MAC).
 
@@ -12,27 +12,20 @@ deep memory. Maths and decisions: README.md in this folder.
 """
 from __future__ import annotations
 
-import functools
-import logging
-
 import torch
 
+from loom.kernels.dispatch import announce
 from loom.kernels.memory.chunked import neural_memory_chunked
 from loom.kernels.memory.common import ACTIVATIONS, MemoryState, Weights, mlp_forward
 from loom.kernels.memory.layout import DocChunks, doc_chunks
+from loom.kernels.memory.reference import neural_memory_naive_chunks
 
 __all__ = ["neural_memory", "MemoryState", "init_memory_weights", "RETRIEVALS", "MOMENTUM_STEPS", "IMPLS",
            "DocChunks", "doc_chunks", "memory_read"]
-log = logging.getLogger(__name__)
 
 RETRIEVALS = ("chunk", "token")
 MOMENTUM_STEPS = ("token", "chunk")
-IMPLS = ("auto", "chunked", "compiled")
-
-
-@functools.lru_cache(maxsize=None)
-def _announce(impl: str) -> None:
-    log.info("neural memory backend: %s", impl)
+IMPLS = ("auto", "chunked", "compiled", "reference")
 
 
 def init_memory_weights(n_heads: int, head_dim: int, depth: int, expansion: int = 4,
@@ -120,7 +113,7 @@ def neural_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torc
                   state: MemoryState | None = None, reset: torch.Tensor | None = None,
                   mask: torch.Tensor | None = None, activation: str = "gelu", retrieval: str = "chunk",
                   norm_weight: torch.Tensor | None = None, momentum_step: str = "token",
-                  return_state: bool = False, impl: str = "auto"):
+                  return_state: bool = False, impl: str = "auto", cp=None):
     """Store (k, v) pairs in a neural memory by online gradient descent and read it with q.
 
     Per (batch row, head), the memory M_W is an MLP with weights W (depth =
@@ -167,6 +160,10 @@ def neural_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torc
         impl: "auto" or "chunked" (the eager chunk-parallel form), or "compiled": the same
             code with each block through torch.compile (inductor), same results to
             rounding; opt-in, since the first call of each shape compiles for seconds.
+            "reference": reference.py's chunk loop with per-token gradients (tests).
+        cp: None, or a CPContext: every (B, T, ...) argument is this rank's shard;
+            the memory state travels rank to rank in global chunk order
+            (kernels/context_parallel/memory.py). No state in; the returned state is None.
 
     Returns:
         y (B, T, H, K) in q's dtype [, MemoryState in the compute dtype].
@@ -183,20 +180,32 @@ def neural_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torc
     """
     _validate(q, k, v, theta, eta, alpha, init_weights, chunk_size, state, reset, mask, activation, retrieval,
               norm_weight, momentum_step)
+    if impl not in IMPLS:
+        raise ValueError(f"unknown neural_memory impl {impl!r}; choose one of {IMPLS}")
+    if cp is not None:
+        if state is not None:
+            raise ValueError("neural_memory under context parallelism starts from W0: it takes no state")
+        from loom.kernels.context_parallel import cp_neural_memory
+
+        y = cp_neural_memory(q, k, v, theta, eta, alpha, list(init_weights), cp, chunk_size=chunk_size,
+                             reset=reset, mask=mask, activation=activation, retrieval=retrieval,
+                             norm_weight=norm_weight, momentum_step=momentum_step)
+        return (y, None) if return_state else y
     if impl == "auto":
         impl = "chunked"
-    if impl not in IMPLS[1:]:
-        raise ValueError(f"unknown neural_memory impl {impl!r}; choose one of {IMPLS}")
-    _announce(impl)
+    announce("neural memory", impl)
     # Float32 at least: the decay products and the fast weights accumulate over the whole sequence.
     dt = torch.promote_types(q.dtype, torch.float32)
     cast = lambda xs: tuple(x.to(dt) for x in xs)  # noqa: E731
     if state is not None:
         state = MemoryState(cast(state.weights), cast(state.momentum), cast(state.base), state.offset)
-    y, final = neural_memory_chunked(*cast((q, k, v, theta, eta, alpha)), cast(init_weights),
-                                     chunk_size=chunk_size, state=state, reset=reset, mask=mask,
-                                     activation=activation, retrieval=retrieval,
-                                     norm_weight=None if norm_weight is None else norm_weight.to(dt),
-                                     momentum_step=momentum_step, compiled=impl == "compiled")
+    opts = dict(chunk_size=chunk_size, state=state, reset=reset, mask=mask, activation=activation,
+                retrieval=retrieval, norm_weight=None if norm_weight is None else norm_weight.to(dt),
+                momentum_step=momentum_step)
+    if impl == "reference":
+        y, final = neural_memory_naive_chunks(*cast((q, k, v, theta, eta, alpha)), cast(init_weights), **opts)
+    else:
+        y, final = neural_memory_chunked(*cast((q, k, v, theta, eta, alpha)), cast(init_weights),
+                                         compiled=impl == "compiled", **opts)
     y = y.to(q.dtype)
     return (y, final) if return_state else y

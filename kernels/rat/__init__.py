@@ -1,7 +1,7 @@
 """RAT: gated linear recurrence inside chunks of L tokens, softmax attention across chunks.
 
 rat(q, k, v, f, position_ids, *, chunk=16, seq_ids=None, cos=None, sin=None, scale=None,
-    initial_state=None, return_state=False, return_stats=False, impl="auto")
+    initial_state=None, return_state=False, return_stats=False, impl="auto", cp=None)
 
 Legend: B batch, T tokens, G q/k groups, H heads (H % G == 0), K head dim,
 C cached chunk states.
@@ -20,6 +20,9 @@ C cached chunk states.
                    (position // chunk), applied to q and to the recurrent keys; None: no RoPE.
     scale:         score scale, default K ** -0.5.
     initial_state: a state returned by an earlier call on the same rows (below).
+    cp:            None, or a CPContext: every (B, T, ...) argument is this rank's
+                   shard and the op runs kernels/context_parallel/rat.py (chunk
+                   states gathered across ranks); no state or stats in or out.
 Returns o (B, T, H, K), then if return_stats a dict of detached (B, T, H) tensors
     "lse" (log-sum-exp of the scores), "local" (attention share of the query's own running
     state) and "first" (share of its document's first chunk state; the own state in chunk 0),
@@ -33,8 +36,8 @@ State (dict), for decoding and for passing between context-parallel ranks:
 It holds about T/L entries per head, where attention's KV cache holds T.
 
 impl: "auto" and "chunked" run chunked.py (the CPU path: log-depth scan plus
-block-sparse attention over chunk states); "naive" runs reference.py, the token
-loop (tests only).
+block-sparse attention over chunk states); "reference" (alias "naive") runs
+reference.py, the token loop (tests only).
 
 Example:
     o, state = rat(q, k, v, f, position_ids, chunk=16, return_state=True)
@@ -42,21 +45,14 @@ Example:
 """
 from __future__ import annotations
 
-import functools
-import logging
-
 import torch
 
+from loom.kernels.dispatch import announce
 from loom.kernels.rat.chunked import rat_chunked
 from loom.kernels.rat.reference import rat_naive
 
 __all__ = ["rat"]
-log = logging.getLogger(__name__)
-
-
-@functools.lru_cache(maxsize=None)
-def _announce(impl: str) -> None:
-    log.info("rat backend: %s", impl)
+IMPLS = ("auto", "chunked", "reference", "naive")
 
 
 def _check(q, k, v, f, position_ids, chunk, seq_ids, cos, sin, initial_state) -> None:
@@ -97,19 +93,25 @@ def _check(q, k, v, f, position_ids, chunk, seq_ids, cos, sin, initial_state) ->
 def rat(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: torch.Tensor, position_ids: torch.Tensor, *,
         chunk: int = 16, seq_ids: torch.Tensor | None = None, cos: torch.Tensor | None = None,
         sin: torch.Tensor | None = None, scale: float | None = None, initial_state: dict | None = None,
-        return_state: bool = False, return_stats: bool = False, impl: str = "auto"):
+        return_state: bool = False, return_stats: bool = False, impl: str = "auto", cp=None):
     _check(q, k, v, f, position_ids, chunk, seq_ids, cos, sin, initial_state)
+    if impl not in IMPLS:
+        raise ValueError(f"unknown rat impl {impl!r}; choose one of {IMPLS}")
+    if cp is not None:
+        if initial_state is not None or return_state or return_stats:
+            raise ValueError("rat under context parallelism takes and returns no state or stats")
+        from loom.kernels.context_parallel.rat import cp_rat
+
+        return cp_rat(q, k, v, f, position_ids, cp, chunk=chunk, seq_ids=seq_ids, cos=cos, sin=sin, scale=scale)
     if impl == "auto":
         impl = "chunked"
-    _announce(impl)
+    announce("rat", impl)
     args = dict(chunk=chunk, seq_ids=seq_ids, cos=cos, sin=sin, scale=scale, initial_state=initial_state)
     if impl == "chunked":
         o, stats, state = rat_chunked(q, k, v, f, position_ids, return_state=return_state, return_stats=return_stats,
                                       **args)
-    elif impl == "naive":
-        o, stats, state = rat_naive(q, k, v, f, position_ids, **args)
     else:
-        raise ValueError(f"unknown rat impl {impl!r}; choose auto, chunked or naive")
+        o, stats, state = rat_naive(q, k, v, f, position_ids, **args)
     if return_stats:
         stats = {name: x.detach() for name, x in stats.items()}
     out = (o,) + ((stats,) if return_stats else ()) + ((state,) if return_state else ())

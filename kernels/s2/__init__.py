@@ -2,7 +2,7 @@
 plus a vertical stride of earlier blocks with a head-dependent offset).
 
 s2_attention(q, k, v, *, block, local_blocks, vert_stride, head_offsets=None,
-             seq_ids=None, position_ids=None, scale=None, impl="auto", return_lse=False)
+             seq_ids=None, position_ids=None, scale=None, impl="auto", return_lse=False, cp=None)
     q: (B, T, H, K); k, v: (B, S, G, K), S >= T, H % G == 0; the queries are
         the last T of the S keys (prefill, decoding with a cache).
     block: b, tokens per sparse block. local_blocks: L, blocks of the local
@@ -14,6 +14,9 @@ s2_attention(q, k, v, *, block, local_blocks, vert_stride, head_offsets=None,
     position_ids: (B, S) int64 document-relative positions of the keys (queries
         use the last T); default: index minus the document's first index.
         Blocks are position // b, so a packed row equals separate documents.
+    cp: None, or a CPContext: q, k, v, seq_ids, position_ids are this rank's
+        shard (S == T); the op trades sequence for heads (Ulysses) and runs on
+        the full sequence for H / cp heads (kernels/context_parallel/s2.py).
     Returns o (B, T, H, K) [, lse (B, T, H), fp32 (fp64 for fp64 inputs)].
 
 For pattern head h, key block n is visible to query block m (same document,
@@ -29,22 +32,17 @@ Example:
 """
 from __future__ import annotations
 
-import functools
-import logging
-
 import torch
+
+from loom.kernels.attention import multi_document
+from loom.kernels.dispatch import announce
 
 from loom.kernels.s2.blocksparse import s2_blocksparse
 from loom.kernels.s2.reference import s2_attention_reference, s2_mask
 
 __all__ = ["s2_attention", "default_head_offsets", "covers_all_residues", "s2_mask",
            "s2_attention_reference", "s2_blocksparse"]
-log = logging.getLogger(__name__)
-
-
-@functools.lru_cache(maxsize=None)
-def _announce(impl: str) -> None:
-    log.info("s2 attention backend: %s", impl)
+IMPLS = ("auto", "blocksparse", "reference")
 
 
 def default_head_offsets(n_heads: int, n_kv_heads: int, vert_stride: int, shift: int = 0) -> torch.Tensor:
@@ -67,7 +65,8 @@ def covers_all_residues(head_offsets: torch.Tensor, vert_stride: int) -> bool:
 
 
 def s2_attention(q, k, v, *, block: int, local_blocks: int, vert_stride: int, head_offsets=None,
-                 seq_ids=None, position_ids=None, scale=None, impl: str = "auto", return_lse: bool = False):
+                 seq_ids=None, position_ids=None, scale=None, impl: str = "auto", return_lse: bool = False,
+                 cp=None):
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
         raise ValueError(f"s2_attention expects q (B,T,H,K), k=v (B,S,G,K); got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -88,14 +87,22 @@ def s2_attention(q, k, v, *, block: int, local_blocks: int, vert_stride: int, he
             bool(((head_offsets < 0) | (head_offsets >= vert_stride)).any()):
         raise ValueError(f"head_offsets must be (G,) = ({G},) or (H,) = ({H},) with values in "
                          f"[0, {vert_stride}); got {head_offsets.tolist()}")
+    if impl not in IMPLS:
+        raise ValueError(f"unknown s2 impl {impl!r}; choose one of {IMPLS}")
+    if cp is not None:
+        if return_lse:
+            raise ValueError("s2_attention: return_lse is not available under context parallelism")
+        from loom.kernels.context_parallel.s2 import cp_s2_attention
+
+        return cp_s2_attention(q, k, v, cp, block=block, local_blocks=local_blocks, vert_stride=vert_stride,
+                               head_offsets=head_offsets, position_ids=position_ids, seq_ids=seq_ids, scale=scale)
+    seq_ids = multi_document(seq_ids)
     if impl == "auto":
         impl = "blocksparse"
-    _announce(impl)
+    announce("s2 attention", impl)
     kw = dict(block=block, local_blocks=local_blocks, vert_stride=vert_stride, head_offsets=head_offsets,
               seq_ids=seq_ids, position_ids=position_ids, scale=scale)
     if impl == "blocksparse":
         o, lse = s2_blocksparse(q, k, v, **kw)
         return (o, lse) if return_lse else o
-    if impl == "reference":
-        return s2_attention_reference(q, k, v, return_lse=return_lse, **kw)
-    raise ValueError(f"unknown s2 impl {impl!r}; choose auto, blocksparse or reference")
+    return s2_attention_reference(q, k, v, return_lse=return_lse, **kw)

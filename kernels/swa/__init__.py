@@ -1,11 +1,13 @@
 """Sliding-window causal attention (documents, GQA, decoding with a cache).
 
-sliding_window_attention(q, k, v, *, window, seq_ids=None, scale=None, impl="auto", return_lse=False)
+sliding_window_attention(q, k, v, *, window, seq_ids=None, scale=None, impl="auto", return_lse=False, cp=None)
     q: (B, T, H, K); k, v: (B, S, G, K) with S >= T and H % G == 0; the
         queries are the last T of the S keys (prefill, decoding with a cache).
     window: int >= 0; key j is visible to query i when 0 <= i - j <= window
         (the query itself plus `window` past tokens, as RAT's paper counts it).
     seq_ids: (B, S) int64 document ids; attention never crosses documents.
+    cp: None, or a CPContext: q, k, v, seq_ids are this rank's shard (S == T)
+        and the op runs the halo exchange (kernels/context_parallel/halo.py).
     Returns o (B, T, H, K) [, lse (B, T, H), fp32 (fp64 for fp64 inputs)].
 
 impl:
@@ -13,7 +15,7 @@ impl:
               key blocks; O(T * window) time, O(T) memory; forward and
               backward in PyTorch (the CPU path, and any device).
     "flash"   flash-attn's window on CUDA (through loom.kernels.attention).
-    "sdpa"    reference.py: the dense masked SDPA, O(T * S) (tests).
+    "reference" (alias "sdpa") reference.py: the dense masked SDPA, O(T * S) (tests).
     "auto"    "flash" when q is CUDA fp16/bf16, flash-attn is installed, no
               lse is requested, and documents do not need a cache-aware mask
               (seq_ids is None or T == S); otherwise "banded".
@@ -23,22 +25,15 @@ Example:
 """
 from __future__ import annotations
 
-import functools
-import logging
-
 import torch
 
-from loom.kernels.attention import attention, check_shapes, select_impl
+from loom.kernels.attention import attention, check_shapes, multi_document, select_impl
+from loom.kernels.dispatch import announce
 from loom.kernels.swa.banded import banded_swa
 from loom.kernels.swa.reference import swa_reference
 
 __all__ = ["sliding_window_attention", "select_swa_impl", "swa_reference", "banded_swa"]
-log = logging.getLogger(__name__)
-
-
-@functools.lru_cache(maxsize=None)
-def _announce(impl: str) -> None:
-    log.info("sliding-window attention backend: %s", impl)
+IMPLS = ("auto", "banded", "flash", "reference", "sdpa")
 
 
 def select_swa_impl(q: torch.Tensor, S: int, seq_ids, return_lse: bool) -> str:
@@ -48,14 +43,21 @@ def select_swa_impl(q: torch.Tensor, S: int, seq_ids, return_lse: bool) -> str:
 
 
 def sliding_window_attention(q, k, v, *, window: int, seq_ids=None, scale=None, impl: str = "auto",
-                             return_lse: bool = False):
+                             return_lse: bool = False, cp=None):
     check_shapes("sliding_window_attention", q, k, v, seq_ids)
     T, S = q.shape[1], k.shape[1]
     if not isinstance(window, int) or window < 0:
         raise ValueError(f"window must be an int >= 0; got {window!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"unknown sliding-window impl {impl!r}; choose one of {IMPLS}")
+    if cp is not None:
+        if return_lse:
+            raise ValueError("sliding_window_attention: return_lse is not available under context parallelism")
+        return attention(q, k, v, seq_ids=seq_ids, window=window, scale=scale, cp=cp)
+    seq_ids = multi_document(seq_ids)
     if impl == "auto":
         impl = select_swa_impl(q, S, seq_ids, return_lse)
-    _announce(impl)
+    announce("sliding-window attention", impl)
     if impl == "banded":
         o, lse = banded_swa(q, k, v, window=window, seq_ids=seq_ids, scale=scale)
         return (o, lse) if return_lse else o
@@ -64,6 +66,4 @@ def sliding_window_attention(q, k, v, *, window: int, seq_ids=None, scale=None, 
             raise ValueError("impl='flash' cannot mask documents when T != S; use impl='banded'")
         return attention(q, k, v, seq_ids=seq_ids, window=window, scale=scale, impl="flash",
                          return_lse=return_lse)
-    if impl == "sdpa":
-        return swa_reference(q, k, v, window=window, seq_ids=seq_ids, scale=scale, return_lse=return_lse)
-    raise ValueError(f"unknown sliding-window impl {impl!r}; choose auto, banded, flash or sdpa")
+    return swa_reference(q, k, v, window=window, seq_ids=seq_ids, scale=scale, return_lse=return_lse)

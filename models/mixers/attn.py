@@ -39,7 +39,7 @@ def continue_docs(state_doc: torch.Tensor, position_ids: torch.Tensor) -> torch.
 @register("attn")
 class Attention(Mixer):
     Config = AttnConfig
-    cp_impls = ("ring", "ulysses")  # loom.kernels.context_parallel.cp_attention
+    cp_impls = ("ring", "ulysses")  # what the attention op runs under cp (ring or Ulysses)
     window: int | None = None
 
     def __init__(self, dims: MixerDims, cfg: AttnConfig):
@@ -73,22 +73,14 @@ class Attention(Mixer):
     def forward(self, x: torch.Tensor, ctx: SeqContext, state=None):
         B, T, _ = x.shape
         q, k, v = self.project(x, ctx)
-        if ctx.cp is not None:
-            if state is not None or ctx.want_state:
-                raise ValueError("attn: context parallelism does not take or return a decoding state")
-            from loom.kernels.context_parallel import cp_attention
-
-            o = cp_attention(q, k, v, ctx.cp, seq_ids=ctx.seq_ids)
-            return self.o_proj(self.heads(x, o, ctx).reshape(B, T, -1)), None
         doc = ctx.seq_ids
         if state is not None:  # continue the cached rows; a position 0 starts a new document
             doc = torch.cat([state["doc"], continue_docs(state["doc"], ctx.position_ids)], dim=1)
             k = torch.cat([state["k"], k], dim=1)
             v = torch.cat([state["v"], v], dim=1)
-        one_doc = doc is None or bool((doc == doc[:, -1:]).all())
-        o = attention(q, k, v, seq_ids=None if one_doc else doc)
+        o = attention(q, k, v, seq_ids=doc, cp=ctx.sharding)
         if ctx.stats is not None and state is None:
-            _, lse = attention(q, k, v, seq_ids=doc, return_lse=True)
+            _, lse = attention(q, k, v, seq_ids=doc, return_lse=True, cp=ctx.sharding)
             ctx.stats[f"sink_mass/layer{self.dims.layer_idx}"] = sink_mass(
                 q, k, lse, ctx.position_ids, 1 / math.sqrt(self.dims.head_dim))
         y = self.o_proj(self.heads(x, o, ctx).reshape(B, T, -1))

@@ -49,7 +49,9 @@ class SeqContext:
         if their seq_ids are equal.
     want_state: mixers return their final state (KV cache, recurrent state)
         when True, else None.
-    cp: context-parallel handle (loom.kernels.context_parallel) or None.
+    sharding: None, or the context-parallel handle (a kernels CPContext) when
+        each row is this process's shard of a longer sequence. Mixers pass it
+        unchanged to their kernels/ op as `cp=`; the op decides what to do.
     aux_losses: mixers append scalar auxiliary losses, already weighted
         (e.g. MoH load balancing); the model adds them to the training loss.
     stats: when a dict, mixers record diagnostics as detached scalar tensors
@@ -59,7 +61,7 @@ class SeqContext:
     position_ids: torch.Tensor
     seq_ids: torch.Tensor | None = None
     want_state: bool = False
-    cp: Any = None
+    sharding: Any = None
     aux_losses: list[torch.Tensor] = field(default_factory=list)
     stats: dict[str, torch.Tensor] | None = None
 

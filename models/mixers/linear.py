@@ -19,7 +19,7 @@ H x K x K whatever the grouping.
 
 Decoding state: {"kv": (B, H, K, K) fp32}, constant in the sequence length.
 
-Context parallelism (ctx.cp): loom.kernels.context_parallel.cp_linear_attention, a
+Context parallelism (ctx.sharding, passed to the op): a
 prefix scan of the pieces' states across ranks (the same for either cp_impl).
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ class LinearConfig:
 @register("linear")
 class LinearAttention(Mixer):
     Config = LinearConfig
-    cp_impls = ("ring", "ulysses")  # both run the state scan (loom.kernels.context_parallel.state_scan)
+    cp_impls = ("ring", "ulysses")  # the op runs the same state scan under either
 
     def __init__(self, dims: MixerDims, cfg: LinearConfig):
         super().__init__(dims, cfg)
@@ -94,17 +94,9 @@ class LinearAttention(Mixer):
         k = F.silu(self.k_proj(x)).view(B, T, H, K)
         v = F.silu(self.v_proj(x)).view(B, T, H, K)
         scale = K ** -0.5 if self.cfg.qk_scale else 1.0
-        if ctx.cp is not None:
-            if state is not None:
-                raise ValueError("linear: context parallelism does not take a decoding state")
-            from loom.kernels.context_parallel.state_scan import cp_linear_attention
-
-            o, kv = cp_linear_attention(q, k, v, self.decay, ctx.cp, block=self.cfg.block, reset=ctx.doc_starts,
-                                        scale=scale)
-        else:
-            o, kv = linear_attention(q, k, v, self.decay, block=self.cfg.block, reset=ctx.doc_starts,
-                                     initial_state=None if state is None else state["kv"], return_state=True,
-                                     scale=scale)
+        o, kv = linear_attention(q, k, v, self.decay, block=self.cfg.block, reset=ctx.doc_starts,
+                                 initial_state=None if state is None else state["kv"], return_state=True,
+                                 scale=scale, cp=ctx.sharding)
         o = self.norm(o)
         if self.gate is not None:
             o = o * torch.sigmoid(self.gate(x)).view(B, T, H, K)

@@ -32,10 +32,10 @@ Persistent memory tokens are not used here: prepending learned,
 data-independent tokens to a memory layer's input only moves its starting
 point, which the learned W0 already is; MAG and MAC give them to attention.
 
-Context parallelism (ctx.cp): the conv's W-1 previous inputs come from the
-preceding chunk's rank (a halo) and the memory state is carried rank to rank
-in global chunk order (kernels/context_parallel/memory.py; serialised, so the
-memory op takes about as long as on one process). Training only: no state.
+Context parallelism (ctx.sharding, passed on as `cp`): the conv's W-1 previous
+inputs come from the preceding chunk's rank (kernels.sequence.with_halo) and the
+op carries the memory state rank to rank in global chunk order (serialised, so
+it takes about as long as on one process). Training only: no state.
 
 Decoding state: {"conv": (B, W-1, 3*H*K) last pre-conv projections,
 "memory": loom.kernels.memory.MemoryState}.
@@ -50,8 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loom.kernels.context_parallel import CPContext, cp_neural_memory, sequence_halo
 from loom.kernels.memory import init_memory_weights, neural_memory
+from loom.kernels.sequence import with_halo
 from loom.models.mixers.base import Mixer, MixerDims, SeqContext, register
 from loom.models.norms import RMSNorm
 
@@ -160,21 +160,17 @@ class NeuralMemory(nn.Module):
             self.conv.reset_parameters()
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, state: dict | None = None,
-                mask: torch.Tensor | None = None, lengths: torch.Tensor | None = None, cp: CPContext | None = None):
-        """Under context parallelism (`cp` given, x and position_ids this rank's shard) the
-        conv's previous taps come from the preceding chunk's owner and the memory state is
-        carried rank to rank (loom.kernels.context_parallel.cp_neural_memory); no state in or out."""
+                mask: torch.Tensor | None = None, lengths: torch.Tensor | None = None, cp=None):
+        """x (B, T, D), position_ids (B, T) -> y (B, T, H, K), state. Under context
+        parallelism (`cp` a CPContext, x and position_ids this rank's shard) the conv's
+        previous taps come from the preceding chunk's owner and the op carries the memory
+        state rank to rank; no state in or out."""
         B, T, _ = x.shape
         H, K = self.n_heads, self.head_dim
-        if cp is not None and (state is not None or lengths is not None):
-            raise ValueError("the neural memory under context parallelism takes no decoding state or lengths "
-                             "(cp is a training-time sharding; decode with parallel.cp=1)")
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # (B, T, 3*H*K)
         conv_cache = None
-        if self.conv is not None and cp is not None:
-            qkv = self._conv_sharded(qkv, position_ids, cp)
-        elif self.conv is not None:
-            qkv, conv_cache = self.conv(qkv, position_ids, None if state is None else state["conv"], lengths)
+        if self.conv is not None:
+            qkv, conv_cache = self._conv(qkv, position_ids, None if state is None else state["conv"], lengths, cp)
         q, k, v = F.silu(qkv).view(B, T, 3, H, K).unbind(2)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         g = torch.sigmoid(self.gate_proj(x).to(torch.promote_types(x.dtype, torch.float32))).view(B, T, 3, H)
@@ -182,30 +178,29 @@ class NeuralMemory(nn.Module):
         reset = position_ids == 0
         if mask is not None:
             reset = reset & mask
-        if cp is not None:
-            y = cp_neural_memory(q, k, v, theta, eta, alpha, list(self.w0), cp, chunk_size=self.opts.chunk_size,
-                                 reset=reset, mask=mask, activation=self.opts.activation,
-                                 retrieval=self.opts.retrieval, norm_weight=self.norm_weight,
-                                 momentum_step=self.opts.momentum_step)
-            return y, None
         y, mem = neural_memory(q, k, v, theta, eta, alpha, list(self.w0), chunk_size=self.opts.chunk_size,
                                state=None if state is None else state["memory"], reset=reset, mask=mask,
                                activation=self.opts.activation, retrieval=self.opts.retrieval,
                                norm_weight=self.norm_weight, momentum_step=self.opts.momentum_step,
-                               return_state=True, impl=self.opts.impl)
+                               return_state=True, impl=self.opts.impl, cp=cp)
         return y, {"conv": conv_cache, "memory": mem}
 
-    def _conv_sharded(self, qkv: torch.Tensor, position_ids: torch.Tensor, cp: CPContext) -> torch.Tensor:
-        """The short conv on a cp shard (B, L, 3*H*K): each local chunk of C tokens gets the
-        W-1 inputs before it as its cache (zeros before the sequence start, as on one process)."""
+    def _conv(self, qkv, position_ids, cache, lengths, cp):
+        """The short conv over (B, T, 3*H*K), piece by piece: one piece on one device
+        (its cache the decoding state's), each local chunk of a cp shard with the W-1
+        inputs before it, fetched from their owner, as its cache (none at the sequence
+        start, as on one process). Returns (y, the last piece's new cache)."""
         W = self.conv.taps
-        C = qkv.shape[1] * cp.world_size // cp.n_chunks
+        pieces = with_halo(qkv, W - 1, cp)   # [(B, h + C, 3*H*K)], h <= W-1
+        C = qkv.shape[1] // len(pieces)
         outs = []
-        for i, ext in enumerate(sequence_halo(qkv, cp, W - 1)):   # (B, h + C, 3*H*K), h <= W-1
-            cache = F.pad(ext[:, :-C], (0, 0, W - 1 - (ext.shape[1] - C), 0))  # (B, W-1, 3*H*K)
-            y, _ = self.conv(ext[:, -C:], position_ids[:, i * C:(i + 1) * C], cache)
+        for i, ext in enumerate(pieces):
+            h = ext.shape[1] - C
+            if h:
+                cache = F.pad(ext[:, :h], (0, 0, W - 1 - h, 0))  # (B, W-1, 3*H*K)
+            y, new_cache = self.conv(ext[:, h:], position_ids[:, i * C:(i + 1) * C], cache, lengths)
             outs.append(y)
-        return torch.cat(outs, dim=1)
+        return torch.cat(outs, dim=1), new_cache
 
     def state_bytes(self, bytes_per_elem: int) -> int:
         n_weights = sum(w.numel() for w in self.w0)
@@ -252,9 +247,7 @@ class Memory(Mixer):
 
     def forward(self, x: torch.Tensor, ctx: SeqContext, state=None):
         B, T, _ = x.shape
-        if ctx.cp is not None and ctx.want_state:
-            raise ValueError("memory under context parallelism keeps no decoding state; decode with parallel.cp=1")
-        y, new_state = self.memory(x, ctx.position_ids, state, cp=ctx.cp)
+        y, new_state = self.memory(x, ctx.position_ids, state, cp=ctx.sharding)
         y = self.out_norm(y.to(x.dtype))
         if self.gate_proj is not None:
             y = y * torch.sigmoid(self.gate_proj(x)).view(B, T, y.shape[2], -1)

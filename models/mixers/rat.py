@@ -21,10 +21,10 @@ Decoding state (loom.kernels.rat): chunk-final "k" (post-RoPE), "v" of shape
 (B, C, H, K) with C ~ T / L, their count "n" (B,), and the fp32 running state
 "k_run", "v_run" (B, H, K): about L times smaller than attention's KV cache.
 
-Context parallelism (ctx.cp): loom.kernels.context_parallel.cp_rat all-gathers the
+Context parallelism (ctx.sharding, passed to the op): the op all-gathers the
 chunk states and the running state at piece boundaries (the same for either
 cp_impl); every piece of seq_len / (2 cp) tokens must be a multiple of L
-(cp_chunk_tokens). Diagnostics (ctx.stats) are not recorded under cp.
+(cp_chunk_tokens). Diagnostics (ctx.stats) are not available under cp.
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ class RatConfig(HeadOptions):
 @register("rat")
 class RAT(Mixer):
     Config = RatConfig
-    cp_impls = ("ring", "ulysses")  # both gather chunk states (loom.kernels.context_parallel.rat)
+    cp_impls = ("ring", "ulysses")  # the op gathers chunk states under either
 
     def __init__(self, dims: MixerDims, cfg: RatConfig):
         super().__init__(dims, cfg)
@@ -88,32 +88,24 @@ class RAT(Mixer):
         cos = sin = None
         if self.rotary is not None:
             cos, sin = self.rotary(torch.div(ctx.position_ids, L, rounding_mode="floor"))
-        new_state = None
-        if ctx.cp is not None:
-            if state is not None or ctx.want_state:
-                raise ValueError("rat: context parallelism neither takes nor returns a decoding state")
-            from loom.kernels.context_parallel.rat import cp_rat
-
-            o = cp_rat(q, k, v, f, ctx.position_ids, ctx.cp, chunk=L, seq_ids=ctx.seq_ids, cos=cos, sin=sin)
-        else:
-            want_stats = ctx.stats is not None
-            out = rat(q, k, v, f, ctx.position_ids, chunk=L, seq_ids=ctx.seq_ids, cos=cos, sin=sin,
-                      initial_state=state, return_state=ctx.want_state, return_stats=want_stats)
-            o, *extra = out if isinstance(out, tuple) else (out,)
-            new_state = extra.pop() if ctx.want_state else None
-            if want_stats:
-                attn_stats, i = extra.pop(), self.dims.layer_idx
-                ctx.stats[f"rat_forget_mean/layer{i}"] = torch.sigmoid(f.detach()).mean()
-                # attention share of the query's own chunk, and of its document's first chunk (the sink)
-                ctx.stats[f"rat_local_mass/layer{i}"] = attn_stats["local"].float().mean()
-                ctx.stats[f"sink_mass/layer{i}"] = attn_stats["first"].float().mean()
+        want_stats = ctx.stats is not None
+        out = rat(q, k, v, f, ctx.position_ids, chunk=L, seq_ids=ctx.seq_ids, cos=cos, sin=sin,
+                  initial_state=state, return_state=ctx.want_state, return_stats=want_stats, cp=ctx.sharding)
+        o, *extra = out if isinstance(out, tuple) else (out,)
+        new_state = extra.pop() if ctx.want_state else None
+        if want_stats:
+            attn_stats, i = extra.pop(), self.dims.layer_idx
+            ctx.stats[f"rat_forget_mean/layer{i}"] = torch.sigmoid(f.detach()).mean()
+            # attention share of the query's own chunk, and of its document's first chunk (the sink)
+            ctx.stats[f"rat_local_mass/layer{i}"] = attn_stats["local"].float().mean()
+            ctx.stats[f"sink_mass/layer{i}"] = attn_stats["first"].float().mean()
         o = o * torch.sigmoid(self.z_proj(x)).view(B, T, H, K)
         o = self.heads(x, o, ctx)
         y = self.o_proj(o.reshape(B, T, H * K))
         return y, new_state
 
     def cp_chunk_tokens(self) -> int:
-        # cp_rat needs pieces of at least L tokens; whole chunks per piece is the simple rule to state.
+        # the sharded op needs pieces of at least L tokens; whole chunks per piece is the simple rule to state.
         return self.cfg.chunk
 
     def mixing_flops_per_token(self, seq_len: int) -> float:

@@ -22,8 +22,8 @@ whole cache; `state_bytes` reports what a KV-efficient cache needs (the local
 window plus the blocks of the KV head's own residues, about L*b + S*r/V tokens
 per KV head, r residues per KV head).
 
-Context parallelism (ctx.cp, cp_impl=ulysses): loom.kernels.context_parallel.cp_s2_attention
-runs this op on the full sequence for H / cp heads after an all-to-all.
+Context parallelism (ctx.sharding, passed to the op; cp_impl=ulysses): the op
+runs on the full sequence for H / cp heads after an all-to-all.
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ class S2Config(AttnConfig):
 @register("s2")
 class S2Attention(Attention):
     Config = S2Config
-    # Ulysses only: the sharded op trades sequence for heads (kernels/context_parallel/s2.py says why).
+    # Ulysses only: the sharded op trades sequence for heads (kernels/s2 says why).
     cp_impls = ("ulysses",)
 
     def __init__(self, dims: MixerDims, cfg: S2Config):
@@ -73,16 +73,6 @@ class S2Attention(Attention):
         B, T, _ = x.shape
         c = self.cfg
         q, k, v = self.project(x, ctx)
-        if ctx.cp is not None:
-            if state is not None or ctx.want_state:
-                raise ValueError("s2: context parallelism neither takes nor returns a decoding state")
-            from loom.kernels.context_parallel.s2 import cp_s2_attention
-
-            o = cp_s2_attention(q, k, v, ctx.cp, block=c.block, local_blocks=c.local_blocks,
-                                vert_stride=c.vert_stride, head_offsets=self.head_offsets,
-                                position_ids=ctx.position_ids, seq_ids=ctx.seq_ids)
-            o = self.heads(x, o, ctx)
-            return self.o_proj(o.reshape(B, T, -1)), None
         pos, doc = ctx.position_ids, ctx.seq_ids
         if state is not None:
             doc = torch.cat([state["doc"], continue_docs(state["doc"], pos)], dim=1)
@@ -90,10 +80,9 @@ class S2Attention(Attention):
             k = torch.cat([state["k"], k], dim=1)
             v = torch.cat([state["v"], v], dim=1)
         want_lse = ctx.stats is not None and state is None
-        one_doc = doc is None or bool((doc == doc[:, -1:]).all())
         o = s2_attention(q, k, v, block=c.block, local_blocks=c.local_blocks, vert_stride=c.vert_stride,
-                         head_offsets=self.head_offsets, seq_ids=None if one_doc else doc, position_ids=pos,
-                         return_lse=want_lse)
+                         head_offsets=self.head_offsets, seq_ids=doc, position_ids=pos, return_lse=want_lse,
+                         cp=ctx.sharding)
         if want_lse:
             o, lse = o
             H = q.shape[2]

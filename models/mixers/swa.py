@@ -39,7 +39,7 @@ class SWAConfig(AttnConfig):
 @register("swa")
 class SlidingWindowAttention(Attention):
     Config = SWAConfig
-    # Under either cp_impl the sharded op is the halo exchange (kernels/context_parallel/halo.py).
+    # Under either cp_impl the op runs the halo exchange.
     cp_impls = ("ring", "ulysses")
 
     def __init__(self, dims: MixerDims, cfg: SWAConfig):
@@ -55,21 +55,13 @@ class SlidingWindowAttention(Attention):
             doc = torch.cat([state["doc"], continue_docs(state["doc"], ctx.position_ids)], dim=1)[:, -(W + T):]
             k = torch.cat([state["k"], k], dim=1)[:, -(W + T):]
             v = torch.cat([state["v"], v], dim=1)[:, -(W + T):]
-        want_lse = ctx.stats is not None and state is None and ctx.cp is None
-        if ctx.cp is not None:
-            if state is not None:
-                raise ValueError("swa: context parallelism does not take a decoding state")
-            from loom.kernels.context_parallel import cp_attention
-
-            o = cp_attention(q, k, v, ctx.cp, seq_ids=ctx.seq_ids, window=W)
-        else:
-            one_doc = doc is None or bool((doc == doc[:, -1:]).all())
-            o = sliding_window_attention(q, k, v, window=W, seq_ids=None if one_doc else doc, return_lse=want_lse)
-            if want_lse:
-                o, lse = o
-                visible = (ctx.position_ids <= W)[:, :, None].expand(-1, -1, q.shape[2])  # first token in window
-                ctx.stats[f"sink_mass/layer{self.dims.layer_idx}"] = sink_mass(
-                    q, k, lse, ctx.position_ids, 1 / math.sqrt(self.dims.head_dim), visible=visible)
+        want_lse = ctx.stats is not None and state is None
+        o = sliding_window_attention(q, k, v, window=W, seq_ids=doc, return_lse=want_lse, cp=ctx.sharding)
+        if want_lse:
+            o, lse = o
+            visible = (ctx.position_ids <= W)[:, :, None].expand(-1, -1, q.shape[2])  # first token in window
+            ctx.stats[f"sink_mass/layer{self.dims.layer_idx}"] = sink_mass(
+                q, k, lse, ctx.position_ids, 1 / math.sqrt(self.dims.head_dim), visible=visible)
         o = self.heads(x, o, ctx)
         y = self.o_proj(o.reshape(B, T, -1))
         new_state = None

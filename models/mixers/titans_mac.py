@@ -36,11 +36,12 @@ Decoding state:
 - "fill": (B,) int64 tokens of the current segment already seen (exact even for a row
   that began inside a document, which its positions alone do not tell).
 
-Context parallelism (ctx.cp): every part of a segment depends on the memory
-weights at its start, so the whole layer is the pipeline stage: the local chunks
-run in global order with the decoding state above carried rank to rank
-(loom.kernels.context_parallel.cp_recurrent). Serialised: the layer takes about its
-single-process time. Training only: no state in or out.
+The layer runs through kernels.sequence.stateful_scan with its decoding state as
+a flat tuple of tensors. Under context parallelism (ctx.sharding) every part of
+a segment depends on the memory weights at its start, so the whole layer is the
+pipeline stage: the local chunks run in global order with that state carried
+rank to rank. Serialised: the layer takes about its single-process time.
+Training only: no state in or out.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loom.kernels.context_parallel import cp_recurrent
+from loom.kernels.sequence import stateful_scan
 from loom.kernels.memory import MemoryState, doc_chunks, memory_read
 from loom.models.mixers.base import Mixer, MixerDims, SeqContext, register
 from loom.models.mixers.memory import MemoryOptions, NeuralMemory, ShortConv
@@ -111,15 +112,20 @@ class TitansMAC(Mixer):
         return apply_rotary(x, cos, sin)
 
     def forward(self, x: torch.Tensor, ctx: SeqContext, state=None):
+        def step(pieces, flat):
+            y, st = self._segments(*pieces, None if flat is None else self._state_from_tensors(flat))
+            return y, self._state_to_tensors(st)
+
+        params = [p for p in self.parameters() if p.requires_grad]
+        y, flat = stateful_scan(step, [x, ctx.position_ids], params,
+                                state=None if state is None else self._state_to_tensors(state), cp=ctx.sharding)
+        return y, (self._state_from_tensors(flat) if ctx.want_state else None)
+
+    def _segments(self, x: torch.Tensor, pos: torch.Tensor, state: dict | None):
+        """x (B, T, D), pos (B, T) -> y (B, T, D) and the state after these tokens."""
         B, T, _ = x.shape
-        if ctx.cp is not None:
-            if state is not None or ctx.want_state:
-                raise ValueError("titans_mac under context parallelism keeps no decoding state; decode with "
-                                 "parallel.cp=1")
-            return self._forward_sharded(x, ctx), None
         H, G, K = self.dims.n_heads, self.dims.n_kv_heads, self.dims.head_dim
         Cs = self.cfg.segment
-        pos = ctx.position_ids
         q = self._rope(self.q_proj(x).view(B, T, H, K), pos)
         kx = self._rope(self.k_proj(x).view(B, T, G, K), pos)
         vx = self.v_proj(x).view(B, T, G, K)
@@ -174,8 +180,6 @@ class TitansMAC(Mixer):
             read_last = tuple(torch.where(has, r, p) for r, p in zip(read_w, read_last))
         o = lay.from_blocks(torch.stack(outs, 1), T)
         y = self.o_proj(o.reshape(B, T, -1))
-        if not ctx.want_state:
-            return y, None
         seg = []
         for i, new in enumerate((torch.stack(khs, 1), torch.stack(vhs, 1), kx, vx)):
             new = lay.from_blocks(new, T) if i < 2 else new
@@ -183,19 +187,6 @@ class TitansMAC(Mixer):
             seg.append(torch.cat([old, new], 1)[:, -Cs:])  # right-aligned: the current segment is at the end
         return y, {"memory": mem_state, "read_conv": read_cache, "seg": tuple(seg), "seg_weights": read_last,
                    "fill": lay.end_offset}
-
-    def _forward_sharded(self, x: torch.Tensor, ctx: SeqContext) -> torch.Tensor:
-        """x (B, L, D) this rank's cp shard -> y (B, L, D): each local chunk is a stateful
-        call of this layer, fed the state of the chunk before it in the full sequence."""
-
-        def step(chunk, flat):
-            x_c, pos_c = chunk
-            y, st = self.forward(x_c, SeqContext(pos_c, want_state=True),
-                                 None if flat is None else self._state_from_tensors(flat))
-            return y, self._state_to_tensors(st)
-
-        params = [p for p in self.parameters() if p.requires_grad]
-        return cp_recurrent(step, [x, ctx.position_ids], params, ctx.cp)
 
     def _state_to_tensors(self, st: dict) -> tuple[torch.Tensor, ...]:
         """The decoding state as a flat tuple (which entries exist depends only on the config)."""

@@ -17,10 +17,10 @@ The window branch is loom.kernels.swa (banded on CPU, flash-attn's window on CUD
 when there are no persistent tokens); the persistent tokens are merged
 through its log-sum-exp.
 
-Context parallelism (ctx.cp): each local chunk's window branch gets the
-`window` keys before it from their owners (a halo exchange, any window
-length) and runs the same prefix-merged kernel; the memory branch carries its
-state rank to rank (see `memory`). Training only: no decoding state.
+Context parallelism (ctx.sharding): each local chunk's window branch gets the
+`window` keys before it from their owners (kernels.sequence.with_halo, any
+window length) and runs the same prefix-merged kernel; the memory branch
+carries its state rank to rank (see `memory`). Training only: no decoding state.
 
 Decoding state: {"k", "v": (B, <= window, G, K) post-RoPE keys and values,
 "doc": (B, <= window) their document index (as `swa`), "memory": the memory
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from loom.kernels.context_parallel import sequence_halo
+from loom.kernels.sequence import with_halo
 from loom.models.mixers.base import Mixer, MixerDims, SeqContext, register
 from loom.models.mixers.memory import MemoryOptions, NeuralMemory
 from loom.models.mixers.attn import continue_docs
@@ -81,9 +81,6 @@ class TitansMAG(Mixer):
 
     def forward(self, x: torch.Tensor, ctx: SeqContext, state=None):
         B, T, _ = x.shape
-        if ctx.cp is not None and (state is not None or ctx.want_state):
-            raise ValueError("titans_mag under context parallelism keeps no decoding state; decode with "
-                             "parallel.cp=1")
         K = self.dims.head_dim
         q = self.q_proj(x).view(B, T, -1, K)
         k = self.k_proj(x).view(B, T, -1, K)
@@ -95,11 +92,9 @@ class TitansMAG(Mixer):
         if state is not None:
             doc = torch.cat([state["doc"], continue_docs(state["doc"], ctx.position_ids)], dim=1)
             k, v = torch.cat([state["k"], k], dim=1), torch.cat([state["v"], v], dim=1)
-        if ctx.cp is not None:
-            a = self._window_attention_sharded(q, k, v, doc, ctx.cp)
-        else:
-            a = self._window_attention(q, k, v, doc)
-        m, mem_state = self.memory(x, ctx.position_ids, None if state is None else state["memory"], cp=ctx.cp)
+        a = self._window_attention(q, k, v, doc, ctx.sharding)
+        m, mem_state = self.memory(x, ctx.position_ids, None if state is None else state["memory"],
+                                   cp=ctx.sharding)
         o = self.attn_norm(a) * torch.sigmoid(self.mem_norm(m.to(a.dtype)))
         y = self.o_proj(o.reshape(B, T, -1))
         if not ctx.want_state:
@@ -109,19 +104,16 @@ class TitansMAG(Mixer):
             doc = torch.zeros(B, k.shape[1], dtype=torch.long, device=x.device)
         return y, {"k": k[:, -keep:], "v": v[:, -keep:], "doc": doc[:, -keep:], "memory": mem_state}
 
-    def _window_attention(self, q, k, v, doc):
-        """q (B, T, H, K); k, v (B, S, G, K), the queries being the last T keys; doc (B, S) or None."""
-        one_doc = doc is None or bool((doc == doc[:, -1:]).all())
-        return window_attention_with_prefix(q, k, v, None if one_doc else doc, self.cfg.window, self.persistent)
-
-    def _window_attention_sharded(self, q, k, v, doc, cp):
-        """The window branch on a cp shard: per local chunk of C queries, its keys are the
-        `window` keys before it (fetched from their owners) followed by its own."""
-        C = q.shape[1] * cp.world_size // cp.n_chunks
-        kv_ext = sequence_halo(torch.stack([k, v], dim=2), cp, self.cfg.window)  # [(B, h + C, 2, G, K)]
-        doc_ext = [None] * len(kv_ext) if doc is None else sequence_halo(doc, cp, self.cfg.window)
-        return torch.cat([self._window_attention(q[:, i * C:(i + 1) * C], kv[:, :, 0], kv[:, :, 1], d)
-                          for i, (kv, d) in enumerate(zip(kv_ext, doc_ext))], dim=1)
+    def _window_attention(self, q, k, v, doc, cp):
+        """q (B, T, H, K); k, v (B, S, G, K), the queries being the last T keys; doc (B, S) or None.
+        Piece by piece: one piece on one device; under cp, each local chunk of C queries
+        with the `window` keys before it (fetched from their owners) followed by its own."""
+        W = self.cfg.window
+        k_ext, v_ext = with_halo(k, W, cp), with_halo(v, W, cp)   # [(B, h + C, G, K)]
+        doc_ext = [None] * len(k_ext) if doc is None else with_halo(doc, W, cp)
+        C = q.shape[1] // len(k_ext)
+        return torch.cat([window_attention_with_prefix(q[:, i * C:(i + 1) * C], ki, vi, d, W, self.persistent)
+                          for i, (ki, vi, d) in enumerate(zip(k_ext, v_ext, doc_ext))], dim=1)
 
     def mixing_flops_per_token(self, seq_len: int) -> float:
         visible = min(self.cfg.window + 1, (seq_len + 1) / 2) + self.cfg.persistent

@@ -25,10 +25,11 @@ import sys
 import torch
 
 from loom.models import HybridLM
-from loom.trainer import dist
 from loom.trainer.config import RunConfig, apply_overrides, config_from_dict, validate
 from loom.trainer.data import seq_ids_from_position_ids
-from loom.trainer.engine import build_engine
+from loom.trainer.distributed import setup_env
+from loom.trainer.parallel_check import check_cp_support
+from loom.trainer.parallelize import parallelize
 
 GLOBAL_ROWS, T, VOCAB, STEPS, ACCUM = 4, 32, 64, 3, 2
 DOC_LENGTHS = [[5, 17, 1, 9], [32], [12, 20], [3, 3, 26]]  # documents cross the zigzag chunk borders
@@ -63,12 +64,12 @@ def main(out: str, engine_name: str, overrides: list[str]) -> None:
     nan_step = next((int(a.split("=")[1]) for a in overrides if a.startswith("--nan-step=")), None)
     overrides = [a for a in overrides if not a.startswith("--nan-step=")]
     cfg = tiny_config([f"parallel.engine={engine_name}", *overrides])
-    env = dist.setup(cfg.parallel)
+    env = setup_env(cfg.parallel)
     rows = GLOBAL_ROWS // env.dp_size
     torch.manual_seed(0)
     model = HybridLM(cfg.model)
-    env.check_model(model, cfg)
-    engine = build_engine(cfg.parallel.engine, model, cfg.optim, cfg.train.steps, env=env, cfg=cfg)
+    check_cp_support(model, cfg)
+    engine = parallelize(model, cfg, env)
     def train_step(seed: int, poison: bool = False) -> float:
         losses = []
         for micro in range(ACCUM):
@@ -91,7 +92,7 @@ def main(out: str, engine_name: str, overrides: list[str]) -> None:
             # Exercises checkpoint_state and load_checkpoint_state of every engine: a piece of
             # state the load misses keeps the detour's value and the last step differs.
             saved = copy.deepcopy(engine.checkpoint_state())  # a copy, as a file would be: CPU weights alias
-            tensors, state = dist.broadcast_object(saved)  # every rank gets rank 0's, as each reads the file
+            tensors, state = env.broadcast_object(saved)  # every rank gets rank 0's, as each reads the file
             train_step(seed=999)
             engine.step()
             engine.load_checkpoint_state(tensors, state)
@@ -108,7 +109,7 @@ def main(out: str, engine_name: str, overrides: list[str]) -> None:
     if env.is_main:
         result.update(params=tensors, state=state, world=env.world)
         torch.save(result, out)
-    dist.teardown()
+    env.teardown()
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from loom.kernels.context_parallel import CPContext, cp_neural_memory, shard_sequence
 from loom.kernels.memory import init_memory_weights, neural_memory
+from loom.models import HybridLM, ModelConfig
 from loom.models.mixers.base import MixerDims, SeqContext
 from loom.models.mixers.memory import Memory, MemoryMixerConfig
 from loom.models.mixers.titans_mac import MACConfig, TitansMAC
@@ -145,7 +146,7 @@ def _mixer_case(cp, kind, opts, g):
     local = copy.deepcopy(mixer)
     local.zero_grad(set_to_none=True)
     x_loc = shard_sequence(x, cp).clone().requires_grad_()
-    y, _ = local(x_loc, SeqContext(shard_sequence(pos, cp), shard_sequence(seq_ids, cp), cp=cp))
+    y, _ = local(x_loc, SeqContext(shard_sequence(pos, cp), shard_sequence(seq_ids, cp), sharding=cp))
     y.backward(shard_sequence(dy, cp))
     ref_grads = dict(mixer.named_parameters())
     summed = _sum_over_ranks([(n, p.grad, ref_grads[n].grad) for n, p in local.named_parameters()], cp)
@@ -188,13 +189,19 @@ def test_cp_impls_declared():
         assert vars(cls)["cp_impls"] == ("ring", "ulysses")
 
 
-@pytest.mark.parametrize("cls, cfg", [(Memory, MemoryMixerConfig), (TitansMAG, MAGConfig), (TitansMAC, MACConfig)])
-def test_cp_refuses_decoding_state(cls, cfg):
-    dims = MixerDims(d_model=D, n_heads=H, n_kv_heads=H, head_dim=K, layer_idx=0, n_layers=1, rope=RopeConfig())
-    mixer = cls(dims, cfg(chunk_size=4))
-    ctx = SeqContext(torch.arange(8)[None], want_state=True, cp=CPContext(None, 0, 2))
-    with pytest.raises(ValueError, match="under context parallelism"):
-        mixer(torch.zeros(1, 8, D), ctx, state={})
+@pytest.mark.parametrize("kind", ["memory", "titans_mag", "titans_mac"])
+def test_cp_refuses_decoding_state(kind):
+    model = HybridLM(ModelConfig(vocab_size=32, d_model=D, n_heads=H, layers=[kind],
+                                 mixers={kind: {"chunk_size": 4}}))
+    with pytest.raises(ValueError, match="context parallelism"):
+        model(torch.zeros(1, 8, dtype=torch.long), want_state=True, cp=CPContext(None, 0, 2))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 8, 2, 4, generator=g) for _ in range(3))
+    gates = [0.1 * torch.rand(1, 8, 2, generator=g) for _ in range(3)]
+    _, state = neural_memory(q, k, v, *gates, init_memory_weights(2, 4, 1), chunk_size=4, return_state=True)
+    with pytest.raises(ValueError, match="context parallelism"):
+        neural_memory(q, k, v, *gates, init_memory_weights(2, 4, 1), chunk_size=4, state=state,
+                      cp=CPContext(None, 0, 2))
 
 
 def test_single_rank_is_the_plain_op():

@@ -106,7 +106,7 @@ def _run_case(name: str, world: int) -> dict:
     def run(inp, pos, ids, cp=None):
         if kind == "model":
             return mixer(inp, position_ids=pos, seq_ids=ids, cp=cp).hidden
-        return mixer(inp, SeqContext(position_ids=pos, seq_ids=ids, cp=cp))[0]
+        return mixer(inp, SeqContext(position_ids=pos, seq_ids=ids, sharding=cp))[0]
 
     x_ref = x.clone().requires_grad_(x.is_floating_point())
     y_ref = run(x_ref, pos, ids)

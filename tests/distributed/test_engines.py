@@ -111,7 +111,7 @@ CASES = {  # name -> (processes, worker arguments)
     "cp4-ring": (4, ["ddp", "parallel.cp=4"]),
     "cp2-ring-hybrid": (2, ["ddp", "parallel.cp=2", *HYBRID]),
     "cp2-ulysses-hybrid-fsdp": (2, ["fsdp", "parallel.cp=2", "parallel.cp_impl=ulysses", *HYBRID]),
-    "zero3-activation-checkpointing": (2, ["deepspeed", "parallel.zero=3", "model.activation_checkpointing=true"]),
+    "zero3-activation-checkpointing": (2, ["deepspeed", "parallel.zero=3", "train.activation_checkpointing=full"]),
     "ddp-skip-nonfinite": (2, ["ddp", "--nan-step=1"]),
     "fsdp-skip-nonfinite": (2, ["fsdp", "--nan-step=1"]),
     "zero0-skip-nonfinite": (2, ["deepspeed", "parallel.zero=0", "--nan-step=1"]),

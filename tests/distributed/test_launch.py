@@ -15,7 +15,7 @@ import torch
 from loom.models.config import ConfigError
 from loom.trainer.config import ParallelConfig, RunConfig
 from loom.trainer.dist import Env
-from loom.trainer.distributed import build_engine
+from loom.trainer.parallelize import build_engine
 from loom.trainer.distributed.deepspeed_engine import deepspeed_config
 from loom.trainer.distributed.mesh import (detect_launch, engine_from_accelerate, first_host, launched_world_size,
                                       mesh_shape)

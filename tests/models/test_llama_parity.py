@@ -106,3 +106,16 @@ def test_rope_tables_equal_at_long_positions(name):
     want_cos, want_sin = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(config)(x, pos)
     got_cos, got_sin = Rotary(cfg.head_dim, cfg.rope)(pos)
     assert torch.equal(got_cos, want_cos) and torch.equal(got_sin, want_sin)
+
+
+def test_next_to_hugging_face_kernels(tmp_path):
+    """Loom installs as `loom.*` only, so Hugging Face's `kernels` package (which
+    transformers >= 5.25 imports) is importable next to it, and the Llama parity
+    holds in that environment. Both are dev dependencies, installed by `make test`."""
+    import kernels  # Hugging Face's kernel hub, not Loom's loom.kernels
+
+    import loom.kernels
+
+    assert hasattr(kernels, "get_kernel") and "site-packages" in kernels.__file__, kernels.__file__
+    assert loom.kernels.__file__ != kernels.__file__
+    test_logits_match_transformers("llama", False, "default", tmp_path)

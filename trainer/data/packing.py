@@ -36,6 +36,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from loom.models import seq_ids_from_position_ids  # noqa: F401  (re-exported: the data path's seq_ids)
+
 IGNORE_INDEX = -100
 
 
@@ -151,15 +153,6 @@ def pack_window(tokens: np.ndarray, doc_start: np.ndarray,
         "position_ids": torch.from_numpy(position_ids.astype(np.int64)),
         "answer_mask": torch.from_numpy(answer_mask),
     }
-
-
-def seq_ids_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """Document index of each token within its row.
-
-    position_ids (B, T) -> seq_ids (B, T) int64: 0 for the row's first document,
-    then +1 at each position_ids == 0 (cumsum of document starts, minus one).
-    """
-    return (position_ids == 0).to(torch.int64).cumsum(dim=-1) - 1
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:

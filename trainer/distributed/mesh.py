@@ -38,6 +38,7 @@ import torch
 import torch.distributed as tdist
 
 from loom.models.config import ConfigError
+from loom.trainer.dist import Env
 
 
 @dataclass(frozen=True)
@@ -147,14 +148,24 @@ def engine_from_accelerate(parallel, environ=None) -> None:
     parallel.offload_params |= env.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none") == "cpu"
 
 
-def init_process_groups(parallel_cfg):
+def setup_env(parallel_cfg) -> Env:
+    """This process's Env: `Env()` when one process runs (no launcher), else the
+    process groups and mesh of init_process_groups. ConfigError when parallel.cp
+    needs more processes than were launched."""
+    if launched_world_size() == 1:
+        if parallel_cfg.cp > 1:
+            raise ConfigError(f"parallel.cp={parallel_cfg.cp} needs {parallel_cfg.cp} processes per data-parallel "
+                              "group; launch with torchrun --nproc_per_node N")
+        return Env()
+    return init_process_groups(parallel_cfg)
+
+
+def init_process_groups(parallel_cfg) -> Env:
     """Initialise torch.distributed and the dp x cp mesh; returns this rank's Env.
 
     Raises ConfigError (before any process group exists) when parallel.cp
     does not divide the world size.
     """
-    from loom.trainer.dist import Env
-
     launch = detect_launch()
     engine_from_accelerate(parallel_cfg)
     dp, cp = mesh_shape(launch.world, parallel_cfg.cp)
