@@ -9,7 +9,7 @@
 #   launch/deepspeed.sh 8 RECIPE parallel.deepspeed_config=recipes/deepspeed/zero3-offload.json
 #   launch/deepspeed.sh launch/hostfile RECIPE parallel.zero=3
 #
-# Equivalent to: deepspeed --num_gpus NGPUS --module trainer train RECIPE parallel.engine=deepspeed ...
+# Equivalent to: deepspeed --num_gpus NGPUS --module loom.trainer train RECIPE parallel.engine=deepspeed ...
 # On a machine without GPUs DS_ACCELERATOR=cpu is exported and NGPUS CPU
 # processes run with gloo. MASTER_PORT picks the rendezvous port (default 29500).
 set -euo pipefail
@@ -39,4 +39,4 @@ else
     placement=(--num_gpus "$WHERE")
 fi
 exec "$DEEPSPEED" "${placement[@]}" --master_port "${MASTER_PORT:-29500}" --no_local_rank \
-    --module trainer train "$RECIPE" parallel.engine=deepspeed "$@"
+    --module loom.trainer train "$RECIPE" parallel.engine=deepspeed "$@"

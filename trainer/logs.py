@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from loom.kernels import dispatch
 from loom.trainer import dist
 
 
@@ -19,7 +20,9 @@ class _RankZeroLines(logging.Handler):
 
 
 def show_kernel_backends() -> None:
-    """Print each kernel backend choice once, on rank 0 (idempotent)."""
+    """Print each kernel backend choice of this run once, on rank 0 (a new run in
+    the same process prints its own again)."""
+    dispatch.reset()
     logger = logging.getLogger("loom.kernels")
     logger.setLevel(logging.INFO)
     logger.propagate = False

@@ -71,3 +71,20 @@ def test_linear_scaling_is_position_interpolation():
     b = Rotary(16, RopeConfig())
     pos = torch.arange(0, 20, 2)[None]
     torch.testing.assert_close(a(pos)[0], b(pos // 2)[0])
+
+
+@pytest.mark.parametrize("layers", [["attn"], ["swa"], ["s2"], ["rat"], ["linear"], ["memory"]])
+def test_packed_positions_alone_separate_documents(layers):
+    """position_ids with resets and no seq_ids: each document sees only itself,
+    exactly as when the documents run one by one."""
+    torch.manual_seed(0)
+    model = HybridLM(ModelConfig(vocab_size=64, d_model=32, n_heads=2, layers=layers,
+                                 mixers={"swa": {"window": 6}, "s2": {"block": 4, "local_blocks": 1,
+                                                                       "vert_stride": 2},
+                                         "rat": {"chunk": 4}, "memory": {"chunk_size": 4}})).double()
+    ids = torch.randint(0, 64, (1, 21))
+    lengths = [7, 9, 5]
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    packed = model(ids, position_ids=pos).hidden
+    pieces = [model(piece).hidden for piece in ids.split(lengths, dim=1)]
+    torch.testing.assert_close(packed, torch.cat(pieces, dim=1), rtol=1e-10, atol=1e-10)

@@ -113,3 +113,13 @@ def test_hybrid_of_every_mixer_trains(tmp_path):
     assert all(v == v and v < 20 for v in lo.values())
     assert sum(lo[s] for s in (10, 11, 12)) < sum(lo[s] for s in (1, 2, 3))
     assert main(["eval", str(repo / "recipes/hybrid-all.yaml"), *args[2:]]) == 0
+
+
+def test_startup_names_the_kernel_backends(recipe, tmp_path, capsys):
+    assert main(["train", str(recipe), f"output_dir={tmp_path / 'k'}", "train.steps=1",
+                 "model.layers=[attn, swa, linear]"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    kernel_lines = [line for line in out if line.startswith("kernel: ")]
+    assert kernel_lines == ["kernel: attention: sdpa", "kernel: sliding-window attention: banded",
+                            "kernel: linear attention: chunked"], kernel_lines
+    assert "activation checkpointing: none; compile: off (auto on cpu)" in out
