@@ -333,9 +333,9 @@ def main_to_hf(argv: list[str]) -> int:
                                      description="Export a run, checkpoint or converted folder to Hugging Face.")
     parser.add_argument("src", help="run folder, checkpoint folder or `loom convert hf` folder")
     parser.add_argument("out", help="output folder (must not exist, or be empty)")
-    parser.add_argument("--target", default="auto", choices=TARGETS,
+    parser.add_argument("--target", default="auto",
                         help="llama/qwen2 (native, attention-only models), remote (trust_remote_code), "
-                             "auto (native when possible)")
+                             "auto (native when possible; default)")
     args = parser.parse_args(argv)
     from loom.trainer.checkpoint import CheckpointError
 
