@@ -2,9 +2,12 @@
 
 `make_run(folder, model={...}, tokenizer="byte")` writes what `loom train`
 leaves behind (config.yaml, checkpoints/step-00000005 with manifest) for a
-HybridLM whose weights are drawn with std 0.1 and norms near 1 (transformers-
-style zeros and ones would hide a swapped norm or a dropped bias), and returns
-the HybridLM in eval mode.
+HybridLM whose weights are drawn with std 0.1 (`std`) and norms near 1
+(transformers-style zeros and ones would hide a swapped norm or a dropped
+bias), and returns the HybridLM in eval mode. At std 0.1 the Titans memory
+layers amplify fp32 rounding differences about 100x per layer (a 1e-7 change
+of input becomes 1e-3 at the logits after memory + titans_mag + titans_mac);
+comparisons of computations with different shapes use std 0.02 for them.
 """
 from pathlib import Path
 
@@ -24,7 +27,8 @@ HYBRID = {"d_model": 32, "n_heads": 4, "layers": ["attn", "swa", "rat", "s2", "l
                      "titans_mag": {"chunk_size": 8, "window": 16}, "titans_mac": {"chunk_size": 8, "segment": 16}}}
 
 
-def _make_run(folder, model: dict, tokenizer: str = "byte", seq_len: int = 64, step: int = 5, seed: int = 0):
+def _make_run(folder, model: dict, tokenizer: str = "byte", seq_len: int = 64, step: int = 5, seed: int = 0,
+              std: float = 0.1):
     cfg = config_from_dict({"output_dir": str(folder), "seed": seed, "model": model,
                             "data": {"seq_len": seq_len, "tokenizer": tokenizer}})
     net = build_model(cfg, load_tokenizer(tokenizer))
@@ -32,7 +36,7 @@ def _make_run(folder, model: dict, tokenizer: str = "byte", seq_len: int = 64, s
     with torch.no_grad():
         for name, p in net.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
-            p.copy_(1 + 0.1 * noise if "norm" in name else 0.1 * noise)
+            p.copy_(1 + 0.1 * noise if "norm" in name else std * noise)
     Path(folder).mkdir(parents=True, exist_ok=True)
     (Path(folder) / "config.yaml").write_text(dump(cfg))
     CheckpointManager(folder).save(step, net.state_dict(), {}, {"loss": 1.0})
