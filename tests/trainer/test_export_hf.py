@@ -93,6 +93,12 @@ def test_hybrid_loads_with_trust_remote_code(tmp_path, make_run, hybrid_model):
     diff = (hf_logits(hf, ids) - loom_logits(loom, ids)).abs().max().item()
     assert diff < 1e-5, f"max abs diff {diff:.2e}"
 
+    labels = ids.clone()
+    labels[:, :5] = -100
+    with torch.no_grad():
+        want_loss = loom.loss(loom(ids).hidden[:, :-1], labels[:, 1:])
+        assert torch.allclose(hf(ids, labels=labels).loss, want_loss, atol=1e-6)
+
     tok = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=True)
     prompts = ["The pass key is 123", "hi"]
     enc = tok(prompts[:1], return_tensors="pt")
@@ -126,6 +132,35 @@ def test_import_export_import_is_identity(tmp_path, make_run):
     assert h1.keys() == h2.keys() and all(torch.equal(h1[k], h2[k]) for k in h1)
     c1, c2 = (json.loads((tmp_path / f / "config.json").read_text()) for f in ("hf1", "hf2"))
     assert c1 == c2
+
+
+def test_transformers_checkpoint_survives_import_and_export(tmp_path):
+    """HF -> Loom -> HF: a save_pretrained Qwen2 (biases, GQA, yarn) comes back with the
+    same tensors and the same architecture fields."""
+    config = transformers.Qwen2Config(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=96, num_hidden_layers=2, max_position_embeddings=256,
+                                      tie_word_embeddings=False, rope_parameters={
+                                          "rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                          "original_max_position_embeddings": 64})
+    model = transformers.Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.1)
+    model.save_pretrained(tmp_path / "hf")
+    convert_hf(tmp_path / "hf", tmp_path / "loom")
+    out, target = export_hf(tmp_path / "loom", tmp_path / "back")
+    assert target == "qwen2"
+    before, after = load_file(str(tmp_path / "hf" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    c0, c1 = (json.loads((f / "config.json").read_text()) for f in (tmp_path / "hf", out))
+    keys = ["architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "tie_word_embeddings",
+            "max_position_embeddings"]
+    assert {k: c0[k] for k in keys} == {k: c1[k] for k in keys}
+    assert {k: v for k, v in c1["rope_parameters"].items() if k in c0["rope_parameters"]} == c0["rope_parameters"]
+    ids = torch.randint(0, 128, (1, 100))
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert (hf_logits(back, ids) - hf_logits(model.eval(), ids)).abs().max().item() < 1e-5
 
 
 def test_byte_tokenizer_json_is_the_byte_tokenizer(tmp_path, make_run):
@@ -222,3 +257,25 @@ def test_cli_prints_one_line_without_importing_transformers(tmp_path, make_run):
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
         "README.md", "config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
         "tokenizer.json", "tokenizer_config.json"]
+
+
+@pytest.mark.slow
+def test_trained_run_through_the_command_line(tmp_path):
+    """`loom train` (tests/tiny.yaml, 8 steps) -> `loom convert to-hf` -> transformers (~25 s)."""
+    from pathlib import Path
+
+    tiny = Path(__file__).resolve().parents[1] / "tiny.yaml"
+    env_run = dict(cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    loom_bin = Path(sys.executable).parent / "loom"
+    train = subprocess.run([str(loom_bin), "train", str(tiny), f"output_dir={tmp_path / 'run'}"], **env_run)
+    assert train.returncode == 0, train.stderr[-2000:]
+    export = subprocess.run([str(loom_bin), "convert", "to-hf", str(tmp_path / "run"), str(tmp_path / "hf")], **env_run)
+    assert export.returncode == 0 and "llama" in export.stdout, export.stderr
+    loom = load_source(tmp_path / "run").build()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = tok(["The pass key is 12345. Remember it. What is the pass key? The pass key is"],
+              return_tensors="pt")["input_ids"]
+    assert (hf_logits(hf, ids) - loom_logits(loom, ids)).abs().max().item() < 1e-5
+    got = hf.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=None)
+    assert torch.equal(got, loom.generate(ids, 20))
