@@ -112,8 +112,13 @@ def rope_to_hf(cfg: ModelConfig) -> dict:
 
 
 def _max_positions(src: LoomSource) -> int:
+    """config.json's max_position_embeddings: the trained length, or the scaled RoPE's extended one.
+    For yarn it is the pretrained length, as in Qwen2.5's configs: transformers 4.x takes
+    yarn's original length from this field (5.x reads rope_parameters and accepts it)."""
     r = src.cfg.rope
-    scaled = int(r.original_max_len * r.factor) if r.scaling in ("yarn", "llama3") else 0
+    if r.scaling == "yarn":
+        return r.original_max_len
+    scaled = int(r.original_max_len * r.factor) if r.scaling == "llama3" else 0
     return max(src.max_len or 0, scaled) or 4096
 
 
@@ -251,7 +256,7 @@ def write_tokenizer(tokenizer, out: Path) -> list[str]:
                  if tid is not None}
     (out / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-         "model_max_length": 1 << 30, **names}, indent=2))
+         "model_max_length": 1 << 30, "model_input_names": ["input_ids", "attention_mask"], **names}, indent=2))
     (out / "special_tokens_map.json").write_text(json.dumps(names, indent=2))
     return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 

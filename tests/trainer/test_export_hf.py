@@ -154,9 +154,11 @@ def test_transformers_checkpoint_survives_import_and_export(tmp_path):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     c0, c1 = (json.loads((f / "config.json").read_text()) for f in (tmp_path / "hf", out))
     keys = ["architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "tie_word_embeddings",
-            "max_position_embeddings"]
+            "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "tie_word_embeddings"]
     assert {k: c0[k] for k in keys} == {k: c1[k] for k in keys}
+    # for yarn, max_position_embeddings is the pretrained length: transformers 4.x reads yarn's
+    # original length from it (the convention of Qwen2.5's configs); 5.x reads rope_parameters
+    assert c1["max_position_embeddings"] == 64
     assert {k: v for k, v in c1["rope_parameters"].items() if k in c0["rope_parameters"]} == c0["rope_parameters"]
     ids = torch.randint(0, 128, (1, 100))
     back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
