@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -178,26 +179,24 @@ def remote_config(src: LoomSource) -> dict:
 
 # ----- weights -----
 
-def native_state(state: dict[str, torch.Tensor], cfg: ModelConfig, target: str) -> dict[str, torch.Tensor]:
-    """HybridLM names -> transformers names (the inverse of convert.loom_name)."""
-    import re
+# HybridLM name -> transformers name (the inverse of convert._RENAMES), layer i as \1.
+_EXPORT_RENAMES = [
+    (r"embed\.weight", "model.embed_tokens.weight"),
+    (r"blocks\.(\d+)\.mixer_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
+    (r"blocks\.(\d+)\.mixer\.([qkvo]_proj)\.(weight|bias)", r"model.layers.\1.self_attn.\2.\3"),
+    (r"blocks\.(\d+)\.mlp_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
+    (r"blocks\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight", r"model.layers.\1.mlp.\2.weight"),
+    (r"norm\.weight", "model.norm.weight"),
+    (r"lm_head\.weight", "lm_head.weight"),
+]
 
+
+def native_state(state: dict[str, torch.Tensor], cfg: ModelConfig, target: str) -> dict[str, torch.Tensor]:
+    """HybridLM state dict -> the transformers one (Qwen2: zero q/k/v biases when the model has none)."""
     out = {}
     for name, t in state.items():
-        m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
-        if name == "embed.weight":
-            new = "model.embed_tokens.weight"
-        elif name in ("norm.weight", "lm_head.weight"):
-            new = {"norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}[name]
-        elif m and m.group(2) == "mixer_norm.weight":
-            new = f"model.layers.{m.group(1)}.input_layernorm.weight"
-        elif m and m.group(2) == "mlp_norm.weight":
-            new = f"model.layers.{m.group(1)}.post_attention_layernorm.weight"
-        elif m and re.fullmatch(r"mixer\.[qkvo]_proj\.(weight|bias)", m.group(2)):
-            new = f"model.layers.{m.group(1)}.self_attn.{m.group(2).removeprefix('mixer.')}"
-        elif m and re.fullmatch(r"mlp\.(gate|up|down)_proj\.weight", m.group(2)):
-            new = f"model.layers.{m.group(1)}.{m.group(2)}"
-        else:
+        new = next((re.sub(pat, repl, name) for pat, repl in _EXPORT_RENAMES if re.fullmatch(pat, name)), None)
+        if new is None:
             raise ConvertError(f"tensor {name!r} has no {ARCH[target][0]} equivalent")
         out[new] = t.contiguous()
     if target == "qwen2" and not mixer_options(cfg)["attn"].qkv_bias:  # Qwen2 always has q/k/v biases
