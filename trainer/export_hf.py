@@ -42,7 +42,7 @@ from safetensors.torch import save_file
 from loom.models import ModelConfig
 from loom.models.model import mixer_options
 from loom.trainer.convert import ConvertError, model_yaml_dict
-from loom.trainer.data.tokenizer import ByteTokenizer, HFTokenizer
+from loom.trainer.data.tokenizer import ByteTokenizer
 from loom.trainer.hf_source import LoomSource, load_source
 
 TARGETS = ("auto", "llama", "qwen2", "remote")
@@ -73,8 +73,8 @@ def native_problem(cfg: ModelConfig, target: str) -> str | None:
     if target == "llama" and opts.qkv_bias:
         return "model.mixers.attn.qkv_bias is true; LlamaForCausalLM biases q, k, v and o together (use qwen2)"
     if cfg.rope.scaling == "ntk":
-        return (f"model.rope.scaling is 'ntk' (static); transformers' NTK scaling ('dynamic') changes with "
-                f"the sequence length")
+        return ("model.rope.scaling is 'ntk' (static); transformers' NTK scaling ('dynamic') changes with "
+                "the sequence length")
     return None
 
 
@@ -264,7 +264,7 @@ def write_tokenizer(tokenizer, out: Path) -> list[str]:
 
 def _readme(src: LoomSource, target: str, tokenizer_files: list[str]) -> str:
     kinds = src.cfg.layer_kinds()
-    lines = [f"# Loom model exported by `loom convert to-hf`", "",
+    lines = ["# Loom model exported by `loom convert to-hf`", "",
              f"Source: `{src.origin}`; {len(kinds)} layers ({', '.join(dict.fromkeys(kinds))}); "
              f"trained context {src.max_len or 'unknown'} tokens.", ""]
     if target == "remote":

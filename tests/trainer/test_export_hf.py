@@ -122,7 +122,7 @@ def test_import_export_import_is_identity(tmp_path, make_run):
     model1 = yaml.safe_load((tmp_path / "loom1" / "model.yaml").read_text())
     model2 = yaml.safe_load((tmp_path / "loom2" / "model.yaml").read_text())
     assert model1 == model2
-    (cfg1, w1), (cfg2, w2) = load_converted(tmp_path / "loom1"), load_converted(tmp_path / "loom2")
+    (_, w1), (_, w2) = load_converted(tmp_path / "loom1"), load_converted(tmp_path / "loom2")
     assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
     # and both equal the run's own weights
     run = load_source(tmp_path / "run")
