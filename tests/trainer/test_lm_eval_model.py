@@ -9,7 +9,8 @@ direct computation from HybridLM: the sum of log-softmax scores of the
 continuation's tokens after [bos] + context, greedy decoding cut at the first
 stop string, and the whole text scored after bos. Batching (right padding)
 must not change a score, for attention and for every recurrent mixer. The
-exported Llama folder under lm_eval's own `hf` model scores the same.
+exported folders (Llama, and a hybrid through trust_remote_code) under
+lm_eval's own `hf` model score the same.
 The command-line test (python -m loom.trainer.lm_eval_model) is marked slow.
 Cost: ~25 s on one CPU core, most of it importing lm_eval.
 """
@@ -160,18 +161,22 @@ def test_rolling_windows_cover_every_token_once(tmp_path, make_run):
     assert abs(windowed - whole) > 1e-3  # shorter contexts score differently
 
 
-def test_exported_folder_under_lm_eval_hf_model_scores_the_same(tmp_path, make_run):
+@pytest.mark.parametrize("kind", ["llama", "remote"])
+def test_exported_folder_under_lm_eval_hf_model_scores_the_same(tmp_path, make_run, hybrid_model, kind):
+    """lm_eval's own `hf` model on the exported folder (native Llama, or the hybrid through
+    trust_remote_code) gives the loom model's scores."""
     pytest.importorskip("transformers")
     from lm_eval.models.huggingface import HFLM
 
     from loom.trainer.export_hf import export_hf
 
-    make_run(tmp_path / "run", ATTN, seq_len=256)
-    out, target = export_hf(tmp_path / "run", tmp_path / "hf")
-    assert target == "llama"
+    model = ATTN if kind == "llama" else hybrid_model
+    make_run(tmp_path / "run", model, seq_len=256, std=0.02)
+    out, target = export_hf(tmp_path / "run", tmp_path / f"hf-{kind}")
+    assert target == kind
     loom = evaluate(LoomLM(checkpoint=str(tmp_path / "run"), batch_size=4), tmp_path / "a", ("loom_mc",))
-    hf = evaluate(HFLM(pretrained=str(out), device="cpu", batch_size=4, add_bos_token=True), tmp_path / "b",
-                  ("loom_mc",))
+    hf = evaluate(HFLM(pretrained=str(out), device="cpu", batch_size=4, add_bos_token=True,
+                       trust_remote_code=kind == "remote"), tmp_path / "b", ("loom_mc",))
     for a, b in zip(loom["samples"]["loom_mc"], hf["samples"]["loom_mc"]):
         for ra, rb in zip(a["resps"], b["resps"]):
             assert float(ra[0][0]) == pytest.approx(float(rb[0][0]), abs=1e-4)
