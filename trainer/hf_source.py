@@ -8,7 +8,8 @@ model start from. PATH may be
     a converted folder      model.yaml + model.safetensors (+ tokenizer.json), from `loom convert hf`
 
 Checkpoints are verified against their manifest first (CheckpointError, one
-line, when one is corrupt). The vocabulary size is read from the weights (the
+line, when one is corrupt; from a run folder, corrupt newer checkpoints are
+skipped with a warning on stderr, as `loom eval` does). The vocabulary size is read from the weights (the
 trainer rounds the tokenizer's up), so the recipe's `model:` section is enough.
 
 Example:
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +62,7 @@ def load_source(path: str | Path) -> LoomSource:
         CheckpointManager(run).verify(path)
         return _from_checkpoint(run, path)
     if (path / "config.yaml").is_file():
-        latest = CheckpointManager(path).latest_valid(log=lambda m: None)
+        latest = CheckpointManager(path).latest_valid(log=lambda m: print(m, file=sys.stderr))
         if latest is None:
             raise CheckpointError(f"{path}: no valid checkpoint under {path / 'checkpoints'}; train first "
                                   f"with `loom train`")
