@@ -244,7 +244,11 @@ def test_bad_sources_and_outputs_are_one_line(tmp_path, make_run, capsys):
     weights = tmp_path / "run" / "checkpoints" / "step-00000005" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-64])
     assert "corrupt" in run(tmp_path / "run" / "checkpoints" / "step-00000005", tmp_path / "out")
-    assert "no valid checkpoint" in run(tmp_path / "run", tmp_path / "out")
+    # from the run folder: the skipped checkpoint is named in a warning, then the error line
+    assert main(["convert", "to-hf", str(tmp_path / "run"), str(tmp_path / "out")]) == 2
+    warning, error = capsys.readouterr().err.splitlines()
+    assert warning.startswith("warning: skipping corrupt checkpoint step-00000005")
+    assert error.startswith("error: ") and "no valid checkpoint" in error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "run", "taken"]
 
 
