@@ -112,6 +112,8 @@ def test_hybrid_loads_with_trust_remote_code(tmp_path, make_run, hybrid_model):
     for r, text in enumerate(prompts):
         alone = loom.generate(torch.tensor([tok(text)["input_ids"]]), 6)[:, -6:]
         assert torch.equal(rows[r:r + 1], alone), text
+    with pytest.raises(ValueError, match="beam search"):
+        hf.generate(**enc, max_new_tokens=4, num_beams=2)
 
 
 def test_import_export_import_is_identity(tmp_path, make_run):

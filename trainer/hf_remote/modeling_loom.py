@@ -132,6 +132,13 @@ class LoomForCausalLM(LoomPreTrainedModel, GenerationMixin):
         state = {"layers": out.state, "seen": seen + T, "lengths": lengths} if want else None
         return LoomCausalLMOutput(loss=loss, logits=logits, loom_state=state)
 
+    def generate(self, *args, **kwargs):
+        config = kwargs.get("generation_config") or self.generation_config
+        if (kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1) > 1:
+            raise ValueError("LoomForCausalLM: beam search is not supported (the decoding state is not reordered "
+                             "between beams); use greedy search or sampling")
+        return super().generate(*args, **kwargs)
+
     def prepare_inputs_for_generation(self, input_ids, loom_state=None, attention_mask=None, use_cache=True,
                                       **kwargs):
         if loom_state is not None:
