@@ -58,9 +58,9 @@ class LoomForCausalLM(LoomPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
-        model.recompute_buffers()
-        return model
+        loaded = super().from_pretrained(*args, **kwargs)  # (model, info) with output_loading_info=True
+        (loaded[0] if isinstance(loaded, tuple) else loaded).recompute_buffers()
+        return loaded
 
     @torch.no_grad()
     def recompute_buffers(self) -> None:
