@@ -191,11 +191,22 @@ class LoomLM(TemplateLM):
 
 
 def main() -> None:
-    """lm_eval's command line with the `loom` model registered."""
+    """lm_eval's command line with the `loom` model registered. Bad input (a missing
+    checkpoint, an unknown task) is one `error:` line and exit 2 (LOOM_DEBUG=1: traceback)."""
+    import os
+
     from lm_eval.__main__ import cli_evaluate
 
+    from loom.trainer.checkpoint import CheckpointError
+
     sys.argv[0] = "lm_eval"
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except (ValueError, OSError, KeyError, CheckpointError) as e:
+        if os.environ.get("LOOM_DEBUG"):
+            raise
+        print(f"error: {(str(e).strip().splitlines() or [type(e).__name__])[0]}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ stop string, and the whole text scored after bos. Batching (right padding)
 must not change a score, for attention and for every recurrent mixer. The
 exported folders (Llama, and a hybrid through trust_remote_code) under
 lm_eval's own `hf` model score the same.
-The command-line test (python -m loom.trainer.lm_eval_model) is marked slow.
+The command-line tests (python -m loom.trainer.lm_eval_model: a local run, and
+a bad checkpoint as one `error:` line) are marked slow.
 Cost: ~25 s on one CPU core, most of it importing lm_eval.
 """
 import json
@@ -209,3 +210,22 @@ def test_command_line_runs_local_tasks(tmp_path, make_run):
     results = json.loads(found[0].read_text())["results"]
     assert set(results) == {"loom_mc", "loom_gen", "loom_ppl"}
     assert 0.0 <= results["loom_mc"]["acc,none"] <= 1.0 and math.isfinite(results["loom_ppl"]["bits_per_byte,none"])
+
+
+def test_bad_checkpoint_fails_naming_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        LoomLM(checkpoint=str(tmp_path / "no"))
+
+
+@pytest.mark.slow
+def test_bad_checkpoint_is_one_line_on_the_command_line(tmp_path, monkeypatch, capsys):
+    """~40 s: lm_eval's command line indexes its own task library first."""
+    from loom.trainer.lm_eval_model import main
+
+    monkeypatch.setattr(sys, "argv", ["lm_eval", "--model", "loom", "--model_args", f"checkpoint={tmp_path / 'no'}",
+                                      "--tasks", "loom_mc", "--include_path", str(TASKS)])
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("error: ") and "no such folder" in err[-1]
+    assert not any("Traceback" in line for line in err)
