@@ -151,3 +151,15 @@ def test_no_bare_top_level_imports(folder):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
             assert not any(n.split(".")[0] in FOLDERS for n in names), f"{path}:{node.lineno} imports {names}"
+
+
+def test_entry_points_started_in_the_checkout_do_not_shadow_packages():
+    """`python -m loom.trainer` run from the repository root: the checkout's kernels/
+    must not hide Hugging Face's `kernels` (which transformers imports)."""
+    code = ("from loom.trainer import drop_checkout_from_path; drop_checkout_from_path(); "
+            "import kernels; print(kernels.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert "site-packages" in out.stdout, out.stdout
+    shadowed = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.__file__)"], cwd=REPO,
+                              capture_output=True, text=True, check=True)
+    assert shadowed.stdout.strip() == str(REPO / "kernels" / "__init__.py")  # the hazard it guards against

@@ -5,6 +5,7 @@
     loom generate RECIPE --prompt TEXT      greedy generation from the latest checkpoint
     loom info RECIPE [key=value ...]        parameters, FLOPs per token, cache size per layer
     loom convert hf SRC OUT                 import a Llama/Qwen2 checkpoint folder
+    loom convert to-hf RUN_OR_CKPT OUT      export to a Hugging Face folder (--target auto|llama|qwen2|remote)
 
 User errors print one line `error: ...` on stderr and exit 2 (LOOM_DEBUG=1 shows the traceback).
 """
@@ -97,6 +98,12 @@ def cmd_convert(args) -> int:
     return main_convert([args.src, args.out])
 
 
+def cmd_to_hf(args) -> int:
+    from loom.trainer.export_hf import main_to_hf
+
+    return main_to_hf([args.src, args.out, "--target", args.target])
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loom", description="Train long-context hybrid language models.")
     # the `deepspeed` launcher passes --local_rank=N before the command (LOCAL_RANK is read from the environment)
@@ -119,6 +126,11 @@ def parser() -> argparse.ArgumentParser:
     hf.add_argument("src")
     hf.add_argument("out")
     hf.set_defaults(fn=cmd_convert)
+    to_hf = conv_sub.add_parser("to-hf", help="export a run or checkpoint to a Hugging Face folder")
+    to_hf.add_argument("src", help="run folder, checkpoint folder or `loom convert hf` folder")
+    to_hf.add_argument("out")
+    to_hf.add_argument("--target", default="auto", help="auto | llama | qwen2 | remote (trust_remote_code)")
+    to_hf.set_defaults(fn=cmd_to_hf)
     return p
 
 

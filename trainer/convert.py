@@ -43,8 +43,8 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from loom.models import HybridLM, ModelConfig
 from loom.models.config import build
@@ -224,7 +224,7 @@ def _sliding_layers(hf: dict, n_layers: int) -> list[int]:
 
 def model_yaml_dict(cfg: ModelConfig) -> dict:
     """The architecture fields of `cfg` as a recipe's `model:` mapping (training
-    choices such as init_std and activation_checkpointing are left to the recipe)."""
+    choices such as init_std are left to the recipe)."""
     rope = {"base": cfg.rope.base, "scaling": cfg.rope.scaling}
     used = {"linear": ["factor"], "ntk": ["factor"],
             "yarn": ["factor", "original_max_len", "beta_fast", "beta_slow"],
@@ -262,6 +262,29 @@ def weight_files(src: Path) -> list[Path]:
     raise FileNotFoundError(f"{src}: no *.safetensors weights{hint}")
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def open_safetensors(path: Path):
+    """safe_open(path), or ConvertError naming the file when it is truncated or
+    not a safetensors file (the header is checked against the file size here)."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except SafetensorError as e:
+        raise ConvertError(f"{path}: not a readable safetensors file, truncated or corrupt "
+                           f"({_first_line(e)})") from None
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file on CPU, with the errors of open_safetensors."""
+    with open_safetensors(path) as f:
+        try:
+            return {name: f.get_tensor(name) for name in f.keys()}
+        except SafetensorError as e:
+            raise ConvertError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+
+
 def loom_name(hf_name: str) -> str | None:
     """HybridLM parameter name for a transformers one; None for ignorable buffers."""
     if _SKIP.fullmatch(hf_name):
@@ -278,7 +301,7 @@ def convert_state_dict(files: list[Path], cfg: ModelConfig) -> dict[str, torch.T
         expected = {k: tuple(v.shape) for k, v in HybridLM(cfg).state_dict().items()}
     out: dict[str, torch.Tensor] = {}
     for path in files:
-        with safe_open(str(path), framework="pt") as f:
+        with open_safetensors(path) as f:
             for hf_name in f.keys():
                 name = loom_name(hf_name)
                 if name is None or (name == "lm_head.weight" and cfg.tie_embeddings):
@@ -288,7 +311,10 @@ def convert_state_dict(files: list[Path], cfg: ModelConfig) -> dict[str, torch.T
                 if name not in expected:
                     raise ConvertError(f"tensor {hf_name!r} does not fit the configured model (layer count "
                                        f"{len(cfg.layer_kinds())}, tie_word_embeddings {cfg.tie_embeddings})")
-                t = f.get_tensor(hf_name)
+                try:
+                    t = f.get_tensor(hf_name)
+                except SafetensorError as e:
+                    raise ConvertError(f"{path}: cannot read tensor {hf_name!r} ({_first_line(e)})") from None
                 if tuple(t.shape) != expected[name]:
                     raise ConvertError(f"tensor {hf_name!r} has shape {tuple(t.shape)}; config.json implies "
                                        f"{expected[name]}")
@@ -357,7 +383,7 @@ def load_converted(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tenso
     cfg = converted_config(path)
     if not (path / "model.safetensors").is_file():
         raise FileNotFoundError(f"{path}: no model.safetensors (expected a folder written by `loom convert hf`)")
-    return cfg, load_file(str(path / "model.safetensors"))
+    return cfg, read_safetensors(path / "model.safetensors")
 
 
 def converted_config(path: str | Path) -> ModelConfig:

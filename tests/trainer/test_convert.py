@@ -226,3 +226,31 @@ def test_bf16_checkpoint_keeps_its_dtype_and_loads(tmp_path):
     model.load_state_dict(state)
     assert model.embed.weight.dtype == torch.float32
     assert torch.equal(model.embed.weight, tensors["model.embed_tokens.weight"].float())
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "bad-header"])
+def test_corrupt_safetensors_is_one_line_naming_the_file(tmp_path, capsys, damage):
+    """A damaged weight file (cut short by a failed download, or not safetensors
+    at all) is one `error:` line naming that file, not a traceback."""
+    cfg = hf_config()
+    src = write_hf(tmp_path / "hf", cfg, hf_tensors(cfg), shards=2)
+    shard = src / "model-00002-of-00002.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"not a safetensors file",
+                       "empty": b"", "bad-header": (20).to_bytes(8, "little") + b"{not json" + b" " * 11}[damage])
+    with pytest.raises(ConvertError, match="model-00002-of-00002.safetensors"):
+        convert_hf(src, tmp_path / "out")
+    assert main_convert([str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and str(shard) in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_converted_folder_is_one_line(tmp_path):
+    cfg = hf_config()
+    out = convert_hf(write_hf(tmp_path / "hf", cfg, hf_tensors(cfg)), tmp_path / "out")
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ConvertError, match="truncated or corrupt") as e:
+        load_converted(out)
+    assert "\n" not in str(e.value) and str(weights) in str(e.value)
