@@ -50,22 +50,29 @@ __all__ = [
 class SourceConfig:
     """One document source of the mixture.
 
-    kind: files | hub | stdlib (real text, packed) or passkey | mqar | copy (synthetic).
+    kind: prepared (a folder written by `loom data prepare`), files | hub | stdlib
+        (raw text, prepared into data.cache_dir on first use, then read the same
+        way) or passkey | mqar | copy (synthetic, generated from the seed).
     weight: relative share of windows drawn from this source (> 0).
-    path, paths: files: a path or glob, and/or a list of them (one file type per source).
+    path, paths: prepared: the folder; files: paths, globs or directories.
     text_field: files (json/parquet) and hub: the column holding the text.
     sample_by: files (txt): one document per line, paragraph or whole file.
     name, subset, split: hub: dataset name, config name and split to load.
-    val_fraction: real text, when DataConfig.val_sources is None: share of
-        documents held out for val (by hash of the document key, seed-independent).
+    val_fraction: raw text: share of documents held out for val at preparation
+        (by hash of the document's text, seed-independent).
     max_bytes: real text: cap on the corpus size in UTF-8 bytes, before the carve.
+    min_tokens, max_tokens: real text: keep documents of this many tokens (with
+        bos/eos), e.g. min_tokens: 16384 for a long-document source.
+    length_upsample: real text: [[min_len, weight], ...]; a document of >= min_len
+        tokens (largest matching entry) is seen `weight` times per epoch in
+        expectation. The source's share of windows stays its `weight`.
     depth: passkey: needle depth in [0, 1]; None = uniform per example.
     key_digits: passkey: digits of the key.
     n_pairs, n_queries: mqar: key-value pairs shown and queries asked.
     min_period, max_period: copy: range of the repeated string's length (characters).
     """
 
-    kind: Literal["files", "hub", "stdlib", "passkey", "mqar", "copy"] = "stdlib"
+    kind: Literal["prepared", "files", "hub", "stdlib", "passkey", "mqar", "copy"] = "stdlib"
     weight: float = 1.0
     path: Optional[str] = None
     paths: list[str] = field(default_factory=list)
@@ -76,6 +83,9 @@ class SourceConfig:
     split: str = "train"
     val_fraction: float = 0.05
     max_bytes: Optional[int] = None
+    min_tokens: int = 0
+    max_tokens: Optional[int] = None
+    length_upsample: list[list[float]] = field(default_factory=list)
     depth: Optional[float] = None
     key_digits: int = 5
     n_pairs: int = 16
@@ -98,8 +108,9 @@ class DataConfig:
     val_sources: the validation mixture, taken whole; None = the same sources
         with their held-out documents (real text) or fresh examples (synthetic).
     val_windows: windows in the fixed validation set (eval_windows).
-    cache_dir: where token buffers (and HF `datasets` caches) are kept; None =
-        tokenize at every start, HF default cache.
+    cache_dir: where raw sources (files, hub, stdlib) are prepared on first use,
+        one folder per (source, tokenizer); None = $LOOM_DATA_CACHE or
+        ~/.cache/loom/data.
     """
 
     seq_len: int = 512
@@ -120,6 +131,16 @@ def _check_source(src: SourceConfig, where: str) -> None:
         raise bad("path", "a files source needs path or paths")
     if src.kind == "hub" and not src.name:
         raise bad("name", "a hub source needs the dataset name")
+    if src.kind == "prepared" and not src.path:
+        raise bad("path", "a prepared source needs the folder written by `loom data prepare`")
+    if src.kind in ("prepared", "files", "hub", "stdlib"):
+        if src.min_tokens < 0:
+            raise bad("min_tokens", f"must be >= 0, got {src.min_tokens}")
+        if src.max_tokens is not None and src.max_tokens < max(src.min_tokens, 1):
+            raise bad("max_tokens", f"must be >= min_tokens ({src.min_tokens}) and >= 1, got {src.max_tokens}")
+        for rule in src.length_upsample:
+            if len(rule) != 2 or rule[0] < 0 or rule[1] < 0:
+                raise bad("length_upsample", f"entries are [min_len >= 0, weight >= 0], got {rule}")
     if src.kind in ("files", "hub", "stdlib"):
         if not 0 < src.val_fraction < 1:
             raise bad("val_fraction", f"must be in (0, 1), got {src.val_fraction}")

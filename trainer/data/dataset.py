@@ -22,18 +22,17 @@ epoch), mix (block order) and task (one synthetic example).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import time
 from collections import OrderedDict
 from typing import Optional
 
 import numpy as np
 import torch
 
-from loom.trainer.data.packing import PackedStream, pack_window, seeded_rng, tokenize_documents
-from loom.trainer.data.sources import load_documents
+from loom.trainer.data.packing import pack_window, seeded_rng
+from loom.trainer.data.prepare import ensure_prepared
+from loom.trainer.data.prepared import ManifestError, open_prepared
+from loom.trainer.data.reader import PreparedStream
 from loom.trainer.data.synthetic import CopyTask, MQARTask, PasskeyTask
 
 log = logging.getLogger(__name__)
@@ -121,33 +120,13 @@ class WindowDataset:
         return f"WindowDataset(split={self.split!r}, seq_len={self.seq_len}, sources={self.names})"
 
 
-def _cached_tokenize(tokenizer, docs: list[str], cache_dir: Optional[str]) -> tuple[np.ndarray, np.ndarray]:
-    """tokenize_documents, memoised on disk under cache_dir by (tokenizer, exact text)."""
-    if cache_dir is None:
-        return tokenize_documents(tokenizer, docs)
-    h = hashlib.sha256(tokenizer.fingerprint.encode())
-    for d in docs:
-        b = d.encode("utf-8")
-        h.update(len(b).to_bytes(8, "little"))
-        h.update(b)
-    path = os.path.join(cache_dir, f"tokens-{h.hexdigest()[:24]}.npz")
-    if os.path.isfile(path):
-        with np.load(path) as z:
-            return z["tokens"], z["offsets"]
-    tokens, offsets = tokenize_documents(tokenizer, docs)
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.savez(f, tokens=tokens, offsets=offsets)
-    os.replace(tmp, path)
-    return tokens, offsets
-
-
 def make_source(src, index: int, tokenizer, seq_len: int, seed: int, split: str, part: str,
-                cache_dir: Optional[str] = None):
+                cache_dir: Optional[str] = None, token_offset: int = 0):
     """Window provider for one SourceConfig at position `index` of its list.
 
-    part: which documents of a real-text source ("train", "val" or "all").
+    part: which documents of a real-text source ("train", "val" or "all");
+    a raw source (files, hub, stdlib) is prepared into cache_dir on first use.
+    token_offset: stream position of window 0 of a real-text source.
     """
     code = SPLIT_CODES[split]
     if src.kind == "passkey":
@@ -156,12 +135,12 @@ def make_source(src, index: int, tokenizer, seq_len: int, seed: int, split: str,
         return MQARTask(tokenizer, seq_len, (seed, code, PURPOSE_TASK, index), src.n_pairs, src.n_queries)
     if src.kind == "copy":
         return CopyTask(tokenizer, seq_len, (seed, code, PURPOSE_TASK, index), src.min_period, src.max_period)
-    t0 = time.perf_counter()
-    hf_cache = None if cache_dir is None else os.path.join(cache_dir, "hf")
-    docs = load_documents(src, part, hf_cache)
-    if not docs:
-        raise ValueError(f"{src.kind} source {index} has no documents for the {part} split")
-    tokens, offsets = _cached_tokenize(tokenizer, docs, cache_dir)
-    log.info("%s source %d (%s): %d documents, %d tokens in %.1fs", src.kind, index, part, len(docs),
-             len(tokens), time.perf_counter() - t0)
-    return PackedStream(tokens, offsets, seq_len, (seed, code, PURPOSE_SHUFFLE, index))
+    path = src.path if src.kind == "prepared" else ensure_prepared(src, tokenizer, cache_dir)
+    prep = open_prepared(path, tokenizer)
+    shards = prep.split_shards(part)
+    name = f"data.sources[{index}] ({src.kind}, {prep.path}, {part} split)"
+    if not any(s.documents for s in shards):
+        raise ManifestError(f"{name} has no documents; give data.val_sources or prepare with a larger "
+                            "val_fraction" if part == "val" else f"{name} has no documents")
+    return PreparedStream(shards, prep.dtype, seq_len, (seed, code, PURPOSE_SHUFFLE, index), src.min_tokens,
+                          src.max_tokens, src.length_upsample, token_offset, name)
