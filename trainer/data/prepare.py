@@ -262,9 +262,10 @@ def prepare_source(src, tokenizer, out_dir: str, worker: int = 0, workers: int =
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
     ident = prepare_identity(src, tokenizer, np_dtype, shard_tokens)
     _check_target(out_dir, ident)
-    if os.path.isfile(os.path.join(out_dir, "manifest.json")):
-        return open_prepared(out_dir, tokenizer)
     units = source_units(src)
+    if os.path.isfile(os.path.join(out_dir, "manifest.json")) and \
+            all(_unit_done(out_dir, u.index, np_dtype.itemsize) for u in units):
+        return open_prepared(out_dir, tokenizer)
     if not units:
         raise ValueError(f"{src.kind} source has no files or stream shards to prepare")
     for d in ("train", "val", "units"):
