@@ -32,17 +32,20 @@ import torch
 
 from loom.models.config import ConfigError
 from loom.trainer.data.batcher import Batcher, collate
-from loom.trainer.data.dataset import PURPOSE_TASK, SPLIT_CODES, WindowDataset, make_source
+from loom.trainer.data.dataset import (PURPOSE_MIX, PURPOSE_TASK, SPLIT_CODES, MixtureSchedule, WindowDataset,
+                                       make_source)
+from loom.trainer.data.prepare import REAL_KINDS
 from loom.trainer.data.packing import (IGNORE_INDEX, cu_seqlens_from_position_ids, pack_window,
                                   seq_ids_from_position_ids)
 from loom.trainer.data.synthetic import MQARTask, PasskeyTask, answer_span_correct
+from loom.trainer.data.schedule import StageConfig, StagedBatches
 from loom.trainer.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 __all__ = [
     "SourceConfig", "DataConfig", "build_dataset", "eval_windows", "passkey_examples", "mqar_examples",
     "validate_data_config", "WindowDataset", "Batcher", "collate", "load_tokenizer",
     "ByteTokenizer", "HFTokenizer", "seq_ids_from_position_ids", "cu_seqlens_from_position_ids",
-    "answer_span_correct", "IGNORE_INDEX",
+    "answer_span_correct", "IGNORE_INDEX", "StageConfig", "StagedBatches",
 ]
 
 
@@ -108,6 +111,8 @@ class DataConfig:
     val_sources: the validation mixture, taken whole; None = the same sources
         with their held-out documents (real text) or fresh examples (synthetic).
     val_windows: windows in the fixed validation set (eval_windows).
+    seq_len_schedule: stages of {step, seq_len, batch_size}; empty = one stage
+        at seq_len (trainer/data/schedule.py).
     cache_dir: where raw sources (files, hub, stdlib) are prepared on first use,
         one folder per (source, tokenizer); None = $LOOM_DATA_CACHE or
         ~/.cache/loom/data.
@@ -118,6 +123,7 @@ class DataConfig:
     sources: list[SourceConfig] = field(default_factory=_default_sources)
     val_sources: Optional[list[SourceConfig]] = None
     val_windows: int = 32
+    seq_len_schedule: list[StageConfig] = field(default_factory=list)
     cache_dir: Optional[str] = None
 
 
@@ -178,11 +184,14 @@ def validate_data_config(cfg: DataConfig, prefix: str = "data") -> None:
         _check_source(src, f"{prefix}.val_sources[{i}]")
 
 
-def build_dataset(cfg: DataConfig, tokenizer, split: str, seed: int) -> WindowDataset:
+def build_dataset(cfg: DataConfig, tokenizer, split: str, seed: int,
+                  history: Optional[list[tuple[int, int]]] = None) -> WindowDataset:
     """The infinite window dataset of `split` ("train" or "val").
 
-    Real-text sources are loaded and tokenized here, once (seconds for the
-    default 4 MB stdlib corpus); synthetic examples are generated on access.
+    Real-text sources are read from their prepared folders (raw ones are
+    prepared into cache_dir on first use); synthetic examples are generated on
+    access. history: (windows, seq_len) of earlier seq_len stages; each source
+    continues where they left it (schedule.py).
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -190,10 +199,19 @@ def build_dataset(cfg: DataConfig, tokenizer, split: str, seed: int) -> WindowDa
     explicit_val = cfg.val_sources is not None
     sources = cfg.val_sources if split == "val" and explicit_val else cfg.sources
     part = "all" if explicit_val else split
-    providers = [make_source(src, i, tokenizer, cfg.seq_len, seed, split, part, cfg.cache_dir)
+    weights = [s.weight for s in sources]
+    used = [0] * len(sources)        # windows of each source consumed by earlier stages
+    tokens = [0] * len(sources)      # and their tokens
+    for n, seq_len in history or []:
+        sched = MixtureSchedule(weights, (seed, SPLIT_CODES[split], PURPOSE_MIX))
+        for i in range(len(sources)):
+            k = sched.count(i, n)
+            used[i] += k
+            tokens[i] += k * seq_len
+    providers = [make_source(src, i, tokenizer, cfg.seq_len, seed, split, part, cfg.cache_dir, tokens[i])
                  for i, src in enumerate(sources)]
-    return WindowDataset(providers, [s.weight for s in sources], [s.kind for s in sources],
-                         cfg.seq_len, seed, split)
+    return WindowDataset(providers, weights, [s.kind for s in sources], cfg.seq_len, seed, split,
+                         [0 if s.kind in REAL_KINDS + ("prepared",) else used[i] for i, s in enumerate(sources)])
 
 
 def eval_windows(cfg: DataConfig, tokenizer, seed: int, n: Optional[int] = None,

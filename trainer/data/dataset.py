@@ -75,6 +75,13 @@ class MixtureSchedule:
                 self._blocks.popitem(last=False)
         return self._blocks[b]
 
+    def count(self, s: int, n: int) -> int:
+        """Windows of source s among global windows 0..n-1."""
+        full, rest = divmod(n, MIX_BLOCK)
+        if len(self.quota) == 1:
+            return n
+        return int(full * self.quota[s] + (self._block(full)[0][:rest] == s).sum())
+
     def locate(self, i: int) -> tuple[int, int]:
         if len(self.quota) == 1:
             return 0, i
@@ -86,7 +93,8 @@ class WindowDataset:
     """Infinite map-style dataset of packed windows.
 
     sources: S window providers (`window(k)` -> tokens (W,), doc_start (W,)
-    [, answer (W,)]), weights: S floats, names: S labels for logs.
+    [, answer (W,)]), weights: S floats, names: S labels for logs;
+    window_offsets: S ints added to each source's window index (seq_len stages).
 
     `dataset[i]` -> dict of input_ids, labels, position_ids (T,) int64,
     answer_mask (T,) bool and source () int64 (index into `names`).
@@ -99,8 +107,9 @@ class WindowDataset:
     """
 
     def __init__(self, sources: list, weights: list[float], names: list[str], seq_len: int,
-                 seed: int, split: str):
+                 seed: int, split: str, window_offsets: Optional[list[int]] = None):
         self.sources = sources
+        self.window_offsets = window_offsets or [0] * len(sources)
         self.names = names
         self.seq_len = seq_len
         self.seed = seed
@@ -112,7 +121,7 @@ class WindowDataset:
         if i < 0:
             raise IndexError(f"window index must be >= 0, got {i}")
         s, k = self.schedule.locate(i)
-        item = pack_window(*self.sources[s].window(k))
+        item = pack_window(*self.sources[s].window(self.window_offsets[s] + k))
         item["source"] = torch.tensor(s, dtype=torch.int64)
         return item
 
