@@ -87,6 +87,24 @@ def _prepare_cmd(raw: Path, out: Path) -> list[str]:
             "--source", f"{{kind: files, path: '{raw}'}}"]
 
 
+def test_interrupted_prepare_state_is_completed_byte_identical(tmp_path):
+    """Fast tier: the files a kill leaves behind (a stale temporary, a unit whose marker is
+    missing, a truncated shard) are redone; the slow test below really kills a process."""
+    _write_corpus(tmp_path / "raw", 4, 100)
+    src = SourceConfig(kind="files", path=str(tmp_path / "raw"))
+    prepare_source(src, BYTE, str(tmp_path / "ref"))
+    out = tmp_path / "out"
+    prepare_source(src, BYTE, str(out))
+    (out / "manifest.json").unlink()
+    (out / "units" / "00001.json").unlink()                                   # killed before its marker
+    (out / "train" / "00002-0000.tokens.tmp-99999").write_bytes(b"partial")
+    tokens = out / "train" / "00003-0000.tokens"
+    tokens.write_bytes(tokens.read_bytes()[:10])                             # a torn file
+    assert prepare_source(src, BYTE, str(out)) is not None
+    assert not list(out.rglob("*.tmp-*")) and _tree_bytes(out) == _tree_bytes(tmp_path / "ref")
+
+
+@pytest.mark.slow
 def test_killed_prepare_resumes_byte_identical(tmp_path):
     _write_corpus(tmp_path / "raw", 16, 2000)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -201,3 +219,29 @@ def test_stats_match_the_documents(tmp_path, capsys):
     assert f"{len(lengths):,} documents, {lengths.sum():,} tokens" in out
     assert f"p50 {np.percentile(lengths, 50):,.0f}" in out and "longer than 4K: 0.00%" in out
     assert (tmp_path / "h.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_training_killed_with_sigkill_resumes_with_the_same_losses(tmp_path):
+    from loom.trainer.metrics import train_losses
+
+    _write_corpus(tmp_path / "raw", 2, 300)
+    prep = prepare_source(SourceConfig(kind="files", path=str(tmp_path / "raw")), BYTE, str(tmp_path / "p"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def cmd(out):
+        return [sys.executable, "-m", "loom.trainer", "train", str(REPO / "tests" / "tiny.yaml"), f"output_dir={out}",
+                f"data.sources=[{{kind: prepared, path: '{prep.path}'}}]", "train.steps=12", "train.save_every=3"]
+
+    subprocess.run(cmd(tmp_path / "a"), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(cmd(tmp_path / "b"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "b" / "checkpoints" / "step-00000006").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 6 <= max(train_losses(tmp_path / "b")) < 12
+    subprocess.run(cmd(tmp_path / "b"), check=True, env=env, capture_output=True)
+    la, lb = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
+    assert sorted(la) == sorted(lb) == list(range(1, 13))
+    assert all(abs(la[s] - lb[s]) <= 1e-6 for s in la), (la, lb)

@@ -45,7 +45,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from loom.trainer.data.prepared import (FORMAT, FORMAT_VERSION, INDEX_DTYPE, SPLITS, ManifestError, Prepared,
-                                        open_prepared, token_dtype, tokenizer_identity, write_json_atomic)
+                                        VerifiedRecord, open_prepared, token_dtype, tokenizer_identity, write_json_atomic)
 from loom.trainer.data.sources import Unit, in_val, source_identity, source_units, unit_documents
 
 log = logging.getLogger(__name__)
@@ -275,7 +275,7 @@ def prepare_source(src, tokenizer, out_dir: str, worker: int = 0, workers: int =
     mine = [u for u in units if u.index % workers == worker]
     with _locked(os.path.join(out_dir, f".lock-{worker}-of-{workers}")):
         todo = [u for u in mine if _unit_done(out_dir, u.index, np_dtype.itemsize) is None]
-        for u in todo:   # temporaries of killed runs
+        for u in mine:   # temporaries of killed runs
             for stale in glob.glob(os.path.join(out_dir, "*", f"{u.index:05d}*.tmp-*")):
                 os.remove(stale)
         t0 = time.perf_counter()
@@ -313,6 +313,11 @@ def _write_manifest(out_dir: str, ident: dict, markers: list[dict], tokenizer) -
                          f"no text in field {ident['source']['text_field']!r}); nothing was prepared in {out_dir}")
     manifest = {**ident, "units": len(markers), "shards": shards, "totals": totals}
     write_json_atomic(os.path.join(out_dir, "manifest.json"), manifest)
+    record = VerifiedRecord(out_dir)         # hashed while written: first use need not hash again
+    for s in shards:
+        for rel, sha in ((s["tokens_file"], s["sha256"]), (s["index_file"], s["index_sha256"])):
+            record.add(rel, os.stat(os.path.join(out_dir, rel)), sha)
+    record.save()
     return open_prepared(out_dir, tokenizer)
 
 

@@ -22,9 +22,9 @@ file and what to do: missing or unreadable manifest, an older format
 version, a tokenizer other than the recipe's, a vocabulary too large for the
 stored dtype, a shard of the wrong size, and a shard whose sha256 does not
 verify. Hashing is O(corpus), so a verified shard is recorded with its size
-and mtime in DIR/.verified.json (or a sibling file in the cache when DIR is
-read-only) and hashed again only when those change; `loom data verify DIR`
-hashes everything.
+and mtime in DIR/.verified.json (written by the preparation, which hashes
+while writing) and hashed again only when those change (a modified file
+has a new mtime); `loom data verify DIR` hashes everything.
 """
 from __future__ import annotations
 
@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 
@@ -166,7 +165,7 @@ def check_tokenizer(manifest: dict, mpath: str, tokenizer) -> None:
                     "again with this tokenizer into another folder")
 
 
-class _VerifiedRecord:
+class VerifiedRecord:
     """sha256 checks already done: {relative file: [size, mtime_ns, sha256]}, kept next to the data."""
 
     def __init__(self, path: str):
@@ -195,7 +194,7 @@ class _VerifiedRecord:
 
 def verify_shards(prep: "Prepared", full: bool = False) -> None:
     """Check sizes always and sha256 of files not verified before (all with full=True)."""
-    record = _VerifiedRecord(prep.path)
+    record = VerifiedRecord(prep.path)
     itemsize = prep.dtype.itemsize
     for s in prep.shards:
         for file, nbytes, sha in ((s.tokens, s.n_tokens * itemsize, s.sha256),
@@ -241,9 +240,3 @@ def shard_lengths(shard: Shard) -> np.ndarray:
     lengths = np.diff(ends.astype(np.int64), prepend=np.int64(0))
     del ends
     return lengths
-
-
-def describe(path: str, part: Optional[str] = None) -> str:
-    prep = open_prepared(path, verify=False)
-    docs, toks = prep.totals(part or "all")
-    return f"{path}: {docs} documents, {toks} tokens ({prep.dtype.name})"
