@@ -245,3 +245,26 @@ def test_training_killed_with_sigkill_resumes_with_the_same_losses(tmp_path):
     la, lb = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
     assert sorted(la) == sorted(lb) == list(range(1, 13))
     assert all(abs(la[s] - lb[s]) <= 1e-6 for s in la), (la, lb)
+
+
+def test_hub_source_is_streamed_by_shard(tmp_path, monkeypatch):
+    """A hub dataset is read with streaming=True, one unit per stream shard (here: a local
+    json dataset stands in for the hub, whose shards are its files)."""
+    import datasets
+
+    files = _write_corpus(tmp_path / "raw", 3, 40)
+    real = datasets.load_dataset
+    calls = []
+
+    def fake_hub(name, subset=None, split="train", streaming=False, **kw):
+        calls.append((name, subset, split, streaming))
+        return real("json", data_files=sorted(str(p) for p in (tmp_path / "raw").glob("*.jsonl")), split=split,
+                    streaming=streaming)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_hub)
+    src = SourceConfig(kind="hub", name="org/corpus", subset="sample")
+    prep = prepare_source(src, BYTE, str(tmp_path / "p"))
+    assert calls and all(c == ("org/corpus", "sample", "train", True) for c in calls)
+    assert prep.manifest["units"] == 3
+    got = sorted(bytes(d[1:-1].astype(np.uint8)).decode() for d in _read_docs(prep, "all"))
+    assert got == sorted(d for f in files for d in f)
