@@ -95,17 +95,16 @@ class PreparedStream:
             lengths = shard_lengths(shard)
             reps = self._counts(lengths, si)
             self.documents += int(reps.sum())
-            for lo in range(0, len(lengths), BLOCK_DOCS):
-                hi = min(lo + BLOCK_DOCS, len(lengths))
-                b_shard.append(si)
-                b_lo.append(lo)
-                b_hi.append(hi)
             if len(lengths):
-                b_tokens.append(np.add.reduceat(lengths * reps, np.arange(0, len(lengths), BLOCK_DOCS)))
-        self.block_shard = np.asarray(b_shard, dtype=np.int32)
-        self.block_lo = np.asarray(b_lo, dtype=np.int64)
-        self.block_hi = np.asarray(b_hi, dtype=np.int64)
-        self.block_tokens = np.concatenate(b_tokens) if b_tokens else np.zeros(0, dtype=np.int64)
+                los = np.arange(0, len(lengths), BLOCK_DOCS, dtype=np.int64)
+                b_shard.append(np.full(len(los), si, dtype=np.int32))
+                b_lo.append(los)
+                b_hi.append(np.minimum(los + BLOCK_DOCS, len(lengths)))
+                b_tokens.append(np.add.reduceat(lengths * reps, los))
+        if not b_tokens:
+            raise ValueError(f"{name} has no documents")
+        self.block_shard, self.block_lo, self.block_hi, self.block_tokens = (
+            np.concatenate(a) for a in (b_shard, b_lo, b_hi, b_tokens))
         self.epoch_tokens = int(self.block_tokens.sum())
         if self.epoch_tokens == 0:
             rule = "" if (min_tokens, max_tokens) == (0, None) else \
