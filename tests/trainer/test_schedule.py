@@ -98,3 +98,20 @@ def test_trainer_resumes_exactly_across_a_stage_change(tmp_path, capsys):
     bad = ["data.seq_len_schedule=[{step: 0, seq_len: 96}, {step: 4, seq_len: 48, batch_size: 4}]"]
     assert main(["train", str(TINY), f"output_dir={tmp_path / 'c'}", *bad]) == 2       # passkey too long for 48
     assert "passkey needs seq_len >= 80" in capsys.readouterr().err and not (tmp_path / "c" / "checkpoints").exists()                                  # constant tokens per step
+
+
+def test_every_stage_is_checked_with_the_model():
+    from loom.trainer.config import load_config
+    from loom.trainer.data.schedule import check_stages_with_model
+
+    cfg = load_config(TINY, ["data.seq_len_schedule=[{step: 0, seq_len: 96}, {step: 4, seq_len: 192}]"])
+    seen = []
+
+    def check(staged):                      # stands in for Env.check_model: rejects one length
+        seen.append(staged.data.seq_len)
+        if staged.data.seq_len == 192:
+            raise ConfigError("data.seq_len=192 does not fit model.layers[0]")
+
+    with pytest.raises(ConfigError, match=r"seq_len_schedule\[1\] \(seq_len 192\): data.seq_len=192"):
+        check_stages_with_model(check, cfg)
+    assert seen == [96, 192]
