@@ -3,6 +3,11 @@
 recipe `data:` -> DataConfig -> load_tokenizer(cfg.tokenizer)
     -> build_dataset(cfg, tokenizer, "train", seed) -> WindowDataset (infinite, pure in i)
     -> Batcher(dataset, batch_size, dp_rank, dp_size) -> dict of (B, T) tensors
+    (StagedBatches chains one Batcher per stage of data.seq_len_schedule)
+
+Real text is read one way only: from prepared folders (`loom data prepare`),
+memory-mapped. Raw sources (files, hub, stdlib) are prepared into
+cache_dir on first use; synthetic tasks are generated from the seed.
 
 Batch fields (B = rows, T = seq_len): input_ids, labels (-100 where the target
 starts a new document), position_ids (restart at 0 at each document and at the
@@ -10,9 +15,11 @@ window start), seq_ids (document index per row), all (B, T) int64;
 answer_mask (B, T) bool (label positions holding synthetic-task answers);
 source (B,) int64 (index of the source in the config list).
 Everything is a deterministic function of (config, seed, split, window index);
-the Batcher's state is one integer. Files: tokenizer.py, sources.py (real text),
-synthetic.py (passkey, mqar, copy), packing.py (windows, boundary helpers),
-dataset.py (mixture), batcher.py.
+the Batcher's state is one integer. Files: tokenizer.py, sources.py (raw text
+streams), prepare.py (tokenize into shards), prepared.py (format, checks),
+reader.py (memory-mapped windows), synthetic.py (passkey, mqar, copy),
+packing.py (window fields, boundary helpers), dataset.py (mixture),
+batcher.py, schedule.py (seq_len stages), stats.py and commands.py (`loom data`).
 
 Example:
     >>> cfg = DataConfig(seq_len=256)
