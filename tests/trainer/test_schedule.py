@@ -13,7 +13,7 @@ import torch
 
 from loom.models.config import ConfigError, build
 from loom.trainer.cli import main
-from loom.trainer.data import DataConfig, SourceConfig, StagedBatches, build_dataset, load_tokenizer
+from loom.trainer.data import DataConfig, StagedBatches, build_dataset, load_tokenizer
 from loom.trainer.data.schedule import resolve_stages
 from loom.trainer.metrics import read_metrics, train_losses
 

@@ -60,14 +60,10 @@ def default_cache_dir() -> str:
     return os.environ.get("LOOM_DATA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "loom", "data")
 
 
-def _source_spec(src) -> dict:
-    return source_identity(src)
-
-
 def prepare_identity(src, tokenizer, dtype: np.dtype, shard_tokens: int) -> dict:
     """Everything the bytes of a prepared folder depend on."""
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "tokenizer": tokenizer_identity(tokenizer),
-            "dtype": dtype.name, "source": _source_spec(src), "shard_tokens": shard_tokens}
+            "dtype": dtype.name, "source": source_identity(src), "shard_tokens": shard_tokens}
 
 
 def cache_path(src, tokenizer, cache_dir: Optional[str]) -> str:
