@@ -268,3 +268,38 @@ def test_hub_source_is_streamed_by_shard(tmp_path, monkeypatch):
     assert prep.manifest["units"] == 3
     got = sorted(bytes(d[1:-1].astype(np.uint8)).decode() for d in _read_docs(prep, "all"))
     assert got == sorted(d for f in files for d in f)
+
+
+def test_datatrove_output_is_prepared_like_our_own(tmp_path):
+    """datatrove's DocumentTokenizer (the field's pipeline) tokenizes; `kind: datatrove`
+    carves, hashes and writes the manifest. Same tokenizer, same documents as Loom's own path."""
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.tokens import DocumentTokenizer
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    files = _write_corpus(tmp_path / "raw", 2, 60)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([d for f in files for d in f], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    LocalPipelineExecutor(pipeline=[
+        JsonlReader(str(tmp_path / "raw")),
+        DocumentTokenizer(str(tmp_path / "dt"), tokenizer_name_or_path=str(tmp_path / "tokenizer.json"),
+                          eos_token="<|endoftext|>", shuffle_documents=False)],
+        tasks=1, workers=1, logging_dir=str(tmp_path / "logs")).run()
+    hf = load_tokenizer(str(tmp_path / "tokenizer.json"))
+    ours = prepare_source(SourceConfig(kind="files", path=str(tmp_path / "raw")), hf, str(tmp_path / "ours"))
+    theirs = prepare_source(SourceConfig(kind="datatrove", path=str(tmp_path / "dt")), hf, str(tmp_path / "theirs"))
+    as_set = lambda prep: sorted(tuple(d) for d in _read_docs(prep, "all"))            # noqa: E731
+    assert len(_read_docs(theirs, "all")) == 120 and as_set(theirs) == as_set(ours)
+    assert theirs.manifest["tokenizer"]["fingerprint"] == hf.fingerprint and theirs.totals("val")[0] > 0
+    with pytest.raises(ValueError, match="outside the vocabulary"):                     # wrong tokenizer
+        prepare_source(SourceConfig(kind="datatrove", path=str(tmp_path / "dt")), _small_tokenizer(tmp_path),
+                       str(tmp_path / "bad"))
+
+
+def _small_tokenizer(tmp_path):
+    return load_tokenizer(str(_wordlevel_tokenizer(tmp_path / "tiny-vocab", 50)))

@@ -61,8 +61,9 @@ class SourceConfig:
     """One document source of the mixture.
 
     kind: prepared (a folder written by `loom data prepare`), files | hub | stdlib
-        (raw text, prepared into data.cache_dir on first use, then read the same
-        way) or passkey | mqar | copy (synthetic, generated from the seed).
+        (raw text) | datatrove (datatrove tokenizer output), prepared into
+        data.cache_dir on first use, then read the same way, or
+        passkey | mqar | copy (synthetic, generated from the seed).
     weight: relative share of windows drawn from this source (> 0).
     path, paths: prepared: the folder; files: paths, globs or directories.
     text_field: files (json/parquet) and hub: the column holding the text.
@@ -82,7 +83,7 @@ class SourceConfig:
     min_period, max_period: copy: range of the repeated string's length (characters).
     """
 
-    kind: Literal["prepared", "files", "hub", "stdlib", "passkey", "mqar", "copy"] = "stdlib"
+    kind: Literal["prepared", "files", "hub", "stdlib", "datatrove", "passkey", "mqar", "copy"] = "stdlib"
     weight: float = 1.0
     path: Optional[str] = None
     paths: list[str] = field(default_factory=list)
@@ -144,9 +145,9 @@ def _check_source(src: SourceConfig, where: str) -> None:
         raise bad("path", "a files source needs path or paths")
     if src.kind == "hub" and not src.name:
         raise bad("name", "a hub source needs the dataset name")
-    if src.kind == "prepared" and not src.path:
-        raise bad("path", "a prepared source needs the folder written by `loom data prepare`")
-    if src.kind in ("prepared", "files", "hub", "stdlib"):
+    if src.kind in ("prepared", "datatrove") and not src.path:
+        raise bad("path", f"a {src.kind} source needs the folder it reads")
+    if src.kind in ("prepared", "files", "hub", "stdlib", "datatrove"):
         if src.min_tokens < 0:
             raise bad("min_tokens", f"must be >= 0, got {src.min_tokens}")
         if src.max_tokens is not None and src.max_tokens < max(src.min_tokens, 1):
@@ -154,7 +155,7 @@ def _check_source(src: SourceConfig, where: str) -> None:
         for rule in src.length_upsample:
             if len(rule) != 2 or rule[0] < 0 or rule[1] < 0:
                 raise bad("length_upsample", f"entries are [min_len >= 0, weight >= 0], got {rule}")
-    if src.kind in ("files", "hub", "stdlib"):
+    if src.kind in ("files", "hub", "stdlib", "datatrove"):
         if not 0 < src.val_fraction < 1:
             raise bad("val_fraction", f"must be in (0, 1), got {src.val_fraction}")
         if src.max_bytes is not None and src.max_bytes <= 0:

@@ -21,13 +21,15 @@ rest; every byte depends only on (source, tokenizer, format), so the result
 equals an uninterrupted run's byte for byte. The manifest is written by the
 worker that finds every unit done.
 
-Why not datatrove's DocumentTokenizer (benchmarks/README.md has the numbers):
-it writes files in place (a killed task leaves partial shards and is redone
-from scratch only if its completion marker is missing), shuffles documents
-with its own generator, has no train/val carve or per-shard sha256 manifest,
-and cannot use Loom's byte tokenizer. The shard layout is the same as its
-output (.tokens = .ds, .index = .ds.index), so its output can be read by
-wrapping it with a manifest.
+Why Loom writes shards itself rather than through datatrove's DocumentTokenizer
+(benchmarks/README.md has the numbers): that writer opens its files in place
+(a killed task leaves partial shards), shuffles with its own generator, and
+has no train/val carve, no sha256 manifest and no byte tokenizer. Both tools
+spend their time in the same `tokenizers` encoder. To let datatrove (and its
+SLURM executor) do the tokenizing, prepare its output folder as a
+`kind: datatrove` source: its documents are copied into this format with the
+carve, hashes and manifest added (the shard layout is the same: .tokens =
+.ds, .index = .ds.index).
 """
 from __future__ import annotations
 
@@ -46,13 +48,14 @@ import numpy as np
 
 from loom.trainer.data.prepared import (FORMAT, FORMAT_VERSION, INDEX_DTYPE, SPLITS, ManifestError, Prepared,
                                         VerifiedRecord, open_prepared, token_dtype, tokenizer_identity, write_json_atomic)
-from loom.trainer.data.sources import Unit, in_val, source_identity, source_units, unit_documents
+from loom.trainer.data.sources import (Unit, datatrove_documents, datatrove_token_size, in_val, source_identity,
+                                      source_units, unit_documents)
 
 log = logging.getLogger(__name__)
 
 SHARD_TOKENS = 1 << 28   # tokens per shard before rolling over (512 MiB as uint16)
 BATCH_DOCS = 512         # documents tokenized together
-REAL_KINDS = ("files", "hub", "stdlib")
+REAL_KINDS = ("files", "hub", "stdlib", "datatrove")
 
 
 def default_cache_dir() -> str:
@@ -183,11 +186,20 @@ def _process_unit(src, tokenizer, unit: Unit, out_dir: str, dtype: np.dtype, sha
                 writers[split].write(*encode_batch(tokenizer, docs))
         batch.clear()
 
-    for doc in unit_documents(src, unit):
-        batch.append(doc)
-        if len(batch) >= BATCH_DOCS:
-            flush()
-    flush()
+    if src.kind == "datatrove":                 # already tokenized: carve by the hash of the token bytes
+        size = datatrove_token_size(unit.files[0], 4 if tokenizer.vocab_size > 2**16 else 2)
+        for ids in datatrove_documents(unit.files[0], size):
+            if int(ids.max()) >= tokenizer.vocab_size:
+                raise ValueError(f"{unit.files[0]} holds token id {int(ids.max())}, outside the vocabulary of "
+                                 f"{tokenizer.fingerprint} ({tokenizer.vocab_size}); give the tokenizer datatrove used")
+            split = "val" if in_val(ids.astype("<u4").tobytes(), src.val_fraction) else "train"
+            writers[split].write(ids.astype(np.int64), np.array([len(ids)], dtype=np.int64))
+    else:
+        for doc in unit_documents(src, unit):
+            batch.append(doc)
+            if len(batch) >= BATCH_DOCS:
+                flush()
+        flush()
     marker = {"unit": unit.index, "shards": writers["train"].finish() + writers["val"].finish()}
     write_json_atomic(os.path.join(out_dir, "units", f"{unit.index:05d}.json"), marker)
     return marker

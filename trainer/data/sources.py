@@ -14,6 +14,12 @@ Kinds and their units:
   hub     `datasets.load_dataset(name, subset, split=split, streaming=True)`,
           never materialised; one unit per shard of the streaming dataset
           (its data files). Needs the network or the local HF cache.
+  datatrove  the output folder of datatrove's DocumentTokenizer (files NAME.ds of
+          tokens + NAME.ds.index of uint64 document ends, searched recursively),
+          already tokenized: documents are token arrays, one unit per .ds file.
+          This lets the field's pipeline (and its SLURM executor) do the
+          tokenizing; `loom data prepare` then adds the carve, the manifest and
+          the hashes (it must be given the tokenizer datatrove used).
   stdlib  the .py files of the running interpreter's standard library
           (`sysconfig.get_paths()["stdlib"]`, no tests, no site-packages), one
           document per file: real text that needs no download. Files are
@@ -300,6 +306,8 @@ def source_units(src) -> list[Unit]:
         if src.max_bytes is not None:
             return [Unit(0, tuple(files))]
         return [Unit(i, (p,)) for i, p in enumerate(files)]
+    if src.kind == "datatrove":
+        return [Unit(i, (p,)) for i, p in enumerate(datatrove_files(src.path))]
     if src.kind == "hub":
         if src.max_bytes is not None:
             return [Unit(0)]
@@ -335,6 +343,50 @@ def unit_documents(src, unit: Unit) -> Iterator[str]:
         total += len(d.encode("utf-8"))
 
 
+# ----------------------------------------------------------------------------- datatrove output
+
+def datatrove_files(folder: str) -> list[str]:
+    """Sorted .ds token files under a datatrove tokenizer output folder."""
+    folder = os.path.expanduser(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"datatrove output folder not found: {folder}")
+    files = sorted(os.path.join(d, f) for d, _, names in os.walk(folder) for f in names if f.endswith(".ds"))
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no datatrove .ds token files")
+    return files
+
+
+def datatrove_token_size(ds_file: str, default: int) -> int:
+    """Bytes per token of a .ds file, from its .metadata ("tokenizer|size" first line) when present."""
+    try:
+        with open(ds_file + ".metadata") as f:
+            return int(f.readline().strip().rsplit("|", 1)[1])
+    except (OSError, ValueError, IndexError):
+        return default
+
+
+def datatrove_documents(ds_file: str, token_size: int) -> Iterator["np.ndarray"]:
+    """Documents (token arrays) of one datatrove .ds file, via its .ds.index of document ends."""
+    import numpy as np
+
+    dtype = np.dtype("<u2") if token_size == 2 else np.dtype("<u4")
+    if not os.path.isfile(ds_file + ".index"):
+        raise FileNotFoundError(f"{ds_file}.index is missing; run datatrove's DocumentTokenizer with save_index=True")
+    ends = np.fromfile(ds_file + ".index", dtype="<u8").astype(np.int64)
+    n = os.path.getsize(ds_file)
+    if n % dtype.itemsize or (len(ends) and ends[-1] * dtype.itemsize != n):
+        raise ValueError(f"{ds_file}: {n} bytes do not match its index ({ends[-1] if len(ends) else 0} tokens of "
+                         f"{dtype.itemsize} bytes); is it complete?")
+    if not len(ends):
+        return
+    tokens = np.memmap(ds_file, dtype=dtype, mode="r")
+    lo = 0
+    for hi in ends:
+        if hi > lo:
+            yield np.asarray(tokens[lo:hi])
+        lo = hi
+
+
 def source_identity(src) -> dict:
     """What the prepared content of a real-text source depends on (its cache key).
 
@@ -346,6 +398,8 @@ def source_identity(src) -> dict:
     ident = {k: getattr(src, k) for k in keys}
     if src.kind == "files":
         ident["files"] = [[p, os.path.getsize(p), os.stat(p).st_mtime_ns] for p in expand_paths(_paths_of(src))]
+    if src.kind == "datatrove":
+        ident["files"] = [[p, os.path.getsize(p), os.stat(p).st_mtime_ns] for p in datatrove_files(src.path)]
     if src.kind == "stdlib":
         import sys
 
