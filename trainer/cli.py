@@ -6,6 +6,7 @@
     loom info RECIPE [key=value ...]        parameters, FLOPs per token, cache size per layer
     loom convert hf SRC OUT                 import a Llama/Qwen2 checkpoint folder
     loom convert to-hf RUN_OR_CKPT OUT      export to a Hugging Face folder (--target auto|llama|qwen2|remote)
+    loom data prepare|stats|verify ...      tokenized shards (trainer/data/commands.py)
 
 User errors print one line `error: ...` on stderr and exit 2 (LOOM_DEBUG=1 shows the traceback).
 """
@@ -120,6 +121,9 @@ def parser() -> argparse.ArgumentParser:
         if name == "generate":
             s.add_argument("--prompt", required=True)
             s.add_argument("--max-new-tokens", type=int, default=64)
+    from loom.trainer.data.commands import add_data_commands
+
+    add_data_commands(sub)
     conv = sub.add_parser("convert", help="import weights from another format")
     conv_sub = conv.add_subparsers(dest="format", required=True)
     hf = conv_sub.add_parser("hf", help="Llama/Qwen2 folder (config.json + safetensors)")

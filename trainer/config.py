@@ -17,6 +17,7 @@ import yaml
 from loom.models.config import ConfigError, build, to_dict
 from loom.models.model import ModelConfig
 from loom.trainer.data import DataConfig
+from loom.trainer.data.schedule import resolve_stages
 
 
 @dataclass
@@ -162,6 +163,7 @@ def validate(cfg: RunConfig) -> None:
     if p.cp > 1 and cfg.data.seq_len % (2 * p.cp):
         raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) must be divisible by 2 * parallel.cp "
                           f"({2 * p.cp}) for the load-balanced context-parallel split")
+    resolve_stages(cfg.data, t.batch_size, p.cp)   # data.seq_len_schedule
     if not 0 <= p.zero <= 3:
         raise ConfigError(f"parallel.zero must be 0, 1, 2 or 3, got {p.zero}")
     e = cfg.eval

@@ -31,6 +31,20 @@ def forward_hidden(model: HybridLM, batch: dict, stats: dict | None = None) -> t
                  stats=stats).hidden
 
 
+def length_edges(T: int) -> list[int]:
+    """Context-length buckets for loss_by_length: [0, 1K), [1K, 4K), [4K, 16K), ... up to T."""
+    edges = [0]
+    b = 1024
+    while b < T:
+        edges.append(b)
+        b *= 4
+    return edges + [T]
+
+
+def _k(n: int) -> str:
+    return f"{n // 1024}K" if n and n % 1024 == 0 else str(n)
+
+
 @torch.no_grad()
 def validation(model: HybridLM, batches: list[dict], buckets: int = 8) -> dict:
     was_training = model.training
@@ -40,6 +54,9 @@ def validation(model: HybridLM, batches: list[dict], buckets: int = 8) -> dict:
     nb = max(1, min(buckets, T))
     bucket_sum = torch.zeros(nb, dtype=torch.float64)
     bucket_cnt = torch.zeros(nb, dtype=torch.float64)
+    edges = length_edges(T)
+    len_sum = torch.zeros(len(edges) - 1, dtype=torch.float64)
+    len_cnt = torch.zeros(len(edges) - 1, dtype=torch.float64)
     stats: dict = {}
     for i, batch in enumerate(batches):
         hidden = forward_hidden(model, batch, stats if i == 0 else None)
@@ -50,10 +67,16 @@ def validation(model: HybridLM, batches: list[dict], buckets: int = 8) -> dict:
         which = (torch.arange(T) * nb // T).expand_as(loss)
         bucket_sum.index_add_(0, which[valid], loss[valid].double())
         bucket_cnt.index_add_(0, which[valid], torch.ones_like(loss[valid], dtype=torch.float64))
+        pos = torch.arange(T).expand_as(loss)[valid]
+        lb = torch.bucketize(pos, torch.tensor(edges[1:-1]), right=True)
+        len_sum.index_add_(0, lb, loss[valid].double())
+        len_cnt.index_add_(0, lb, torch.ones_like(lb, dtype=torch.float64))
     model.train(was_training)
     mean = total / max(count, 1)
     out = {"loss": mean, "ppl": math.exp(min(mean, 50.0)),
-           "loss_by_position": (bucket_sum / bucket_cnt.clamp_min(1)).tolist()}
+           "loss_by_position": (bucket_sum / bucket_cnt.clamp_min(1)).tolist(),
+           "loss_by_length": {f"{_k(a)}-{_k(b)}": float(len_sum[i] / len_cnt[i])
+                              for i, (a, b) in enumerate(zip(edges[:-1], edges[1:])) if len_cnt[i] > 0}}
     out.update({k: v for k, v in stats.items()})
     return out
 

@@ -24,7 +24,8 @@ from loom.models.config import ConfigError
 from loom.trainer import dist
 from loom.trainer.checkpoint import CheckpointManager, rng_state
 from loom.trainer.config import RunConfig, dump, mqar_shape, passkey_key_digits
-from loom.trainer.data import Batcher, build_dataset, load_tokenizer, mqar_examples, passkey_examples, eval_windows
+from loom.trainer.data import StagedBatches, load_tokenizer, mqar_examples, passkey_examples
+from loom.trainer.data.schedule import check_stages_with_model
 from loom.trainer.distributed import setup_env
 from loom.trainer.distributed.resume import check_layout, restore_rng, run_layout
 from loom.trainer.evaluate import answer_accuracy, answer_scores, validation
@@ -144,16 +145,16 @@ def train(cfg: RunConfig) -> int:
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     check_eval_tasks(cfg, tokenizer)
     model = build_model(cfg, tokenizer)
-    check_cp_support(model, cfg)
+    check_stages_with_model(lambda staged: check_cp_support(model, staged), cfg)   # every seq_len stage
     # described before the engine wraps it: ZeRO-3 leaves empty partitions behind
     model_line = (f"model: {model.num_params() / 1e6:.2f}M parameters, {len(model.blocks)} layers "
                   f"({', '.join(b.kind for b in model.blocks)}), "
                   f"{model.flops_per_token(cfg.data.seq_len) / 1e6:.1f} MFLOPs/token (train)")
     show_kernel_backends()
     engine = parallelize(model, cfg, env)
-    train_set = build_dataset(cfg.data, tokenizer, "train", cfg.seed)
-    batcher = Batcher(train_set, cfg.train.batch_size, dp_rank=env.dp_rank, dp_size=env.dp_size)
-    val_batches = eval_windows(cfg.data, tokenizer, cfg.seed, batch_size=cfg.train.batch_size)
+    batcher = StagedBatches(cfg.data, cfg.train.batch_size, tokenizer, cfg.seed, env.dp_rank, env.dp_size,
+                            cfg.parallel.cp)
+    batcher.val_batches(0, cfg.train.batch_size)   # bad data fails here, before any step
 
     step, tokens, elapsed_before = 0, 0, 0.0
     metrics = MetricsWriter(run_dir, enabled=env.is_main)
@@ -185,18 +186,17 @@ def train(cfg: RunConfig) -> int:
             ckpt.save(at_step, tensors, state, meta)
         env.barrier()
 
-    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len * cfg.train.grad_accum * env.dp_size
     bar = tqdm(total=cfg.train.steps, initial=step, disable=not (env.is_main and sys.stderr.isatty()),
                dynamic_ncols=True, desc=cfg.name)
     say = bar.write if not bar.disable else dist.log
     t_start = t_log = time.time()
-    bad_steps, last_eval, start_step = 0, None, step
+    bad_steps, last_eval, start_step, tokens_since_log = 0, None, step, 0
     model.train()
     with StopFlag() as stop:
         while step < cfg.train.steps:
             losses, aux = [], []
             for micro in range(cfg.train.grad_accum):
-                batch = env.shard_batch(batcher.next())
+                batch = env.shard_batch(batcher.next(step))
                 with engine.accumulating(micro == cfg.train.grad_accum - 1):
                     out = engine.module(batch["input_ids"], position_ids=batch["position_ids"],
                                         seq_ids=batch["seq_ids"], cp=env.cp)
@@ -218,13 +218,15 @@ def train(cfg: RunConfig) -> int:
             else:
                 bad_steps = 0
                 grad_norm = engine.step()
+            tokens_per_step = batcher.tokens_per_step(step, cfg.train.grad_accum)
             step += 1
             tokens += tokens_per_step
+            tokens_since_log += tokens_per_step
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 now = time.time()
                 rec = {"step": step, "loss": loss_value, "lr": engine.lr, "grad_norm": grad_norm, "tokens": tokens,
-                       "tokens_per_s": tokens_per_step * cfg.train.log_every / max(now - t_log, 1e-9),
+                       "tokens_per_s": tokens_since_log / max(now - t_log, 1e-9),
                        "elapsed_s": elapsed_before + now - t_start}
                 if any(a.item() != 0 for a in aux):
                     rec["aux_loss"] = float(torch.stack(aux).mean())
@@ -233,9 +235,11 @@ def train(cfg: RunConfig) -> int:
                 if bar.disable:
                     say(f"step {step}/{cfg.train.steps} loss {loss_value:.4f} lr {engine.lr:.2e} "
                         f"grad_norm {grad_norm:.3f} tok/s {rec['tokens_per_s']:.0f}")
-                t_log = now
+                t_log, tokens_since_log = now, 0
             if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-                last_eval = evaluate(model, cfg, tokenizer, val_batches)
+                last_eval = evaluate(model, cfg, tokenizer, batcher.val_batches(step, cfg.train.batch_size))
+                stage = batcher.stage(step - 1)
+                last_eval.update(seq_len=stage.seq_len, stage=stage.index)
                 metrics.write({"step": step, "split": "val", **last_eval})
                 say(fmt_eval(step, last_eval))
             limit = cfg.train.stop_after_steps

@@ -1,8 +1,11 @@
-"""Data path (trainer/data): tokenizers, sources, packing, mixture, batching, synthetic tasks.
+"""Data path (trainer/data): tokenizers, sources, the memory-mapped window stream, mixture,
+batching, synthetic tasks.
 
 Fast CPU tier (a few seconds in all). No network: HF tokenizers are trained in
 tmp_path, data files are written there, and the hub source is only checked for
-its error message with `datasets.load_dataset` patched to fail.
+its error message with `datasets.load_dataset` patched to fail. The window
+stream is checked against the documents it was prepared from (every epoch is
+a permutation of them). Preparation itself is tested in test_prepare.py.
 """
 import json
 
@@ -14,8 +17,12 @@ from loom.trainer.data import (Batcher, DataConfig, SourceConfig, answer_span_co
                           cu_seqlens_from_position_ids, eval_windows, load_tokenizer, passkey_examples,
                           seq_ids_from_position_ids)
 from loom.trainer.data.dataset import MIX_BLOCK
-from loom.trainer.data.packing import IGNORE_INDEX, PackedStream, pack_window, tokenize_documents
-from loom.trainer.data.sources import carve, files_documents, hub_documents, stdlib_documents
+from loom.trainer.data import reader
+from loom.trainer.data.packing import IGNORE_INDEX, pack_window
+from loom.trainer.data.prepare import encode_batch, prepare_source
+from loom.trainer.data.prepared import open_prepared
+from loom.trainer.data.reader import PreparedStream
+from loom.trainer.data.sources import SourceError, files_documents, hub_documents, in_val, stdlib_files
 from loom.trainer.data.synthetic import MQARTask, PasskeyTask
 
 BYTE = load_tokenizer("byte")
@@ -70,8 +77,8 @@ def test_hf_tokenizer_without_eos_gets_one(tmp_path):
     folder = _train_bpe(tmp_path / "bpe", [])
     tok = load_tokenizer(str(folder / "tokenizer.json"))
     assert tok.bos_id is None and tok.pad_id == tok.eos_id == tok.vocab_size - 1
-    tokens, offsets = tokenize_documents(tok, ["ab", "cd"])
-    assert tokens[offsets[1] - 1] == tok.eos_id and offsets[0] == 0
+    tokens, lengths = encode_batch(tok, ["ab", "cd"])
+    assert tokens[lengths[0] - 1] == tok.eos_id and tokens[-1] == tok.eos_id
 
 
 def test_missing_tokenizer_path_is_one_line(tmp_path):
@@ -84,6 +91,8 @@ def test_missing_tokenizer_path_is_one_line(tmp_path):
 # ----------------------------------------------------------------------------- sources
 
 def test_files_source_all_formats(tmp_path):
+    import gzip
+
     rows = [{"text": d, "other": i} for i, d in enumerate(DOCS[:5])]
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "b.json").write_text(json.dumps(rows))
@@ -92,18 +101,24 @@ def test_files_source_all_formats(tmp_path):
 
     pq.write_table(pa.table({"body": [r["text"] for r in rows]}), tmp_path / "c.parquet")
     (tmp_path / "d.txt").write_text("first line\n\nsecond line\nthird\n")
-    cache = str(tmp_path / "hf")
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    with gzip.open(sub / "f.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows[:2]))
 
-    assert files_documents([str(tmp_path / "a.jsonl")], cache_dir=cache) == DOCS[:5]
-    assert files_documents([str(tmp_path / "b.json")], cache_dir=cache) == DOCS[:5]
-    assert files_documents([str(tmp_path / "c.parquet")], text_field="body", cache_dir=cache) == DOCS[:5]
-    assert files_documents([str(tmp_path / "d.txt")], cache_dir=cache) == ["first line", "second line", "third"]
-    whole = files_documents([str(tmp_path / "d.txt")], sample_by="document", cache_dir=cache)
+    assert files_documents([str(tmp_path / "a.jsonl")]) == DOCS[:5]
+    assert files_documents([str(tmp_path / "b.json")]) == DOCS[:5]
+    assert files_documents([str(tmp_path / "c.parquet")], text_field="body") == DOCS[:5]
+    assert files_documents([str(tmp_path / "d.txt")]) == ["first line", "second line", "third"]
+    assert files_documents([str(tmp_path / "d.txt")], sample_by="paragraph") == ["first line",
+                                                                                 "second line\nthird"]
+    whole = files_documents([str(tmp_path / "d.txt")], sample_by="document")
     assert len(whole) == 1 and "second line" in whole[0]
+    assert files_documents([str(sub)]) == DOCS[:2]                                  # a directory, gzip
     (tmp_path / "e.jsonl").write_text(json.dumps({"text": "extra"}) + "\n")
-    assert files_documents([str(tmp_path / "*.jsonl")], cache_dir=cache) == DOCS[:5] + ["extra"]
+    assert files_documents([str(tmp_path / "*.jsonl")]) == DOCS[:5] + ["extra"]
     with pytest.raises(ValueError, match="no field 'text'.*body"):
-        files_documents([str(tmp_path / "c.parquet")], cache_dir=cache)
+        files_documents([str(tmp_path / "c.parquet")])
 
 
 def test_missing_data_file_is_one_line(tmp_path):
@@ -124,69 +139,110 @@ def test_hub_source_fails_clearly_offline(monkeypatch):
         raise ConnectionError("Couldn't reach 'some/dataset' on the Hub (LocalEntryNotFoundError)\nmore")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(RuntimeError) as e:
-        hub_documents("some/dataset")
+    with pytest.raises(SourceError) as e:
+        list(hub_documents("some/dataset"))
     assert "some/dataset" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_stdlib_source_split_and_cap():
-    train = stdlib_documents("train", 0.05, max_bytes=300_000)
-    val = stdlib_documents("val", 0.05, max_bytes=300_000)
-    assert train and val and not set(train) & set(val)
-    assert 300_000 <= sum(len(d.encode()) for d in train + val) < 300_000 + max(map(len, train + val)) * 4
-    assert not any("import unittest\n" in d and "class Test" in d for d in train)   # tests excluded
-    assert stdlib_documents("train", 0.05, max_bytes=300_000) == train
+def test_stdlib_files_cap_and_order():
+    files = stdlib_files(max_bytes=300_000)
+    assert files == stdlib_files(max_bytes=300_000) and len(set(files)) == len(files)
+    assert not any(part in ("test", "tests") for f in files for part in f.split("/")[:-1])
+    assert len(stdlib_files(max_bytes=600_000)) > len(files) and stdlib_files(max_bytes=600_000)[:len(files)] == files
 
 
-def test_carve_is_a_partition_and_never_leaves_val_empty():
-    keys = [str(i) for i in range(3)]
-    tr, va = carve(keys, "train", 0.01), carve(keys, "val", 0.01)
-    assert len(va) == 1 and sorted(tr + va) == [0, 1, 2]
-    keys = [f"k{i}" for i in range(1000)]
-    va = carve(keys, "val", 0.1)
-    assert 60 < len(va) < 140 and not set(va) & set(carve(keys, "train", 0.1))
+def test_val_carve_is_a_stable_fraction_by_text():
+    docs = [f"doc {i}" for i in range(2000)]
+    val = [d for d in docs if in_val(d, 0.1)]
+    assert 140 < len(val) < 260 and val == [d for d in docs if in_val(d, 0.1)]
+    assert all(in_val(d, 0.2) for d in val)                                  # nested in the fraction
 
 
 # ----------------------------------------------------------------------------- packing
 
-def _stream(seq_len=10, seed=0):
-    tokens, offsets = tokenize_documents(BYTE, DOCS)
-    return PackedStream(tokens, offsets, seq_len, (seed, 0, 0, 0)), tokens, offsets
+def _prepared_docs(tmp_path, docs=DOCS):
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    src = SourceConfig(kind="files", path=str(tmp_path / "docs.jsonl"))
+    return open_prepared(str(prepare_source(src, BYTE, str(tmp_path / "prep")).path), BYTE)
 
 
-def test_windows_concatenate_to_the_stream_with_boundaries():
+def _docs_of(prep):
+    """Every document of a prepared folder as a tuple of ids ([bos] + bytes + [eos])."""
+    out = []
+    for sh in prep.split_shards("all"):
+        toks = np.fromfile(sh.tokens, dtype=prep.dtype).astype(np.int64)
+        ends = np.fromfile(sh.index, dtype="<u8").astype(np.int64)
+        out += [tuple(toks[lo:hi]) for lo, hi in zip(np.concatenate([[0], ends[:-1]]), ends)]
+    return out
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(reader, "BLOCK_DOCS", 8)                             # several blocks per shard
+
+
+def _epoch_stream(s, n_windows, T):
+    items = [pack_window(*s.window(k)) for k in range(n_windows)]
+    return items, torch.cat([it["input_ids"] for it in items]).numpy()
+
+
+def test_windows_concatenate_to_a_permutation_of_the_documents(tmp_path, small_blocks):
     T = 10
-    s, tokens, offsets = _stream(T)
-    order, starts = s._epoch(0)
-    stream = np.concatenate([tokens[offsets[d]:offsets[d + 1]] for d in order])
-    n = len(stream) // T
-    items = [pack_window(*s.window(k)) for k in range(n)]
-    inputs = torch.cat([it["input_ids"] for it in items]).numpy()
-    assert np.array_equal(inputs, stream[: n * T])
+    prep = _prepared_docs(tmp_path)
+    docs = _docs_of(prep)
+    assert sorted(docs) == sorted(tuple([256, *d.encode(), 257]) for d in DOCS)
+    s = PreparedStream(prep.split_shards("all"), prep.dtype, T, (0, 0, 0, 0))
+    assert s.epoch_tokens == sum(map(len, docs))
+    assert len(s.block_tokens) == sum(-(-sh.documents // 8) for sh in prep.split_shards("all"))
+    n = 2 * s.epoch_tokens // T
+    items, stream = _epoch_stream(s, n, T)
     flat_pos = torch.cat([it["position_ids"] for it in items]).numpy()
     flat_lab = torch.cat([it["labels"] for it in items]).numpy()
-    is_start = np.zeros(len(stream) + 1, dtype=bool)
-    is_start[starts] = True
+    is_start = np.zeros(n * T + 1, dtype=bool)
+    is_start[:n * T][stream == BYTE.bos_id] = True                                 # bos opens every document
+    is_start[n * T] = s.window(n)[1][0]
+    epoch0 = stream[:s.epoch_tokens]                                         # every document once
+    cuts = list(np.nonzero(epoch0 == BYTE.bos_id)[0]) + [s.epoch_tokens]
+    assert sorted(tuple(epoch0[a:b]) for a, b in zip(cuts[:-1], cuts[1:])) == sorted(docs)
+    assert not np.array_equal(epoch0[:100], stream[s.epoch_tokens:s.epoch_tokens + 100])   # a new order
     t = np.arange(n * T)
     assert np.all((flat_pos == 0) == (is_start[t] | (t % T == 0)))          # resets at docs and windows
-    assert np.all(stream[t][flat_pos == 0][is_start[t][flat_pos == 0]] == BYTE.bos_id)
     assert np.all((flat_lab == IGNORE_INDEX) == is_start[t + 1])             # -100 only across boundaries
+    nxt = np.append(stream[1:], s.window(n)[0][0])                           # the target of every input
     keep = flat_lab != IGNORE_INDEX
-    assert np.array_equal(flat_lab[keep], stream[t + 1][keep])
+    assert np.array_equal(flat_lab[keep], nxt[keep])
 
 
-def test_windows_cross_epochs_with_a_new_order():
-    s, tokens, _ = _stream(64)
-    L = s.epoch_tokens
-    k = L // 64                                                              # spans epochs 0 and 1
-    toks, doc_start = s.window(k)
-    split = L - k * 64
-    o0, _ = s._epoch(0)
-    o1, _ = s._epoch(1)
-    assert not np.array_equal(o0, o1) and doc_start[split]
-    assert toks[split] == BYTE.bos_id and toks[split - 1] == BYTE.eos_id
-    assert np.bincount(np.concatenate([s.window(j)[0][:-1] for j in range(2 * L // 64)]),
-                       minlength=259)[BYTE.bos_id] >= 2 * len(DOCS) - 2
+def test_windows_are_pure_in_the_index(tmp_path, small_blocks):
+    prep = _prepared_docs(tmp_path)
+    a = PreparedStream(prep.split_shards("all"), prep.dtype, 16, (3, 0, 0, 0))
+    seq = [a.window(k) for k in range(60)]
+    b = PreparedStream(prep.split_shards("all"), prep.dtype, 16, (3, 0, 0, 0))
+    for k in (59, 7, 33, 0):                                                  # any access order
+        assert all(np.array_equal(x, y) for x, y in zip(b.window(k), seq[k]))
+    c = PreparedStream(prep.split_shards("all"), prep.dtype, 16, (4, 0, 0, 0))
+    assert not all(np.array_equal(c.window(k)[0], seq[k][0]) for k in range(10))
+
+
+def test_length_filters_and_upsampling(tmp_path, small_blocks):
+    docs = [("x" * (20 if i % 4 else 300)) + str(i) for i in range(64)]
+    prep = _prepared_docs(tmp_path, docs)
+    lengths = np.array([len(d) for d in _docs_of(prep)])
+    shards, dt = prep.split_shards("all"), prep.dtype
+    long_only = PreparedStream(shards, dt, 32, (0,), min_tokens=100)
+    assert long_only.epoch_tokens == lengths[lengths >= 100].sum()
+    short_only = PreparedStream(shards, dt, 32, (0,), max_tokens=100)
+    assert short_only.epoch_tokens == lengths[lengths <= 100].sum()
+    up = PreparedStream(shards, dt, 32, (0,), length_upsample=[[100, 3.0]])
+    assert up.epoch_tokens == lengths[lengths < 100].sum() + 3 * lengths[lengths >= 100].sum()
+    frac = PreparedStream(shards, dt, 32, (0,), length_upsample=[[100, 2.5]])
+    n_long = (lengths >= 100).sum()
+    copies = (frac.epoch_tokens - lengths[lengths < 100].sum()) / lengths[lengths >= 100].mean()
+    assert 2 * n_long <= copies <= 3 * n_long and copies not in (2 * n_long, 3 * n_long)
+    _, stream = _epoch_stream(up, up.epoch_tokens // 32, 32)
+    assert (stream == BYTE.bos_id).sum() >= (lengths < 100).sum() + 3 * n_long - 2
+    with pytest.raises(ValueError, match="no documents within min_tokens=1000"):
+        PreparedStream(shards, dt, 32, (0,), min_tokens=1000)
 
 
 def test_seq_ids_and_cu_seqlens():
@@ -265,8 +321,8 @@ def test_mixture_follows_weights_and_sources_are_separate(tmp_path):
     items = [ds[i] for i in range(40)]
     for it in items:
         assert it["answer_mask"].any() == (it["source"].item() != 0)
-    assert (tmp_path / "cache").is_dir() and list((tmp_path / "cache").glob("tokens-*.npz"))
-    again = build_dataset(cfg, BYTE, "train", seed=0)                         # from the token cache
+    assert list((tmp_path / "cache" / "prepared").glob("files-*/manifest.json"))
+    again = build_dataset(cfg, BYTE, "train", seed=0)                         # from the prepared cache
     assert all(_equal_batches(a, again[i]) for i, a in enumerate(items))
     val = eval_windows(cfg, BYTE, seed=0, n=5, batch_size=2)
     assert [b["input_ids"].shape[0] for b in val] == [2, 2, 1]

@@ -3,6 +3,11 @@
 recipe `data:` -> DataConfig -> load_tokenizer(cfg.tokenizer)
     -> build_dataset(cfg, tokenizer, "train", seed) -> WindowDataset (infinite, pure in i)
     -> Batcher(dataset, batch_size, dp_rank, dp_size) -> dict of (B, T) tensors
+    (StagedBatches chains one Batcher per stage of data.seq_len_schedule)
+
+Real text is read one way only: from prepared folders (`loom data prepare`),
+memory-mapped. Raw sources (files, hub, stdlib) are prepared into
+cache_dir on first use; synthetic tasks are generated from the seed.
 
 Batch fields (B = rows, T = seq_len): input_ids, labels (-100 where the target
 starts a new document), position_ids (restart at 0 at each document and at the
@@ -10,9 +15,11 @@ window start), seq_ids (document index per row), all (B, T) int64;
 answer_mask (B, T) bool (label positions holding synthetic-task answers);
 source (B,) int64 (index of the source in the config list).
 Everything is a deterministic function of (config, seed, split, window index);
-the Batcher's state is one integer. Files: tokenizer.py, sources.py (real text),
-synthetic.py (passkey, mqar, copy), packing.py (windows, boundary helpers),
-dataset.py (mixture), batcher.py.
+the Batcher's state is one integer. Files: tokenizer.py, sources.py (raw text
+streams), prepare.py (tokenize into shards), prepared.py (format, checks),
+reader.py (memory-mapped windows), synthetic.py (passkey, mqar, copy),
+packing.py (window fields, boundary helpers), dataset.py (mixture),
+batcher.py, schedule.py (seq_len stages), stats.py and commands.py (`loom data`).
 
 Example:
     >>> cfg = DataConfig(seq_len=256)
@@ -25,194 +32,18 @@ Example:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal, Optional
-
-import torch
-
-from loom.models.config import ConfigError
 from loom.trainer.data.batcher import Batcher, collate
-from loom.trainer.data.dataset import PURPOSE_TASK, SPLIT_CODES, WindowDataset, make_source
-from loom.trainer.data.packing import (IGNORE_INDEX, cu_seqlens_from_position_ids, pack_window,
-                                  seq_ids_from_position_ids)
-from loom.trainer.data.synthetic import MQARTask, PasskeyTask, answer_span_correct
+from loom.trainer.data.build import build_dataset, eval_windows, mqar_examples, passkey_examples
+from loom.trainer.data.config import DataConfig, SourceConfig, StageConfig, validate_data_config
+from loom.trainer.data.dataset import WindowDataset
+from loom.trainer.data.packing import IGNORE_INDEX, cu_seqlens_from_position_ids, seq_ids_from_position_ids
+from loom.trainer.data.schedule import StagedBatches
+from loom.trainer.data.synthetic import answer_span_correct
 from loom.trainer.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 __all__ = [
     "SourceConfig", "DataConfig", "build_dataset", "eval_windows", "passkey_examples", "mqar_examples",
     "validate_data_config", "WindowDataset", "Batcher", "collate", "load_tokenizer",
     "ByteTokenizer", "HFTokenizer", "seq_ids_from_position_ids", "cu_seqlens_from_position_ids",
-    "answer_span_correct", "IGNORE_INDEX",
+    "answer_span_correct", "IGNORE_INDEX", "StageConfig", "StagedBatches",
 ]
-
-
-@dataclass
-class SourceConfig:
-    """One document source of the mixture.
-
-    kind: files | hub | stdlib (real text, packed) or passkey | mqar | copy (synthetic).
-    weight: relative share of windows drawn from this source (> 0).
-    path, paths: files: a path or glob, and/or a list of them (one file type per source).
-    text_field: files (json/parquet) and hub: the column holding the text.
-    sample_by: files (txt): one document per line, paragraph or whole file.
-    name, subset, split: hub: dataset name, config name and split to load.
-    val_fraction: real text, when DataConfig.val_sources is None: share of
-        documents held out for val (by hash of the document key, seed-independent).
-    max_bytes: real text: cap on the corpus size in UTF-8 bytes, before the carve.
-    depth: passkey: needle depth in [0, 1]; None = uniform per example.
-    key_digits: passkey: digits of the key.
-    n_pairs, n_queries: mqar: key-value pairs shown and queries asked.
-    min_period, max_period: copy: range of the repeated string's length (characters).
-    """
-
-    kind: Literal["files", "hub", "stdlib", "passkey", "mqar", "copy"] = "stdlib"
-    weight: float = 1.0
-    path: Optional[str] = None
-    paths: list[str] = field(default_factory=list)
-    text_field: str = "text"
-    sample_by: Literal["line", "paragraph", "document"] = "line"
-    name: Optional[str] = None
-    subset: Optional[str] = None
-    split: str = "train"
-    val_fraction: float = 0.05
-    max_bytes: Optional[int] = None
-    depth: Optional[float] = None
-    key_digits: int = 5
-    n_pairs: int = 16
-    n_queries: int = 4
-    min_period: int = 32
-    max_period: int = 64
-
-
-def _default_sources() -> list[SourceConfig]:
-    return [SourceConfig(kind="stdlib", max_bytes=4_000_000)]
-
-
-@dataclass
-class DataConfig:
-    """Data of a run.
-
-    seq_len: tokens per training row (T); windows hold T + 1 tokens.
-    tokenizer: "byte" or a local tokenizer.json (or folder holding one).
-    sources: the training mixture (default: 4 MB of the Python stdlib).
-    val_sources: the validation mixture, taken whole; None = the same sources
-        with their held-out documents (real text) or fresh examples (synthetic).
-    val_windows: windows in the fixed validation set (eval_windows).
-    cache_dir: where token buffers (and HF `datasets` caches) are kept; None =
-        tokenize at every start, HF default cache.
-    """
-
-    seq_len: int = 512
-    tokenizer: str = "byte"
-    sources: list[SourceConfig] = field(default_factory=_default_sources)
-    val_sources: Optional[list[SourceConfig]] = None
-    val_windows: int = 32
-    cache_dir: Optional[str] = None
-
-
-def _check_source(src: SourceConfig, where: str) -> None:
-    def bad(key: str, msg: str) -> ConfigError:
-        return ConfigError(f"{where}.{key}: {msg}")
-
-    if src.weight <= 0:
-        raise bad("weight", f"must be > 0, got {src.weight}")
-    if src.kind == "files" and not src.path and not src.paths:
-        raise bad("path", "a files source needs path or paths")
-    if src.kind == "hub" and not src.name:
-        raise bad("name", "a hub source needs the dataset name")
-    if src.kind in ("files", "hub", "stdlib"):
-        if not 0 < src.val_fraction < 1:
-            raise bad("val_fraction", f"must be in (0, 1), got {src.val_fraction}")
-        if src.max_bytes is not None and src.max_bytes <= 0:
-            raise bad("max_bytes", f"must be > 0, got {src.max_bytes}")
-    if src.kind == "passkey":
-        if src.depth is not None and not 0 <= src.depth <= 1:
-            raise bad("depth", f"must be in [0, 1] or null, got {src.depth}")
-        if src.key_digits < 1:
-            raise bad("key_digits", f"must be >= 1, got {src.key_digits}")
-    if src.kind == "copy" and not 1 <= src.min_period <= src.max_period:
-        raise bad("min_period", f"need 1 <= min_period <= max_period, "
-                                f"got min_period={src.min_period}, max_period={src.max_period}")
-    if src.kind == "mqar" and not 1 <= src.n_queries <= src.n_pairs <= 26**3:
-        raise bad("n_queries", f"need 1 <= n_queries <= n_pairs <= {26**3}, "
-                               f"got n_queries={src.n_queries}, n_pairs={src.n_pairs}")
-
-
-def validate_data_config(cfg: DataConfig, prefix: str = "data") -> None:
-    """Semantic checks beyond types (which loom.models.config.build does).
-
-    Raises ConfigError (a ValueError) naming the key, e.g. data.sources[1].path.
-    """
-    if cfg.seq_len < 1:
-        raise ConfigError(f"{prefix}.seq_len: must be >= 1, got {cfg.seq_len}")
-    if cfg.val_windows < 1:
-        raise ConfigError(f"{prefix}.val_windows: must be >= 1, got {cfg.val_windows}")
-    if not cfg.sources:
-        raise ConfigError(f"{prefix}.sources: needs at least one source")
-    if cfg.val_sources is not None and not cfg.val_sources:
-        raise ConfigError(f"{prefix}.val_sources: empty list; use null for the held-out part of sources")
-    for i, src in enumerate(cfg.sources):
-        _check_source(src, f"{prefix}.sources[{i}]")
-    for i, src in enumerate(cfg.val_sources or []):
-        _check_source(src, f"{prefix}.val_sources[{i}]")
-
-
-def build_dataset(cfg: DataConfig, tokenizer, split: str, seed: int) -> WindowDataset:
-    """The infinite window dataset of `split` ("train" or "val").
-
-    Real-text sources are loaded and tokenized here, once (seconds for the
-    default 4 MB stdlib corpus); synthetic examples are generated on access.
-    """
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    validate_data_config(cfg)
-    explicit_val = cfg.val_sources is not None
-    sources = cfg.val_sources if split == "val" and explicit_val else cfg.sources
-    part = "all" if explicit_val else split
-    providers = [make_source(src, i, tokenizer, cfg.seq_len, seed, split, part, cfg.cache_dir)
-                 for i, src in enumerate(sources)]
-    return WindowDataset(providers, [s.weight for s in sources], [s.kind for s in sources],
-                         cfg.seq_len, seed, split)
-
-
-def eval_windows(cfg: DataConfig, tokenizer, seed: int, n: Optional[int] = None,
-                 batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
-    """The fixed validation set: windows 0..n-1 (n = cfg.val_windows) of the val
-    split, as batches of up to batch_size rows (fields as from Batcher)."""
-    ds = build_dataset(cfg, tokenizer, "val", seed)
-    n = cfg.val_windows if n is None else n
-    return [collate([ds[i] for i in range(lo, min(n, lo + batch_size))]) for lo in range(0, n, batch_size)]
-
-
-def _task_batches(task, n: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
-    """Windows 0..n-1 of a synthetic task, packed and collated in batches of up to batch_size."""
-    items = []
-    for i in range(n):
-        item = pack_window(*task.window(i))
-        item["source"] = torch.tensor(0, dtype=torch.int64)
-        items.append(item)
-    return [collate(items[lo:lo + batch_size]) for lo in range(0, n, batch_size)]
-
-
-def passkey_examples(tokenizer, seq_len: int, depth: float, n: int, seed: int, key_digits: int = 5,
-                     batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
-    """n passkey windows of seq_len tokens with the needle at `depth`, as batches.
-
-    Examples i = 0..n-1 use the same keys and filler offsets for every seq_len
-    and depth at one seed, so a length x depth grid compares like with like.
-    Score with answer_span_correct(logits.argmax(-1), batch["labels"], batch["answer_mask"]).
-    """
-    task = PasskeyTask(tokenizer, seq_len, (seed, SPLIT_CODES["eval"], PURPOSE_TASK, 0), depth, key_digits)
-    return _task_batches(task, n, batch_size)
-
-
-def mqar_examples(tokenizer, seq_len: int, n: int, seed: int, n_pairs: int = 16, n_queries: int = 4,
-                  batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
-    """n held-out MQAR windows of seq_len tokens (n_pairs pairs, n_queries queries each), as batches.
-
-    Drawn from the "eval" split's seed stream, so they never coincide with a
-    training or validation window of a run with the same seed. Score each query
-    with answer_span_correct(logits.argmax(-1), batch["labels"], batch["answer_mask"]).
-    """
-    task = MQARTask(tokenizer, seq_len, (seed, SPLIT_CODES["eval"], PURPOSE_TASK, 1), n_pairs, n_queries)
-    return _task_batches(task, n, batch_size)

@@ -22,18 +22,17 @@ epoch), mix (block order) and task (one synthetic example).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import time
 from collections import OrderedDict
 from typing import Optional
 
 import numpy as np
 import torch
 
-from loom.trainer.data.packing import PackedStream, pack_window, seeded_rng, tokenize_documents
-from loom.trainer.data.sources import load_documents
+from loom.trainer.data.packing import pack_window, seeded_rng
+from loom.trainer.data.prepare import ensure_prepared
+from loom.trainer.data.prepared import ManifestError, open_prepared
+from loom.trainer.data.reader import PreparedStream
 from loom.trainer.data.synthetic import CopyTask, MQARTask, PasskeyTask
 
 log = logging.getLogger(__name__)
@@ -76,6 +75,13 @@ class MixtureSchedule:
                 self._blocks.popitem(last=False)
         return self._blocks[b]
 
+    def count(self, s: int, n: int) -> int:
+        """Windows of source s among global windows 0..n-1."""
+        full, rest = divmod(n, MIX_BLOCK)
+        if len(self.quota) == 1:
+            return n
+        return int(full * self.quota[s] + (self._block(full)[0][:rest] == s).sum())
+
     def locate(self, i: int) -> tuple[int, int]:
         if len(self.quota) == 1:
             return 0, i
@@ -87,7 +93,8 @@ class WindowDataset:
     """Infinite map-style dataset of packed windows.
 
     sources: S window providers (`window(k)` -> tokens (W,), doc_start (W,)
-    [, answer (W,)]), weights: S floats, names: S labels for logs.
+    [, answer (W,)]), weights: S floats, names: S labels for logs;
+    window_offsets: S ints added to each source's window index (seq_len stages).
 
     `dataset[i]` -> dict of input_ids, labels, position_ids (T,) int64,
     answer_mask (T,) bool and source () int64 (index into `names`).
@@ -100,8 +107,9 @@ class WindowDataset:
     """
 
     def __init__(self, sources: list, weights: list[float], names: list[str], seq_len: int,
-                 seed: int, split: str):
+                 seed: int, split: str, window_offsets: Optional[list[int]] = None):
         self.sources = sources
+        self.window_offsets = window_offsets or [0] * len(sources)
         self.names = names
         self.seq_len = seq_len
         self.seed = seed
@@ -113,7 +121,7 @@ class WindowDataset:
         if i < 0:
             raise IndexError(f"window index must be >= 0, got {i}")
         s, k = self.schedule.locate(i)
-        item = pack_window(*self.sources[s].window(k))
+        item = pack_window(*self.sources[s].window(self.window_offsets[s] + k))
         item["source"] = torch.tensor(s, dtype=torch.int64)
         return item
 
@@ -121,33 +129,13 @@ class WindowDataset:
         return f"WindowDataset(split={self.split!r}, seq_len={self.seq_len}, sources={self.names})"
 
 
-def _cached_tokenize(tokenizer, docs: list[str], cache_dir: Optional[str]) -> tuple[np.ndarray, np.ndarray]:
-    """tokenize_documents, memoised on disk under cache_dir by (tokenizer, exact text)."""
-    if cache_dir is None:
-        return tokenize_documents(tokenizer, docs)
-    h = hashlib.sha256(tokenizer.fingerprint.encode())
-    for d in docs:
-        b = d.encode("utf-8")
-        h.update(len(b).to_bytes(8, "little"))
-        h.update(b)
-    path = os.path.join(cache_dir, f"tokens-{h.hexdigest()[:24]}.npz")
-    if os.path.isfile(path):
-        with np.load(path) as z:
-            return z["tokens"], z["offsets"]
-    tokens, offsets = tokenize_documents(tokenizer, docs)
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.savez(f, tokens=tokens, offsets=offsets)
-    os.replace(tmp, path)
-    return tokens, offsets
-
-
 def make_source(src, index: int, tokenizer, seq_len: int, seed: int, split: str, part: str,
-                cache_dir: Optional[str] = None):
+                cache_dir: Optional[str] = None, token_offset: int = 0):
     """Window provider for one SourceConfig at position `index` of its list.
 
-    part: which documents of a real-text source ("train", "val" or "all").
+    part: which documents of a real-text source ("train", "val" or "all");
+    a raw source (files, hub, stdlib) is prepared into cache_dir on first use.
+    token_offset: stream position of window 0 of a real-text source.
     """
     code = SPLIT_CODES[split]
     if src.kind == "passkey":
@@ -156,12 +144,12 @@ def make_source(src, index: int, tokenizer, seq_len: int, seed: int, split: str,
         return MQARTask(tokenizer, seq_len, (seed, code, PURPOSE_TASK, index), src.n_pairs, src.n_queries)
     if src.kind == "copy":
         return CopyTask(tokenizer, seq_len, (seed, code, PURPOSE_TASK, index), src.min_period, src.max_period)
-    t0 = time.perf_counter()
-    hf_cache = None if cache_dir is None else os.path.join(cache_dir, "hf")
-    docs = load_documents(src, part, hf_cache)
-    if not docs:
-        raise ValueError(f"{src.kind} source {index} has no documents for the {part} split")
-    tokens, offsets = _cached_tokenize(tokenizer, docs, cache_dir)
-    log.info("%s source %d (%s): %d documents, %d tokens in %.1fs", src.kind, index, part, len(docs),
-             len(tokens), time.perf_counter() - t0)
-    return PackedStream(tokens, offsets, seq_len, (seed, code, PURPOSE_SHUFFLE, index))
+    path = src.path if src.kind == "prepared" else ensure_prepared(src, tokenizer, cache_dir)
+    prep = open_prepared(path, tokenizer)
+    shards = prep.split_shards(part)
+    name = f"data.sources[{index}] ({src.kind}, {prep.path}, {part} split)"
+    if not any(s.documents for s in shards):
+        raise ManifestError(f"{name} has no documents; give data.val_sources or prepare with a larger "
+                            "val_fraction" if part == "val" else f"{name} has no documents")
+    return PreparedStream(shards, prep.dtype, seq_len, (seed, code, PURPOSE_SHUFFLE, index), src.min_tokens,
+                          src.max_tokens, src.length_upsample, token_offset, name)

@@ -1,83 +1,121 @@
-"""Real-text document sources: local files, the HF hub, and the Python standard library.
+"""Real-text document sources, read as streams: local files, the HF hub, the Python standard library.
 
-Each loader returns a list of documents (str) in a deterministic order. The
-synthetic tasks (passkey, mqar) live in synthetic.py.
+Nothing here holds a corpus in memory: a source is cut into *work units*
+(`source_units`), and `unit_documents(src, unit)` yields the documents (str)
+of one unit in a fixed order. `loom data prepare` (prepare.py) tokenizes the
+units in parallel into shards; training only ever reads those shards.
 
-Kinds:
-  files   local json / jsonl / parquet / txt (optionally .gz/.bz2/.xz/.zst), given
-          as paths or globs, read with `datasets.load_dataset(<builder>,
-          data_files=...)`; the documents are the `text_field` column (json,
-          parquet) or, for txt, one per line / paragraph / file (`sample_by`).
-  hub     `datasets.load_dataset(name, subset, split=split)`; needs the network
-          or a dataset already in the local HF cache.
+Kinds and their units:
+  files   local json / jsonl / parquet / txt, optionally compressed
+          (.gz, .bz2, .xz, .zst), given as paths, globs or directories
+          (searched recursively for those extensions); one unit per file.
+          json/jsonl/parquet documents are the `text_field` value of each row;
+          txt gives one document per line, paragraph or file (`sample_by`).
+  hub     `datasets.load_dataset(name, subset, split=split, streaming=True)`,
+          never materialised; one unit per shard of the streaming dataset
+          (its data files). Needs the network or the local HF cache.
+  datatrove  the output folder of datatrove's DocumentTokenizer (files NAME.ds of
+          tokens + NAME.ds.index of uint64 document ends, searched recursively),
+          already tokenized: documents are token arrays, one unit per .ds file.
+          This lets the field's pipeline (and its SLURM executor) do the
+          tokenizing; `loom data prepare` then adds the carve, the manifest and
+          the hashes (it must be given the tokenizer datatrove used).
   stdlib  the .py files of the running interpreter's standard library
-          (`sysconfig.get_paths()["stdlib"]`, no tests, no site-packages): real
-          text that needs no download. Its content depends on the Python version.
+          (`sysconfig.get_paths()["stdlib"]`, no tests, no site-packages), one
+          document per file: real text that needs no download. Files are
+          taken in the order of a hash of their relative path (a spread over
+          the library), capped at `max_bytes`, in units of STDLIB_UNIT_FILES.
 
-Train / val split (`part`): when a recipe gives no separate val sources, each
-real-text source is carved deterministically by document: a document belongs to
-val when the hash of its key (relative path for stdlib, "<row>" for files and
-hub) falls below `val_fraction`, independently of the seed, so the val set is
-the same for every run. part="all" takes every document (used when val sources
-are given explicitly). `max_bytes` caps the UTF-8 size of the corpus *before*
-the carve: stdlib files are taken in hash order (a spread over the whole
-library, not the first packages alphabetically), other sources in row order.
+`max_bytes` caps a source's UTF-8 size before the train/val carve; on files
+and hub sources it makes the whole source one unit (the cap follows stream
+order). Empty documents (blank lines, empty strings, nulls) are dropped.
+
+Train / val carve: a document is held out for val when the hash of its text
+falls below `val_fraction` (`in_val`), so the carve needs no global view,
+is the same for every run, seed and number of workers, and duplicated
+documents always land on the same side.
 """
 from __future__ import annotations
 
+import bz2
 import glob
+import gzip
 import hashlib
+import io
+import itertools
+import json
+import lzma
 import os
 import sysconfig
-from typing import Literal, Optional
+from dataclasses import dataclass
+from typing import Iterator, Optional
 
-Part = Literal["train", "val", "all"]
-
-_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+_EXTENSIONS = (".json", ".jsonl", ".parquet", ".txt")
 _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 _STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+STDLIB_UNIT_FILES = 128
+READ_BATCH = 1024  # parquet rows per read
 
 
-def key_fraction(key: str) -> float:
-    """Stable uniform number in [0, 1) from a string (first 8 bytes of sha1)."""
-    return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
+def key_fraction(key: str | bytes) -> float:
+    """Stable uniform number in [0, 1) from a string or bytes (first 8 bytes of sha1)."""
+    data = key.encode("utf-8") if isinstance(key, str) else key
+    return int.from_bytes(hashlib.sha1(data).digest()[:8], "big") / 2.0**64
 
 
-def carve(keys: list[str], part: Part, val_fraction: float) -> list[int]:
-    """Indices of the documents in `part`; see the module docstring.
-
-    If no key hashes below `val_fraction` (tiny corpora), the document with the
-    smallest hash is the val set, so val is never empty when there are >= 2
-    documents. With a single document, train and val are both that document.
-    """
-    if part == "all" or len(keys) <= 1:
-        return list(range(len(keys)))
-    fracs = [key_fraction(k) for k in keys]
-    in_val = [f < val_fraction for f in fracs]
-    if not any(in_val):
-        in_val[min(range(len(keys)), key=fracs.__getitem__)] = True
-    want_val = part == "val"
-    return [i for i, v in enumerate(in_val) if v == want_val]
+def in_val(text: str, val_fraction: float) -> bool:
+    """Whether a document belongs to the val split (hash of its text < val_fraction)."""
+    return key_fraction(text) < val_fraction
 
 
-def _cap_bytes(docs: list[str], max_bytes: Optional[int]) -> list[str]:
-    if max_bytes is None:
-        return docs
-    out, total = [], 0
-    for d in docs:
-        if total >= max_bytes:
-            break
-        out.append(d)
-        total += len(d.encode("utf-8"))
-    return out
+class SourceError(ValueError):
+    """A source that cannot be read; the message is one line."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One work unit of a source: a file (files), a stream shard (hub) or a list of files (stdlib)."""
+
+    index: int
+    files: tuple[str, ...] = ()
+    shard: int = 0
+    n_shards: int = 1
 
 
 # ----------------------------------------------------------------------------- files
 
-def expand_paths(paths: list[str]) -> list[str]:
-    """Expand globs (sorted), keep the given order otherwise, drop duplicates.
+def _strip_compression(path: str) -> tuple[str, Optional[str]]:
+    for comp in _COMPRESSIONS:
+        if path.endswith(comp):
+            return path[: -len(comp)], comp
+    return path, None
 
-    Raises FileNotFoundError naming the first path or glob that matches nothing.
+
+def file_type(path: str) -> str:
+    """"json" (json and jsonl), "parquet" or "txt"; ValueError for anything else."""
+    ext = os.path.splitext(_strip_compression(path)[0])[1].lower()
+    if ext not in _EXTENSIONS:
+        raise ValueError(f"{path}: unsupported file type {ext or '(none)'}; use .json, .jsonl, .parquet or .txt "
+                         "(optionally .gz, .bz2, .xz or .zst)")
+    return {".jsonl": "json"}.get(ext, ext[1:])
+
+
+def _data_files_in(folder: str) -> list[str]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            stem = _strip_compression(name)[0]
+            if os.path.splitext(stem)[1].lower() in _EXTENSIONS:
+                out.append(os.path.join(dirpath, name))
+    return out
+
+
+def expand_paths(paths: list[str]) -> list[str]:
+    """Expand globs (sorted) and directories (recursive, sorted), keep the given order
+    otherwise, drop duplicates.
+
+    Raises FileNotFoundError naming the first path, glob or directory that matches nothing.
     """
     out: list[str] = []
     for spec in paths:
@@ -89,130 +127,282 @@ def expand_paths(paths: list[str]) -> list[str]:
         elif os.path.isfile(spec):
             matches = [spec]
         elif os.path.isdir(spec):
-            raise FileNotFoundError(f"{spec} is a directory; give files or a glob such as {spec}/*.jsonl")
+            matches = _data_files_in(spec)
+            if not matches:
+                raise FileNotFoundError(f"directory {spec} holds no .json, .jsonl, .parquet or .txt files")
         else:
             raise FileNotFoundError(f"data file not found: {spec}")
         out.extend(m for m in matches if m not in out)
     return out
 
 
-def _builder_for(path: str) -> str:
-    stem = path
-    for comp in _COMPRESSIONS:
-        if stem.endswith(comp):
-            stem = stem[: -len(comp)]
-    ext = os.path.splitext(stem)[1].lower()
-    if ext not in _BUILDERS:
-        raise ValueError(f"{path}: unsupported file type {ext or '(none)'}; "
-                         "use .json, .jsonl, .parquet or .txt")
-    return _BUILDERS[ext]
+def _open_text(path: str) -> io.TextIOBase:
+    comp = _strip_compression(path)[1]
+    if comp == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    if comp == ".bz2":
+        return bz2.open(path, "rt", encoding="utf-8", errors="replace")
+    if comp == ".xz":
+        return lzma.open(path, "rt", encoding="utf-8", errors="replace")
+    if comp == ".zst":
+        try:
+            import zstandard
+        except ImportError:
+            raise ValueError(f"{path}: reading .zst files needs the zstandard package "
+                             "(pip install zstandard)") from None
+        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"))
+        return io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
+    return open(path, encoding="utf-8", errors="replace")
 
 
-def _column(ds, text_field: str, where: str) -> list[str]:
-    if text_field not in ds.column_names:
-        raise ValueError(f"{where}: no field {text_field!r} (fields: {', '.join(ds.column_names)}); "
-                         "set text_field")
-    values = ds.data.column(text_field).to_pylist()
-    bad = next((v for v in values if v is not None and not isinstance(v, str)), None)
-    if bad is not None:
-        raise ValueError(f"{where}: field {text_field!r} holds {type(bad).__name__}, not text")
-    return [v for v in values if v]
+def _text_of(row, text_field: str, where: str) -> Optional[str]:
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: rows must be JSON objects, got {type(row).__name__}")
+    if text_field not in row:
+        raise ValueError(f"{where}: no field {text_field!r} (fields: {', '.join(map(str, row))}); set text_field")
+    value = row[text_field]
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{where}: field {text_field!r} holds {type(value).__name__}, not text")
+    return value
 
 
-def files_documents(paths: list[str], text_field: str = "text",
-                    sample_by: Literal["line", "paragraph", "document"] = "line",
-                    cache_dir: Optional[str] = None) -> list[str]:
-    """Documents from local files of one type, in file order then row order.
+def _json_rows(path: str) -> Iterator:
+    with _open_text(path) as f:
+        first = f.readline()
+        if first.lstrip().startswith("["):  # one JSON array (parsed whole: small files only)
+            yield from json.loads(first + f.read())
+            return
+        for n, line in enumerate(itertools.chain([first], f), 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
 
-    Empty documents (blank txt lines, empty strings, nulls) are dropped.
-    """
-    files = expand_paths(paths)
-    builders = {_builder_for(p) for p in files}
-    if len(builders) > 1:
-        raise ValueError(f"one files source must hold one file type, got {sorted(builders)}; "
-                         "use one source per type")
-    builder = builders.pop()
-    import datasets
 
-    kwargs = {"sample_by": sample_by} if builder == "text" else {}
-    ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir, **kwargs)
-    field = "text" if builder == "text" else text_field
-    docs = _column(ds, field, files[0] if len(files) == 1 else f"{files[0]} (+{len(files) - 1} files)")
-    if builder == "text" and sample_by == "line":
-        docs = [d for d in docs if d.strip()]
-    return docs
+def _parquet_texts(path: str, text_field: str) -> Iterator[Optional[str]]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    names = pf.schema_arrow.names
+    if text_field not in names:
+        raise ValueError(f"{path}: no field {text_field!r} (fields: {', '.join(names)}); set text_field")
+    for batch in pf.iter_batches(batch_size=READ_BATCH, columns=[text_field]):
+        col = batch.column(0)
+        if not (col.type == "string" or col.type == "large_string"):
+            raise ValueError(f"{path}: field {text_field!r} holds {col.type}, not text")
+        yield from col.to_pylist()
+
+
+def _txt_documents(path: str, sample_by: str) -> Iterator[str]:
+    with _open_text(path) as f:
+        if sample_by == "document":
+            yield f.read()
+        elif sample_by == "line":
+            for line in f:
+                line = line.rstrip("\n")
+                if line.strip():
+                    yield line
+        else:  # paragraph: blocks separated by blank lines
+            para: list[str] = []
+            for line in f:
+                if line.strip():
+                    para.append(line)
+                elif para:
+                    yield "".join(para).rstrip("\n")
+                    para = []
+            if para:
+                yield "".join(para).rstrip("\n")
+
+
+def file_documents(path: str, text_field: str = "text", sample_by: str = "line") -> Iterator[str]:
+    """Non-empty documents of one local file, in row order."""
+    kind = file_type(path)
+    if kind == "txt":
+        texts = _txt_documents(path, sample_by)
+    elif kind == "parquet":
+        texts = _parquet_texts(path, text_field)
+    else:
+        texts = (_text_of(row, text_field, path) for row in _json_rows(path))
+    for t in texts:
+        if t:
+            yield t
+
+
+def files_documents(paths: list[str], text_field: str = "text", sample_by: str = "line") -> list[str]:
+    """All documents of some local files, in file order then row order (small corpora and tests)."""
+    return [d for p in expand_paths(paths) for d in file_documents(p, text_field, sample_by)]
 
 
 # ----------------------------------------------------------------------------- hub
 
-def hub_documents(name: str, subset: Optional[str] = None, split: str = "train",
-                  text_field: str = "text", cache_dir: Optional[str] = None) -> list[str]:
-    """Documents of a hub dataset split. Fails with one line when unavailable."""
+def _hub_stream(name: str, subset: Optional[str], split: str):
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, subset, split=split, cache_dir=cache_dir)
+        return datasets.load_dataset(name, subset, split=split, streaming=True)
     except Exception as e:  # the library raises many types (ConnectionError, DatasetNotFoundError, ...)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise RuntimeError(f"hub dataset {name!r} (split {split!r}) could not be loaded: {first} "
+        raise SourceError(f"hub dataset {name!r} (split {split!r}) could not be opened: {first} "
                            "(offline runs need it in the local HF cache)") from None
-    return _column(ds, text_field, f"hub dataset {name!r}")
+
+
+def hub_documents(name: str, subset: Optional[str] = None, split: str = "train", text_field: str = "text",
+                  shard: int = 0, n_shards: int = 1) -> Iterator[str]:
+    """Non-empty documents of shard `shard` of `n_shards` of a hub dataset, streamed."""
+    ds = _hub_stream(name, subset, split)
+    if n_shards > 1:
+        ds = ds.shard(num_shards=n_shards, index=shard)
+    for row in ds:
+        t = _text_of(row, text_field, f"hub dataset {name!r}")
+        if t:
+            yield t
 
 
 # ----------------------------------------------------------------------------- stdlib
 
-def stdlib_files(root: Optional[str] = None) -> list[str]:
-    """Sorted relative paths of the standard library's .py files, tests excluded."""
-    root = root or sysconfig.get_paths()["stdlib"]
+def stdlib_root() -> str:
+    return sysconfig.get_paths()["stdlib"]
+
+
+def stdlib_files(root: Optional[str] = None, max_bytes: Optional[int] = None) -> list[str]:
+    """Relative paths of the standard library's .py files (tests excluded), in the
+    order of a hash of the path, cut after `max_bytes` (size on disk)."""
+    root = root or stdlib_root()
     rel = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in _STDLIB_SKIP_DIRS]
         for name in filenames:
             if name.endswith(".py"):
                 rel.append(os.path.relpath(os.path.join(dirpath, name), root))
-    return sorted(rel)
+    rel.sort(key=lambda p: (key_fraction("order:" + p), p))
+    if max_bytes is None:
+        return rel
+    kept, total = [], 0
+    for p in rel:
+        if total >= max_bytes:
+            break
+        kept.append(p)
+        total += os.path.getsize(os.path.join(root, p))
+    return kept
 
 
-def stdlib_documents(part: Part, val_fraction: float, max_bytes: Optional[int] = None,
-                     root: Optional[str] = None) -> list[str]:
-    """Standard-library sources as documents (one per file), carved into `part`.
+# ----------------------------------------------------------------------------- units
 
-    Files are ordered by the hash of their relative path, capped at `max_bytes`
-    (size on disk, the whole corpus before the carve), then carved.
-    """
-    root = root or sysconfig.get_paths()["stdlib"]
-    # Order by a hash independent of the carve's, or the cap would keep mostly val files.
-    rel = sorted(stdlib_files(root), key=lambda p: (key_fraction("order:" + p), p))
-    if max_bytes is not None:
-        kept, total = [], 0
-        for p in rel:
-            if total >= max_bytes:
-                break
-            kept.append(p)
-            total += os.path.getsize(os.path.join(root, p))
-        rel = kept
-    chosen = [rel[i] for i in carve(rel, part, val_fraction)]
-    docs = []
-    for p in chosen:
-        with open(os.path.join(root, p), encoding="utf-8", errors="replace") as f:
-            text = f.read()
-        if text:
-            docs.append(text)
-    return docs
+def _paths_of(src) -> list[str]:
+    return ([src.path] if src.path else []) + list(src.paths)
 
 
-# ----------------------------------------------------------------------------- dispatch
-
-def load_documents(src, part: Part, cache_dir: Optional[str] = None) -> list[str]:
-    """Documents of one real-text source config (loom.trainer.data.SourceConfig) for `part`."""
+def source_units(src) -> list[Unit]:
+    """The work units of a real-text source config (loom.trainer.data.SourceConfig), in order."""
     if src.kind == "stdlib":
-        return stdlib_documents(part, src.val_fraction, src.max_bytes)
+        files = stdlib_files(max_bytes=src.max_bytes)
+        return [Unit(i, tuple(files[lo:lo + STDLIB_UNIT_FILES]))
+                for i, lo in enumerate(range(0, len(files), STDLIB_UNIT_FILES))]
     if src.kind == "files":
-        paths = ([src.path] if src.path else []) + list(src.paths)
-        docs = files_documents(paths, src.text_field, src.sample_by, cache_dir)
+        files = expand_paths(_paths_of(src))
+        for p in files:
+            file_type(p)
+        if src.max_bytes is not None:
+            return [Unit(0, tuple(files))]
+        return [Unit(i, (p,)) for i, p in enumerate(files)]
+    if src.kind == "datatrove":
+        return [Unit(i, (p,)) for i, p in enumerate(datatrove_files(src.path))]
+    if src.kind == "hub":
+        if src.max_bytes is not None:
+            return [Unit(0)]
+        n = int(getattr(_hub_stream(src.name, src.subset, src.split), "n_shards", 1) or 1)
+        return [Unit(i, shard=i, n_shards=n) for i in range(n)]
+    raise ValueError(f"{src.kind!r} is not a real-text source kind")
+
+
+def unit_documents(src, unit: Unit) -> Iterator[str]:
+    """Documents of one work unit, in a fixed order (max_bytes applied)."""
+    if src.kind == "stdlib":
+        root = stdlib_root()
+        for p in unit.files:
+            with open(os.path.join(root, p), encoding="utf-8", errors="replace") as f:
+                text = f.read()
+            if text:
+                yield text
+        return
+    if src.kind == "files":
+        docs = (d for p in unit.files for d in file_documents(p, src.text_field, src.sample_by))
     elif src.kind == "hub":
-        docs = hub_documents(src.name, src.subset, src.split, src.text_field, cache_dir)
+        docs = hub_documents(src.name, src.subset, src.split, src.text_field, unit.shard, unit.n_shards)
     else:
         raise ValueError(f"{src.kind!r} is not a real-text source kind")
-    docs = _cap_bytes(docs, src.max_bytes)
-    return [docs[i] for i in carve([str(i) for i in range(len(docs))], part, src.val_fraction)]
+    if src.max_bytes is None:
+        yield from docs
+        return
+    total = 0
+    for d in docs:
+        if total >= src.max_bytes:
+            break
+        yield d
+        total += len(d.encode("utf-8"))
+
+
+# ----------------------------------------------------------------------------- datatrove output
+
+def datatrove_files(folder: str) -> list[str]:
+    """Sorted .ds token files under a datatrove tokenizer output folder."""
+    folder = os.path.expanduser(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"datatrove output folder not found: {folder}")
+    files = sorted(os.path.join(d, f) for d, _, names in os.walk(folder) for f in names if f.endswith(".ds"))
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no datatrove .ds token files")
+    return files
+
+
+def datatrove_token_size(ds_file: str, default: int) -> int:
+    """Bytes per token of a .ds file, from its .metadata ("tokenizer|size" first line) when present."""
+    try:
+        with open(ds_file + ".metadata") as f:
+            return int(f.readline().strip().rsplit("|", 1)[1])
+    except (OSError, ValueError, IndexError):
+        return default
+
+
+def datatrove_documents(ds_file: str, token_size: int) -> Iterator["np.ndarray"]:
+    """Documents (token arrays) of one datatrove .ds file, via its .ds.index of document ends."""
+    import numpy as np
+
+    dtype = np.dtype("<u2") if token_size == 2 else np.dtype("<u4")
+    if not os.path.isfile(ds_file + ".index"):
+        raise FileNotFoundError(f"{ds_file}.index is missing; run datatrove's DocumentTokenizer with save_index=True")
+    ends = np.fromfile(ds_file + ".index", dtype="<u8").astype(np.int64)
+    n = os.path.getsize(ds_file)
+    if n % dtype.itemsize or (len(ends) and ends[-1] * dtype.itemsize != n):
+        raise ValueError(f"{ds_file}: {n} bytes do not match its index ({ends[-1] if len(ends) else 0} tokens of "
+                         f"{dtype.itemsize} bytes); is it complete?")
+    if not len(ends):
+        return
+    tokens = np.memmap(ds_file, dtype=dtype, mode="r")
+    lo = 0
+    for hi in ends:
+        if hi > lo:
+            yield np.asarray(tokens[lo:hi])
+        lo = hi
+
+
+def source_identity(src) -> dict:
+    """What the prepared content of a real-text source depends on (its cache key).
+
+    Local files add their size and modification time, so an edited corpus is
+    prepared again; the stdlib adds the Python version and library path.
+    """
+    keys = ("kind", "path", "paths", "text_field", "sample_by", "name", "subset", "split", "val_fraction",
+            "max_bytes")
+    ident = {k: getattr(src, k) for k in keys}
+    if src.kind == "files":
+        ident["files"] = [[p, os.path.getsize(p), os.stat(p).st_mtime_ns] for p in expand_paths(_paths_of(src))]
+    if src.kind == "datatrove":
+        ident["files"] = [[p, os.path.getsize(p), os.stat(p).st_mtime_ns] for p in datatrove_files(src.path)]
+    if src.kind == "stdlib":
+        import sys
+
+        ident["python"] = sys.version.split()[0]
+        ident["root"] = stdlib_root()
+    return ident
