@@ -21,7 +21,15 @@ the moment of the swap; if the process dies in that moment, the next manager
 renames it back. Leftover ``.tmp-*`` entries of dead processes are deleted when
 a manager is created and before every save.
 
-One writer per run folder. Cleaning leftovers skips entries whose pid is a live
+Refusals that protect the good checkpoints: ``save`` writes nothing when a
+floating-point tensor is not finite (NonFiniteCheckpoint; a diverged model
+never replaces or prunes a good one), and nothing when the file system has
+less free space than the newest checkpoint took (CheckpointError naming the
+folder, ENOSPC); a write that fails anyway (a full disk) removes its temporary
+folder and raises CheckpointError with the path and errno, leaving ``latest``
+and every finished checkpoint untouched.
+
+One writer per run folder (trainer/lock.py enforces it for `loom train`). Cleaning leftovers skips entries whose pid is a live
 process on this host, so a reader (``loom eval`` on a live run) does not delete
 the trainer's in-flight save.
 
@@ -44,6 +52,7 @@ Example::
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -56,6 +65,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 FORMAT = 1
@@ -74,6 +84,10 @@ _HASH_BLOCK = 8 << 20  # bytes read per hash update
 
 class CheckpointError(Exception):
     """A checkpoint cannot be written, found or trusted. The message is one user-facing line."""
+
+
+class NonFiniteCheckpoint(CheckpointError):
+    """save() refused weights holding NaN or inf; nothing was written."""
 
 
 def step_dir_name(step: int) -> str:
@@ -122,10 +136,15 @@ class CheckpointManager:
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"cannot save {name}: meta is not JSON-serialisable ({e})") from None
 
+        bad = _first_non_finite(tensors)
+        if bad is not None:
+            raise NonFiniteCheckpoint(f"not saving {name}: tensor {bad} holds NaN or inf")
+
+        tmp = self.root / f"{_TMP_PREFIX}{name}-{os.getpid()}"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             self._remove_stale()
-            tmp = self.root / f"{_TMP_PREFIX}{name}-{os.getpid()}"
+            self._check_free_space(name)
             tmp.mkdir()
             self._write_payload(tmp, tensors, state)
             _write_text(tmp / META_FILE, meta_text)
@@ -133,9 +152,30 @@ class CheckpointManager:
             final = self._swap_in(tmp, name)
             self._point_latest(name)
             self._prune()
-        except OSError as e:
-            raise CheckpointError(f"could not save checkpoint {name}: {e}") from e
+        except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors wrap ENOSPC
+            shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the previous checkpoint is intact
+            raise CheckpointError(f"could not save checkpoint {name}: {_one_line(e)}") from e
         return final
+
+    def last_size(self) -> int:
+        """Bytes of the newest finished checkpoint (its manifest's files), 0 if there is none."""
+        for _, path in reversed(self.list()):
+            try:
+                files = json.loads((path / MANIFEST_FILE).read_text())["files"]
+                return sum(int(e["bytes"]) for e in files.values())
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return 0
+
+    def has_room_for_next(self) -> bool:
+        """Whether the file system has as much free space as the newest checkpoint took."""
+        return free_bytes(self.root if self.root.is_dir() else self.run_dir) >= self.last_size()
+
+    def _check_free_space(self, name: str) -> None:
+        need, free = self.last_size(), free_bytes(self.root)
+        if free < need:
+            raise OSError(errno.ENOSPC, f"{free / 2**20:.1f} MiB free, the last checkpoint took "
+                                        f"{need / 2**20:.1f} MiB", str(self.root))
 
     def _write_payload(self, tmp: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         """Turn tensors and state into files under ``tmp`` (the seam for sharded writers)."""
@@ -309,12 +349,22 @@ class CheckpointManager:
                 return f"{name} checksum mismatch"
         return None
 
+    def latest_pointer(self) -> Path | None:
+        """The folder ``latest`` names (not verified), or None."""
+        name = self._read_latest()
+        return None if name is None else self.root / name
+
     def _read_latest(self) -> str | None:
         try:
             name = (self.root / LATEST_FILE).read_text().strip()
         except FileNotFoundError:
             return None
         return name if _STEP_DIR.fullmatch(name) else None
+
+
+def read_meta(path: str | Path) -> dict:
+    """meta.json of a checkpoint folder (cheap: nothing is verified or loaded)."""
+    return json.loads((Path(path) / META_FILE).read_text())
 
 
 # ---------------------------------------------------------------- RNG state
@@ -357,6 +407,22 @@ def _saveable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             seen.add(ptr)
         out[name] = tensor
     return out
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the file system holding ``path`` (the seam tests replace to fake a full disk)."""
+    return shutil.disk_usage(path).free
+
+
+def _first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _sha256(path: Path, fsync: bool = False) -> str:
