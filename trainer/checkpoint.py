@@ -68,6 +68,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from loom.trainer.faults import kill_point
+
 FORMAT = 1
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.pt"
@@ -147,10 +149,14 @@ class CheckpointManager:
             self._check_free_space(name)
             tmp.mkdir()
             self._write_payload(tmp, tensors, state)
+            kill_point("checkpoint.payload")
             _write_text(tmp / META_FILE, meta_text)
             self._write_manifest(tmp, step)
+            kill_point("checkpoint.manifest")
             final = self._swap_in(tmp, name)
+            kill_point("checkpoint.latest")
             self._point_latest(name)
+            kill_point("checkpoint.prune")
             self._prune()
         except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors wrap ENOSPC
             shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the previous checkpoint is intact

@@ -15,20 +15,12 @@ After `train.spike_rewind = n` spikes since the last checkpoint the loop
 rewinds to that checkpoint and keeps the data position where it is, so the
 windows that caused the spikes are skipped (PaLM's rewind-and-skip).
 Every skip and rewind is a metrics.jsonl line with an `event` field.
-
-Test hook: LOOM_TEST_NAN_STEPS="5,6" (or "all") poisons the gradient of those
-steps with NaN after the backward pass (`poison_grads`), so tests can inject a
-divergence without a special recipe.
+Tests inject NaN gradients with trainer/faults.py (LOOM_TEST_NAN_STEPS).
 """
 from __future__ import annotations
 
 import math
-import os
 from collections import deque
-
-import torch
-
-NAN_STEPS_ENV = "LOOM_TEST_NAN_STEPS"
 
 
 class StepGuard:
@@ -41,7 +33,7 @@ class StepGuard:
         spike_rewind: spikes since the last checkpoint that trigger a rewind; 0: never.
     """
 
-    MIN_HISTORY = 5  # accepted losses needed before a spike can be called
+    MIN_HISTORY = 5  # accepted losses needed before a spike can be called (at most the window)
 
     def __init__(self, max_bad_steps: int, spike_skip: float | None = None, spike_window: int = 50,
                  spike_rewind: int = 0):
@@ -56,7 +48,7 @@ class StepGuard:
         """Why this step must be skipped before its update ("nonfinite_loss", "spike"), or None."""
         if not math.isfinite(loss):
             return "nonfinite_loss"
-        if self.spike_skip is not None and len(self.history) >= self.MIN_HISTORY:
+        if self.spike_skip is not None and len(self.history) >= min(self.MIN_HISTORY, self.history.maxlen):
             if loss > self.spike_skip * (sum(self.history) / len(self.history)):
                 return "spike"
         return None
@@ -108,16 +100,3 @@ def resume_advice(last_good: str | None, lr: float) -> str:
         return f"no checkpoint was written; start again with a lower lr (optim.lr={lower})"
     return (f"the last good checkpoint is {last_good}; run the same command with optim.lr={lower} "
             "to resume from it with a lower lr")
-
-
-def poison_grads(model: torch.nn.Module, step: int) -> None:
-    """Test hook (LOOM_TEST_NAN_STEPS): fill one gradient with NaN at the listed steps."""
-    spec = os.environ.get(NAN_STEPS_ENV)
-    if not spec:
-        return
-    if spec != "all" and step not in {int(s) for s in spec.split(",") if s.strip()}:
-        return
-    for p in model.parameters():
-        if p.grad is not None:
-            p.grad.fill_(float("nan"))
-            return

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from loom.trainer.faults import KILL_ENV, kill_point
+
 
 def _plain(v):
     if isinstance(v, torch.Tensor):
@@ -60,6 +62,9 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 def _write_all(fd: int, data: bytes) -> None:
     """os.write until every byte is out (the seam tests wrap to simulate a full disk)."""
     view = memoryview(data)
+    if os.environ.get(KILL_ENV, "").startswith("metrics.line"):  # test hook: die with half a line written
+        view = view[os.write(fd, view[: len(view) // 2]):]
+        kill_point("metrics.line")
     while view:
         view = view[os.write(fd, view):]
 

@@ -32,7 +32,8 @@ from loom.trainer.config import RunConfig, dump, mqar_shape, passkey_key_digits
 from loom.trainer.data import Batcher, build_dataset, load_tokenizer, mqar_examples, passkey_examples, eval_windows
 from loom.trainer.distributed import setup_env
 from loom.trainer.distributed.resume import check_layout, restore_rng, run_layout
-from loom.trainer.guard import StepGuard, poison_grads, resume_advice
+from loom.trainer.faults import poison_grads
+from loom.trainer.guard import StepGuard, resume_advice
 from loom.trainer.lock import RunLock
 from loom.trainer.resume_policy import apply_optim_settings, check_resume, recipe_record
 from loom.trainer.validate import validate_inputs
