@@ -38,14 +38,15 @@ def reference(tmp_path_factory):
     return train_losses(d / "run")
 
 
-def assert_same_losses(run_dir, reference):
-    """Every train step logged once, and each loss equal to the uninterrupted run's."""
-    from loom.trainer.metrics import read_metrics
+@pytest.fixture
+def same_losses(reference):
+    """Asserts that a run folder logged every train step once, each loss equal to the uninterrupted run's."""
+    from loom.trainer.metrics import read_metrics, train_losses
 
-    steps = [r["step"] for r in read_metrics(run_dir) if "split" not in r and "event" not in r]
-    assert steps == sorted(set(steps)) == sorted(reference), steps
-    from loom.trainer.metrics import train_losses
-
-    got = train_losses(run_dir)
-    for step, loss in reference.items():
-        assert abs(got[step] - loss) <= 1e-6, (step, got[step], loss)
+    def check(run_dir):
+        steps = [r["step"] for r in read_metrics(run_dir) if "split" not in r and "event" not in r]
+        assert steps == sorted(set(steps)) == sorted(reference), steps
+        got = train_losses(run_dir)
+        for step, loss in reference.items():
+            assert abs(got[step] - loss) <= 1e-6, (step, got[step], loss)
+    return check
