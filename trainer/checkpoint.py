@@ -76,6 +76,7 @@ STATE_FILE = "trainer_state.pt"
 META_FILE = "meta.json"
 MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "latest"
+SHARD_DIR = "dcp"  # sharded checkpoints (trainer/dcp.py): one torch.distributed.checkpoint folder
 
 _STEP_DIR = re.compile(r"step-(\d{8,})")
 _TMP_PREFIX = ".tmp-"
@@ -141,15 +142,35 @@ class CheckpointManager:
         bad = _first_non_finite(tensors)
         if bad is not None:
             raise NonFiniteCheckpoint(f"not saving {name}: tensor {bad} holds NaN or inf")
+        tmp = self.begin(step)
+        try:
+            self._write_payload(tmp, tensors, state)
+        except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors wrap ENOSPC
+            self.abort(tmp, step, e)
+        kill_point("checkpoint.payload")
+        return self.commit(tmp, step, meta_text)
 
+    def begin(self, step: int) -> Path:
+        """Clean leftovers, check free space, create and return the temporary folder of ``step``.
+
+        The first half of ``save``; a sharded writer (trainer/dcp.py) calls it on the coordinator,
+        lets every rank write into the folder, then calls ``commit``.
+        """
+        name = step_dir_name(step)
         tmp = self.root / f"{_TMP_PREFIX}{name}-{os.getpid()}"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             self._remove_stale()
             self._check_free_space(name)
             tmp.mkdir()
-            self._write_payload(tmp, tensors, state)
-            kill_point("checkpoint.payload")
+        except OSError as e:
+            self.abort(tmp, step, e)
+        return tmp
+
+    def commit(self, tmp: Path, step: int, meta_text: str) -> Path:
+        """Write meta.json and the manifest into ``tmp``, publish it as ``step``, point ``latest``, prune."""
+        name = step_dir_name(step)
+        try:
             _write_text(tmp / META_FILE, meta_text)
             self._write_manifest(tmp, step)
             kill_point("checkpoint.manifest")
@@ -158,10 +179,14 @@ class CheckpointManager:
             self._point_latest(name)
             kill_point("checkpoint.prune")
             self._prune()
-        except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors wrap ENOSPC
-            shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the previous checkpoint is intact
-            raise CheckpointError(f"could not save checkpoint {name}: {_one_line(e)}") from e
+        except OSError as e:
+            self.abort(tmp, step, e)
         return final
+
+    def abort(self, tmp: Path, step: int, error: BaseException):
+        """Remove ``tmp`` (give the space back; the previous checkpoint is intact) and raise CheckpointError."""
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not save checkpoint {step_dir_name(step)}: {_one_line(error)}") from error
 
     def last_size(self) -> int:
         """Bytes of the newest finished checkpoint (its manifest's files), 0 if there is none."""
@@ -305,24 +330,32 @@ class CheckpointManager:
             log(f"warning: skipping corrupt checkpoint {name} ({problem}); {fallback}")
         return chosen
 
-    def load(self, path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict]:
+    def load(self, path: str | Path, weights: bool = True) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any], dict]:
         """Verify, then return ``(tensors, state, meta)``, all on CPU.
 
         A checkpoint this manager verified already (via ``verify`` or
         ``latest_valid``) is not hashed again unless its folder or manifest
         changed since. ``state`` is unpickled with ``weights_only=False``
         (it holds RNG states and numpy values): load only checkpoints you trust.
+        A sharded checkpoint (trainer/dcp.py) has its full weights consolidated in
+        this process; ``weights=False`` skips the weights (``tensors`` is None).
         """
         path = Path(path)
         if self._verified.get(path.resolve()) != _identity(path):
             self.verify(path)
-        tensors, state = self._read_payload(path)
+        tensors, state = self._read_payload(path, weights)
         meta = json.loads((path / META_FILE).read_text())
         return tensors, state, meta
 
-    def _read_payload(self, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Inverse of ``_write_payload`` (the seam for sharded readers)."""
-        tensors = load_file(str(path / MODEL_FILE), device="cpu")
+    def _read_payload(self, path: Path, weights: bool = True) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
+        """Inverse of ``_write_payload``, and the reader of sharded checkpoints' weights."""
+        tensors = None
+        if weights and (path / SHARD_DIR).is_dir():
+            from loom.trainer.dcp import consolidate_model
+
+            tensors = consolidate_model(path / SHARD_DIR)
+        elif weights:
+            tensors = load_file(str(path / MODEL_FILE), device="cpu")
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
         return tensors, state
 

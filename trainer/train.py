@@ -32,6 +32,7 @@ from loom.trainer.config import RunConfig, dump, mqar_shape, passkey_key_digits
 from loom.trainer.data import Batcher, build_dataset, load_tokenizer, mqar_examples, passkey_examples, eval_windows
 from loom.trainer.distributed import setup_env
 from loom.trainer.distributed.resume import check_layout, restore_rng, run_layout
+from loom.trainer.dcp import is_sharded, load_sharded, save_sharded
 from loom.trainer.faults import poison_grads
 from loom.trainer.guard import StepGuard, resume_advice
 from loom.trainer.lock import RunLock
@@ -187,8 +188,14 @@ def _train(cfg: RunConfig, env) -> int:
 
     def restore(path) -> tuple[dict, dict]:
         # every rank reads the (verified) files itself; only rank 0 owns the manager that prunes
-        tensors, state, meta = (ckpt or CheckpointManager(Path(path).parent.parent)).load(path)
-        engine.load_checkpoint_state(tensors, state["engine"])
+        manager = ckpt or CheckpointManager(Path(path).parent.parent)
+        if is_sharded(path):
+            _, state, meta = manager.load(path, weights=False)
+            load_sharded(engine, path, env)
+            engine.scheduler.load_state_dict(state["engine"]["scheduler"])
+        else:
+            tensors, state, meta = manager.load(path)
+            engine.load_checkpoint_state(tensors, state["engine"])
         apply_optim_settings(engine, cfg.optim)
         guard.load_state_dict(state.get("guard"))
         restore_rng(state["rng"], env, cfg.seed, meta["step"])
@@ -213,11 +220,16 @@ def _train(cfg: RunConfig, env) -> int:
         dist.log(model_line)
 
     def save(at_step: int) -> None:
-        tensors, engine_state = engine.checkpoint_state()
-        state = {"engine": engine_state, "data": batcher.state_dict(), "rng": env.gather_object(rng_state()),
+        state = {"data": batcher.state_dict(), "rng": env.gather_object(rng_state()),
                  "layout": run_layout(env, cfg), "guard": guard.state_dict()}
         meta = {"step": at_step, "tokens": tokens, "elapsed_s": elapsed_before + time.time() - t_start,
-                "config": cfg.name, **recipe_record(cfg, tokenizer)}
+                "config": cfg.name, "checkpoint_format": cfg.train.checkpoint_format,
+                **recipe_record(cfg, tokenizer)}
+        if cfg.train.checkpoint_format == "sharded":
+            state["engine"] = {"scheduler": engine.scheduler.state_dict()}
+            problem = save_sharded(ckpt, env, engine, at_step, state, meta)
+            return None if problem is None else (*problem, problem[0] == "write" and ckpt_room())
+        tensors, state["engine"] = engine.checkpoint_state()
         problem = None
         if env.is_main:
             try:
@@ -227,6 +239,9 @@ def _train(cfg: RunConfig, env) -> int:
             except CheckpointError as e:
                 problem = ("write", str(e), ckpt.has_room_for_next())
         return env.broadcast_object(problem)
+
+    def ckpt_room() -> bool:
+        return env.broadcast_object(ckpt.has_room_for_next() if env.is_main else None)
 
     def saved(at_step: int, final: bool) -> None:
         """Save, then go on, or stop with one line naming the last good checkpoint."""

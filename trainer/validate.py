@@ -6,6 +6,7 @@ fails within seconds, before the model is built:
 
 - `check_model_shapes`   d_model, n_heads positive; n_heads divides d_model
                          unless head_dim is given; head_dim even for RoPE.
+- `check_checkpoint_format`  sharded checkpoints need an engine with DTensor state.
 - `check_lengths`        a lower bound of the memory one training micro-batch
                          and one evaluation example need, against this host's RAM
                          (so `data.seq_len=1000000000` is refused, not a hang).
@@ -34,6 +35,7 @@ _HEAD_BYTES = 1 << 16  # bytes of each text/json file read to validate it
 
 def validate_inputs(cfg) -> None:
     check_model_shapes(cfg.model)
+    check_checkpoint_format(cfg)
     check_lengths(cfg)
     check_tokenizer(cfg.data.tokenizer)
     validate_sources(cfg.data)
@@ -53,6 +55,12 @@ def check_model_shapes(m) -> None:
         raise ConfigError(f"model.head_dim ({head_dim}) must be even and >= 2: rotary embeddings rotate pairs")
     if m.n_kv_heads is not None and m.n_kv_heads < 1:
         raise ConfigError(f"model.n_kv_heads must be >= 1, got {m.n_kv_heads}")
+
+
+def check_checkpoint_format(cfg) -> None:
+    if cfg.train.checkpoint_format == "sharded" and cfg.parallel.engine == "deepspeed":
+        raise ConfigError("train.checkpoint_format=sharded needs parallel.engine single, ddp or fsdp "
+                          "(DeepSpeed's ZeRO partitions are not DTensors); use train.checkpoint_format=full")
 
 
 def host_memory_bytes() -> int:
