@@ -29,17 +29,16 @@ folder, ENOSPC); a write that fails anyway (a full disk) removes its temporary
 folder and raises CheckpointError with the path and errno, leaving ``latest``
 and every finished checkpoint untouched.
 
-One writer per run folder (trainer/lock.py enforces it for `loom train`). Cleaning leftovers skips entries whose pid is a live
-process on this host, so a reader (``loom eval`` on a live run) does not delete
-the trainer's in-flight save.
+One writer per run folder (trainer/lock.py enforces it for `loom train`).
+Cleaning leftovers skips entries whose pid is a live process on this host, so
+a reader (``loom eval`` on a live run) does not delete the trainer's in-flight
+save.
 
-Extending to sharded checkpoints: ``_write_payload`` / ``_read_payload`` are the
-only places that know how tensors and state become files, and the manifest
-covers every file found under the temporary folder, recursively. A
-torch.distributed.checkpoint variant overrides those two methods (every rank
-writes its shards into one shared temporary folder, whose name the coordinator
-broadcasts) and runs ``save``'s commit steps (manifest, rename, ``latest``,
-prune) and ``_remove_stale`` on the coordinator only, after a barrier.
+Sharded checkpoints (trainer/dcp.py) use the two halves of ``save``: the
+coordinator calls ``begin`` (leftovers, free space, temporary folder), every
+rank writes its shards into that folder under ``dcp/``, and the coordinator
+calls ``commit`` (meta, manifest over every file found recursively, rename,
+``latest``, prune). ``load`` consolidates their full weights on demand.
 
 Example::
 
@@ -52,6 +51,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -59,14 +59,18 @@ import os
 import random
 import re
 import shutil
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from loom.trainer.faults import kill_point
 
@@ -330,7 +334,8 @@ class CheckpointManager:
             log(f"warning: skipping corrupt checkpoint {name} ({problem}); {fallback}")
         return chosen
 
-    def load(self, path: str | Path, weights: bool = True) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any], dict]:
+    def load(self, path: str | Path,
+             weights: bool = True) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any], dict]:
         """Verify, then return ``(tensors, state, meta)``, all on CPU.
 
         A checkpoint this manager verified already (via ``verify`` or
@@ -351,8 +356,6 @@ class CheckpointManager:
         """Inverse of ``_write_payload``, and the reader of sharded checkpoints' weights."""
         tensors = None
         if weights and (path / SHARD_DIR).is_dir():
-            from loom.trainer.dcp import consolidate_model
-
             tensors = consolidate_model(path / SHARD_DIR)
         elif weights:
             tensors = load_file(str(path / MODEL_FILE), device="cpu")
@@ -399,6 +402,28 @@ class CheckpointManager:
         except FileNotFoundError:
             return None
         return name if _STEP_DIR.fullmatch(name) else None
+
+
+def consolidate_model(dcp_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Full model weights (CPU, by name) of a sharded checkpoint (trainer/dcp.py), assembled in this
+    one process from the shards its metadata lists."""
+    reader = FileSystemReader(str(dcp_dir))
+    metadata = reader.read_metadata()
+    template = {key: torch.empty(md.size, dtype=md.properties.dtype)
+                for key, md in metadata.state_dict_metadata.items()
+                if key.startswith("model.") and isinstance(md, TensorStorageMetadata)}
+    with single_process_dcp(True):
+        dcp.load(template, storage_reader=reader, no_dist=True)
+    return {key[len("model."):]: t for key, t in template.items()}
+
+
+@contextlib.contextmanager
+def single_process_dcp(active: bool):
+    """Silence DCP's warning that it runs without a process group, where that is the intent."""
+    with warnings.catch_warnings():
+        if active:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
 
 
 def read_meta(path: str | Path) -> dict:

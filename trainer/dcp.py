@@ -24,41 +24,29 @@ with `dcp.load`, which reshards: a checkpoint of N FSDP ranks resumes on M
 ranks, or under `ddp` / `single`. DeepSpeed's flat ZeRO partitions are not
 DTensors, so DeepSpeed runs write and read the full format.
 
-Full weights on demand: `consolidate_model(dcp_dir)` rebuilds the whole model
+Full weights on demand: `checkpoint.consolidate_model(dcp_dir)` rebuilds the whole model
 state dict in one process from the metadata (CheckpointManager.load does this
 for `loom eval`, `loom generate` and conversion), and
 `python -m loom.trainer.dcp export CHECKPOINT OUT.safetensors` writes it out.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor
 
 from loom.models.config import ConfigError
-from loom.trainer.checkpoint import SHARD_DIR, STATE_FILE, CheckpointError, step_dir_name
+from loom.trainer.checkpoint import (SHARD_DIR, STATE_FILE, CheckpointError, single_process_dcp, consolidate_model,
+                                     step_dir_name)
 
 SHARDED_ENGINES = ("single", "ddp", "fsdp")
-
-
-@contextlib.contextmanager
-def _one_process(active: bool):
-    """Silence DCP's warning that it runs without a process group, where that is the intent."""
-    with warnings.catch_warnings():
-        if active:
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        yield
 
 
 def is_sharded(path: str | Path) -> bool:
@@ -99,7 +87,7 @@ def save_sharded(manager, env, engine, step: int, state: dict, meta: dict) -> tu
         return kind, tmp
     error = None
     try:
-        with _one_process(env.world == 1):
+        with single_process_dcp(env.world == 1):
             dcp.save(sd, checkpoint_id=Path(tmp) / SHARD_DIR, no_dist=env.world == 1)
     except Exception as e:  # DCP re-raises any rank's write error (ENOSPC, EIO) as a CheckpointException
         error = (str(e).strip().splitlines() or [repr(e)])[-1]
@@ -127,22 +115,10 @@ def load_sharded(engine, path: str | Path, env) -> None:
                           f"(resume once with one of {', '.join(SHARDED_ENGINES)} and "
                           "train.checkpoint_format=full)")
     sd = app_state(engine)
-    with _one_process(env.world == 1):
+    with single_process_dcp(env.world == 1):
         dcp.load(sd, checkpoint_id=Path(path) / SHARD_DIR, no_dist=env.world == 1)
     set_model_state_dict(engine.model, sd["model"])
     set_optimizer_state_dict(engine.model, engine.optimizer, sd["optim"])
-
-
-def consolidate_model(dcp_dir: str | Path) -> dict[str, torch.Tensor]:
-    """Full model weights (CPU, by name) of a sharded checkpoint, assembled in this one process."""
-    reader = FileSystemReader(str(dcp_dir))
-    metadata = reader.read_metadata()
-    template = {key: torch.empty(md.size, dtype=md.properties.dtype)
-                for key, md in metadata.state_dict_metadata.items()
-                if key.startswith("model.") and isinstance(md, TensorStorageMetadata)}
-    with _one_process(True):
-        dcp.load(template, storage_reader=reader, no_dist=True)
-    return {key[len("model."):]: t for key, t in template.items()}
 
 
 def export(checkpoint: str | Path, out: str | Path) -> None:
