@@ -219,7 +219,8 @@ def _train(cfg: RunConfig, env) -> int:
         os.replace(tmp, run_dir / "config.yaml")
         dist.log(model_line)
 
-    def save(at_step: int) -> None:
+    def save(at_step: int) -> tuple[str, str] | None:
+        """A collective: None, or (kind, one-line message) on every rank; kind "nonfinite" or "write"."""
         state = {"data": batcher.state_dict(), "rng": env.gather_object(rng_state()),
                  "layout": run_layout(env, cfg), "guard": guard.state_dict()}
         meta = {"step": at_step, "tokens": tokens, "elapsed_s": elapsed_before + time.time() - t_start,
@@ -227,21 +228,17 @@ def _train(cfg: RunConfig, env) -> int:
                 **recipe_record(cfg, tokenizer)}
         if cfg.train.checkpoint_format == "sharded":
             state["engine"] = {"scheduler": engine.scheduler.state_dict()}
-            problem = save_sharded(ckpt, env, engine, at_step, state, meta)
-            return None if problem is None else (*problem, problem[0] == "write" and ckpt_room())
+            return save_sharded(ckpt, env, engine, at_step, state, meta)
         tensors, state["engine"] = engine.checkpoint_state()
         problem = None
         if env.is_main:
             try:
                 ckpt.save(at_step, tensors, state, meta)
             except NonFiniteCheckpoint as e:
-                problem = ("nonfinite", str(e), False)
+                problem = ("nonfinite", str(e))
             except CheckpointError as e:
-                problem = ("write", str(e), ckpt.has_room_for_next())
+                problem = ("write", str(e))
         return env.broadcast_object(problem)
-
-    def ckpt_room() -> bool:
-        return env.broadcast_object(ckpt.has_room_for_next() if env.is_main else None)
 
     def saved(at_step: int, final: bool) -> None:
         """Save, then go on, or stop with one line naming the last good checkpoint."""
@@ -251,7 +248,8 @@ def _train(cfg: RunConfig, env) -> int:
             last_good = str(run_dir / "checkpoints" / step_dir_name(at_step))
             guard.checkpointed()
             return
-        kind, message, room = problem
+        kind, message = problem
+        room = kind == "write" and env.broadcast_object(ckpt.has_room_for_next() if env.is_main else None)
         metrics.write({"step": at_step, "event": "checkpoint_failed", "reason": message})
         if kind == "nonfinite":
             raise TrainingError(f"{message}: the weights diverged by step {at_step}; "
@@ -264,10 +262,6 @@ def _train(cfg: RunConfig, env) -> int:
     def rewind(at_step: int) -> tuple[int, int]:
         """Back to the last good checkpoint; the data position stays, so the windows since are skipped."""
         spikes = guard.spikes
-        if last_good is None:
-            say(f"warning: {len(spikes)} loss spikes but no checkpoint to rewind to; training goes on")
-            guard.checkpointed()
-            return at_step, tokens + tokens_per_step
         skip_from = restore(last_good)[0]["data"]["position"]
         meta = read_meta(last_good)
         guard.checkpointed()
@@ -313,7 +307,10 @@ def _train(cfg: RunConfig, env) -> int:
             if guard.should_stop:
                 raise TrainingError(f"{guard.bad_in_a_row} consecutive steps with a non-finite loss or gradient "
                                     f"norm (last at step {step + 1}); " + resume_advice(last_good, cfg.optim.lr))
-            if guard.should_rewind:
+            if guard.should_rewind and last_good is None:
+                say(f"warning: {len(guard.spikes)} loss spikes but no checkpoint to rewind to; training goes on")
+                guard.checkpointed()
+            elif guard.should_rewind:
                 step, tokens = rewind(step + 1)
                 bar.reset(total=cfg.train.steps)
                 bar.update(step)

@@ -8,7 +8,7 @@ fails within seconds, before the model is built:
                          unless head_dim is given; head_dim even for RoPE.
 - `check_checkpoint_format`  sharded checkpoints need an engine with DTensor state.
 - `check_lengths`        a lower bound of the memory one training micro-batch
-                         and one evaluation example need, against this host's RAM
+                         and one evaluation example need, against the device's memory (RAM on CPU)
                          (so `data.seq_len=1000000000` is refused, not a hang).
 - `check_tokenizer`      a tokenizer file that is not JSON, or not a tokenizer.
 - `validate_sources`     every local file of every `files` source is opened and
@@ -63,22 +63,26 @@ def check_checkpoint_format(cfg) -> None:
                           "(DeepSpeed's ZeRO partitions are not DTensors); use train.checkpoint_format=full")
 
 
-def host_memory_bytes() -> int:
-    """Physical memory of this host (the seam tests replace)."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+def device_memory_bytes() -> tuple[int, str]:
+    """Memory of the device activations live on: the first GPU's, else this host's RAM."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory, "GPU"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "host"
 
 
-def min_bytes_per_token(m) -> int:
+def min_bytes_per_token(m, hidden_bytes: int) -> int:
     """A lower bound of the memory a token costs in a forward + backward pass: its five int64 batch
-    fields, and one fp32 hidden state per layer (kept for backward even under full activation
+    fields, and one hidden state per layer (kept for backward even under full activation
     checkpointing) plus the embedding output."""
-    return 5 * 8 + 4 * m.d_model * (len(m.layer_kinds()) + 1)
+    return 5 * 8 + hidden_bytes * m.d_model * (len(m.layer_kinds()) + 1)
 
 
 def check_lengths(cfg) -> None:
-    """Refuse a micro-batch or an evaluation example whose memory lower bound exceeds this host's RAM."""
-    ram = host_memory_bytes()
-    per_token = min_bytes_per_token(cfg.model)
+    """Refuse a micro-batch or an evaluation example whose memory lower bound exceeds the device's."""
+    ram, where = device_memory_bytes()
+    per_token = min_bytes_per_token(cfg.model, 2 if where == "GPU" else 4)  # bf16 on GPU, fp32 on CPU
     cp = max(1, cfg.parallel.cp)
     lengths = [("data.seq_len", cfg.data.seq_len, cfg.train.batch_size)]
     lengths += [("eval.passkey_lengths", n, 1) for n in cfg.eval.passkey_lengths]
@@ -87,7 +91,7 @@ def check_lengths(cfg) -> None:
         need = rows * length * per_token // cp
         if need > ram:
             raise ConfigError(f"{key}={length}: one {'micro-batch' if rows > 1 else 'example'} needs at least "
-                              f"{need / 2**30:.1f} GiB per process (estimate), more than this host's "
+                              f"{need / 2**30:.1f} GiB per process (estimate), more than this {where}'s "
                               f"{ram / 2**30:.1f} GiB; lower it")
 
 
