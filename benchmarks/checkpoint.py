@@ -14,7 +14,9 @@ takes one optimiser step (so AdamW holds exp_avg / exp_avg_sq), then saves
            dcp.save; rank 0 commits the manifest).
 Per rank and path: wall time of the save (barrier to barrier, the slowest
 rank's), and peak RSS above the pre-save baseline (a 2 ms sampler of
-/proc/self/statm). Both paths run in the same processes, side by side.
+/proc/self/statm); per rank, the model + AdamW state it holds (what it writes
+under DCP; the full path materialises all of it on rank 0). Both paths run in
+the same processes, side by side.
 """
 from __future__ import annotations
 
@@ -84,6 +86,21 @@ def worker(args) -> None:
     engine.backward(model.loss(out.hidden, ids, chunk=64))
     engine.step()
 
+    from torch.distributed.tensor import DTensor
+
+    from loom.trainer.dcp import app_state
+
+    def tensor_bytes(tree) -> int:
+        if isinstance(tree, dict):
+            return sum(tensor_bytes(v) for v in tree.values())
+        if isinstance(tree, (list, tuple)):
+            return sum(tensor_bytes(v) for v in tree)
+        if isinstance(tree, torch.Tensor):
+            t = tree.to_local() if isinstance(tree, DTensor) else tree
+            return t.numel() * t.element_size()
+        return 0
+
+    shard_mib = tensor_bytes(app_state(engine)) / 2**20  # what this rank holds and writes under DCP
     root = Path(args.out)
     manager = CheckpointManager(root, keep_last=1) if env.is_main else None
     rows = {"full": [], "sharded": []}
@@ -102,7 +119,7 @@ def worker(args) -> None:
                     assert problem is None, problem
                 env.barrier()
             rows[path].append({"seconds": time.perf_counter() - t0, "peak_mib": (mem.peak - mem.base) / 2**20})
-    result = {"rank": env.rank, "world": env.world, "params": n_params, **rows}
+    result = {"rank": env.rank, "world": env.world, "params": n_params, "shard_mib": shard_mib, **rows}
     Path(args.out, f"rank{env.rank}.json").write_text(json.dumps(result))
     env.teardown()
 
@@ -135,7 +152,8 @@ def main() -> None:
                    "--repeats", str(args.repeats)]
             subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
-        run = {"world": world, "params": ranks[0]["params"]}
+        run = {"world": world, "params": ranks[0]["params"],
+               "state_mib_per_rank": [round(r["shard_mib"], 1) for r in ranks]}
         for path in ("full", "sharded"):
             # the save's time is the slowest rank's; take the best repeat (the machine is shared)
             run[f"{path}_seconds"] = min(max(r[path][i]["seconds"] for r in ranks) for i in range(args.repeats))
@@ -143,7 +161,8 @@ def main() -> None:
         summary["runs"].append(run)
         print(f"world {world}: {run['params'] / 1e6:.1f}M params | full (rank 0 gathers): "
               f"{run['full_seconds']:.2f} s, peak MiB per rank {run['full_peak_mib_per_rank']} | "
-              f"sharded (DCP): {run['sharded_seconds']:.2f} s, peak MiB per rank {run['sharded_peak_mib_per_rank']}")
+              f"sharded (DCP): {run['sharded_seconds']:.2f} s, peak MiB per rank {run['sharded_peak_mib_per_rank']}, "
+              f"state written per rank MiB {run['state_mib_per_rank']}")
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"recorded {RESULTS}")
