@@ -51,7 +51,6 @@ Example::
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
@@ -87,6 +86,9 @@ _TMP_PREFIX = ".tmp-"
 _OLD_PREFIX = ".old-"
 _PID_SUFFIX = re.compile(r"-(\d+)$")
 _HASH_BLOCK = 8 << 20  # bytes read per hash update
+# DCP warns on every single-process (no_dist) save and load, which Loom does on purpose
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized",
+                        category=UserWarning)
 
 
 class CheckpointError(Exception):
@@ -412,18 +414,8 @@ def consolidate_model(dcp_dir: str | Path) -> dict[str, torch.Tensor]:
     template = {key: torch.empty(md.size, dtype=md.properties.dtype)
                 for key, md in metadata.state_dict_metadata.items()
                 if key.startswith("model.") and isinstance(md, TensorStorageMetadata)}
-    with single_process_dcp(True):
-        dcp.load(template, storage_reader=reader, no_dist=True)
+    dcp.load(template, storage_reader=reader, no_dist=True)
     return {key[len("model."):]: t for key, t in template.items()}
-
-
-@contextlib.contextmanager
-def single_process_dcp(active: bool):
-    """Silence DCP's warning that it runs without a process group, where that is the intent."""
-    with warnings.catch_warnings():
-        if active:
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        yield
 
 
 def read_meta(path: str | Path) -> dict:

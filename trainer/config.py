@@ -49,6 +49,7 @@ class TrainConfig:
     spike_rewind: int = 0  # after this many spikes since the last checkpoint, rewind to it; 0: never
     # full: rank 0 gathers and writes whole weights + optimizer; sharded: every rank writes its shard (trainer/dcp.py)
     checkpoint_format: Literal["full", "sharded"] = "full"
+    checkpoint_async: bool = False  # sharded only: write shards in the background, commit at the next save
     stop_after_steps: int | None = None  # checkpoint and exit after this many steps in this invocation
     # per block: none | full (recompute the block) | selective (recompute the MLP); trainer/parallelize.py
     activation_checkpointing: Literal["none", "full", "selective"] = "none"

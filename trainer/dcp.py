@@ -17,7 +17,10 @@ leftovers, free space) and broadcasts its name; every rank checks its own
 shards are finite (all ranks agree through one all-reduce) and writes them
 with `dcp.save`; rank 0 then writes trainer_state.pt and commits (manifest,
 atomic rename, `latest`, keep-last-k). A failure on any rank leaves the
-previous checkpoint and `latest` untouched.
+previous checkpoint and `latest` untouched. With `train.checkpoint_async`
+the shards are staged in CPU memory and written in the background while
+training goes on (`PendingSave`); the commit happens at the next save or at
+the end of the run (the last save and a stop save are synchronous).
 
 Loading: `load_sharded` fills the engine's own (sharded) state dict in place
 with `dcp.load`, which reshards: a checkpoint of N FSDP ranks resumes on M
@@ -43,7 +46,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
 from torch.distributed.tensor import DTensor
 
 from loom.models.config import ConfigError
-from loom.trainer.checkpoint import (SHARD_DIR, STATE_FILE, CheckpointError, single_process_dcp, consolidate_model,
+from loom.trainer.checkpoint import (SHARD_DIR, STATE_FILE, CheckpointError, consolidate_model,
                                      step_dir_name)
 
 SHARDED_ENGINES = ("single", "ddp", "fsdp")
@@ -70,12 +73,60 @@ def _first_non_finite(model_state: dict) -> str | None:
 def save_sharded(manager, env, engine, step: int, state: dict, meta: dict) -> tuple[str, str] | None:
     """A collective: write checkpoint ``step`` sharded. Returns None, or (kind, one-line message) on every
     rank, kind "nonfinite" (nothing written) or "write" (the previous checkpoint is intact)."""
+    sd, tmp, problem = _open(manager, env, engine, step)
+    if problem is not None:
+        return problem
+    error = None
+    try:
+        dcp.save(sd, checkpoint_id=tmp / SHARD_DIR, no_dist=env.world == 1)
+    except Exception as e:  # DCP re-raises any rank's write error (ENOSPC, EIO) as a CheckpointException
+        error = _last_line(e)
+    return _commit(manager, env, tmp, step, state, meta, error)
+
+
+class PendingSave:
+    """A sharded save whose shards are being written in the background (`train.checkpoint_async`).
+
+    `dcp.async_save` first copies each rank's shards to CPU memory (so training may
+    change the weights at once), then writes them from a thread over a separate gloo
+    group. `finish` (a collective) waits for the writes and commits, as `save_sharded`
+    does; until then the previous checkpoint is `latest`, and a crash leaves only a
+    temporary folder behind.
+    """
+
+    _group = None  # the gloo group of background writes (never the training group)
+
+    def __init__(self, manager, env, engine, step: int, state: dict, meta: dict):
+        self.manager, self.env, self.step, self.state, self.meta = manager, env, step, state, meta
+        self.future = None
+        self.problem = None
+        sd, self.tmp, self.problem = _open(manager, env, engine, step)
+        if self.problem is not None:
+            return
+        if env.world > 1 and PendingSave._group is None:
+            PendingSave._group = torch.distributed.new_group(backend="gloo")
+        self.future = dcp.async_save(sd, checkpoint_id=self.tmp / SHARD_DIR, process_group=PendingSave._group,
+                                     no_dist=env.world == 1)
+
+    def finish(self) -> tuple[str, str] | None:
+        if self.future is None:
+            return self.problem
+        error = None
+        try:
+            self.future.result()
+        except Exception as e:  # as in save_sharded
+            error = _last_line(e)
+        return _commit(self.manager, self.env, self.tmp, self.step, self.state, self.meta, error)
+
+
+def _open(manager, env, engine, step: int):
+    """Check finiteness and open the temporary folder: (state dict, folder, None), or (.., .., problem)."""
     name = step_dir_name(step)
     sd = app_state(engine)
     bad = _first_non_finite(sd["model"])
     if env.any(bad is not None):
         where = f"tensor {bad}" if bad else "a shard on another rank"
-        return "nonfinite", f"not saving {name}: {where} holds NaN or inf"
+        return None, None, ("nonfinite", f"not saving {name}: {where} holds NaN or inf")
     opened = None
     if env.is_main:
         try:
@@ -83,29 +134,30 @@ def save_sharded(manager, env, engine, step: int, state: dict, meta: dict) -> tu
         except CheckpointError as e:
             opened = ("write", str(e))
     kind, tmp = env.broadcast_object(opened)
-    if kind != "ok":
-        return kind, tmp
-    error = None
-    try:
-        with single_process_dcp(env.world == 1):
-            dcp.save(sd, checkpoint_id=Path(tmp) / SHARD_DIR, no_dist=env.world == 1)
-    except Exception as e:  # DCP re-raises any rank's write error (ENOSPC, EIO) as a CheckpointException
-        error = (str(e).strip().splitlines() or [repr(e)])[-1]
+    return (sd, Path(tmp), None) if kind == "ok" else (None, None, (kind, tmp))
+
+
+def _commit(manager, env, tmp: Path, step: int, state: dict, meta: dict, error: str | None):
+    """After every rank wrote (or failed): rank 0 writes trainer_state.pt and publishes, or removes tmp."""
     gathered = env.gather_object(error)  # a collective: every rank calls it
     errors = [e for e in (gathered if env.world > 1 else [gathered]) if e]
     problem = None
     if env.is_main:
         try:
             if errors:
-                manager.abort(Path(tmp), step, OSError(errors[0]))
+                manager.abort(tmp, step, OSError(errors[0]))
             try:
-                torch.save(state, Path(tmp) / STATE_FILE)
+                torch.save(state, tmp / STATE_FILE)
             except (OSError, RuntimeError) as e:  # torch.save wraps ENOSPC in a RuntimeError
-                manager.abort(Path(tmp), step, e)
-            manager.commit(Path(tmp), step, json.dumps({**meta, "step": step}, indent=2, sort_keys=True))
+                manager.abort(tmp, step, e)
+            manager.commit(tmp, step, json.dumps({**meta, "step": step}, indent=2, sort_keys=True))
         except CheckpointError as e:
             problem = ("write", str(e))
     return env.broadcast_object(problem)
+
+
+def _last_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [repr(e)])[-1]
 
 
 def load_sharded(engine, path: str | Path, env) -> None:
@@ -115,8 +167,7 @@ def load_sharded(engine, path: str | Path, env) -> None:
                           f"(resume once with one of {', '.join(SHARDED_ENGINES)} and "
                           "train.checkpoint_format=full)")
     sd = app_state(engine)
-    with single_process_dcp(env.world == 1):
-        dcp.load(sd, checkpoint_id=Path(path) / SHARD_DIR, no_dist=env.world == 1)
+    dcp.load(sd, checkpoint_id=Path(path) / SHARD_DIR, no_dist=env.world == 1)
     set_model_state_dict(engine.model, sd["model"])
     set_optimizer_state_dict(engine.model, engine.optimizer, sd["optim"])
 

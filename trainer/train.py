@@ -32,7 +32,7 @@ from loom.trainer.config import RunConfig, dump, mqar_shape, passkey_key_digits
 from loom.trainer.data import Batcher, build_dataset, load_tokenizer, mqar_examples, passkey_examples, eval_windows
 from loom.trainer.distributed import setup_env
 from loom.trainer.distributed.resume import check_layout, restore_rng, run_layout
-from loom.trainer.dcp import is_sharded, load_sharded, save_sharded
+from loom.trainer.dcp import PendingSave, is_sharded, load_sharded, save_sharded
 from loom.trainer.faults import poison_grads
 from loom.trainer.guard import StepGuard, resume_advice
 from loom.trainer.lock import RunLock
@@ -219,8 +219,9 @@ def _train(cfg: RunConfig, env) -> int:
         os.replace(tmp, run_dir / "config.yaml")
         dist.log(model_line)
 
-    def save(at_step: int) -> tuple[str, str] | None:
-        """A collective: None, or (kind, one-line message) on every rank; kind "nonfinite" or "write"."""
+    def save(at_step: int, background: bool = False):
+        """A collective: None, or (kind, one-line message) on every rank, kind "nonfinite" or "write";
+        with `background`, a PendingSave whose finish() returns that later."""
         state = {"data": batcher.state_dict(), "rng": env.gather_object(rng_state()),
                  "layout": run_layout(env, cfg), "guard": guard.state_dict()}
         meta = {"step": at_step, "tokens": tokens, "elapsed_s": elapsed_before + time.time() - t_start,
@@ -228,6 +229,8 @@ def _train(cfg: RunConfig, env) -> int:
                 **recipe_record(cfg, tokenizer)}
         if cfg.train.checkpoint_format == "sharded":
             state["engine"] = {"scheduler": engine.scheduler.state_dict()}
+            if background:
+                return PendingSave(ckpt, env, engine, at_step, state, meta)
             return save_sharded(ckpt, env, engine, at_step, state, meta)
         tensors, state["engine"] = engine.checkpoint_state()
         problem = None
@@ -240,10 +243,25 @@ def _train(cfg: RunConfig, env) -> int:
                 problem = ("write", str(e))
         return env.broadcast_object(problem)
 
+    pending = None  # a background save (train.checkpoint_async) not yet committed
+
     def saved(at_step: int, final: bool) -> None:
-        """Save, then go on, or stop with one line naming the last good checkpoint."""
+        """Save (the last one and a stop save in the foreground), then go on, or stop with one line naming
+        the last good checkpoint."""
+        nonlocal pending
+        if pending is not None:
+            done, pending = pending, None
+            outcome(done.step, done.finish(), final=False)
+        if cfg.train.checkpoint_async and not final:
+            pending = save(at_step, background=True)
+            if pending.problem is not None:
+                done, pending = pending, None
+                outcome(at_step, done.problem, final=False)
+            return
+        outcome(at_step, save(at_step), final)
+
+    def outcome(at_step: int, problem: tuple[str, str] | None, final: bool) -> None:
         nonlocal last_good
-        problem = save(at_step)
         if problem is None:
             last_good = str(run_dir / "checkpoints" / step_dir_name(at_step))
             guard.checkpointed()
@@ -339,7 +357,7 @@ def _train(cfg: RunConfig, env) -> int:
             # every rank must take the same decision, whichever of them the signal reached first
             stopping = env.any(stop.signal is not None) or (limit is not None and step - start_step >= limit)
             if step % cfg.train.save_every == 0 or step == cfg.train.steps or stopping:
-                saved(step, final=step == cfg.train.steps)
+                saved(step, final=step == cfg.train.steps or stopping)
             if stopping and step < cfg.train.steps:
                 bar.close()
                 dist.log(f"stopped at step {step}; checkpoint saved in {run_dir}. "

@@ -61,6 +61,8 @@ def check_checkpoint_format(cfg) -> None:
     if cfg.train.checkpoint_format == "sharded" and cfg.parallel.engine == "deepspeed":
         raise ConfigError("train.checkpoint_format=sharded needs parallel.engine single, ddp or fsdp "
                           "(DeepSpeed's ZeRO partitions are not DTensors); use train.checkpoint_format=full")
+    if cfg.train.checkpoint_async and cfg.train.checkpoint_format != "sharded":
+        raise ConfigError("train.checkpoint_async needs train.checkpoint_format=sharded")
 
 
 def device_memory_bytes() -> tuple[int, str]:

@@ -2,7 +2,8 @@
 a 2-rank FSDP run writes one shard per rank under the manifest, resumes on 1 rank with the single engine
 (DCP reshards) with the losses of the uninterrupted full-format run, and its consolidated full weights
 (what `loom eval` and export read) equal that run's; slow: 2 FSDP ranks resumed on 4, DDP resumed by FSDP.
-A sharded save refuses DeepSpeed in one line. Cost: ~40 s default (one 2-process launch)."""
+Background (async) saves resume exactly, on 1 process (default) and 2 FSDP ranks (slow).
+A sharded save refuses DeepSpeed in one line. Cost: ~50 s default (one 2-process launch)."""
 from __future__ import annotations
 
 import os
@@ -103,3 +104,28 @@ def test_sharded_with_deepspeed_is_one_line(recipe, tmp_path, capsys):
                "train.checkpoint_format=sharded"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: train.checkpoint_format=sharded needs parallel.engine single")
+
+
+def test_async_sharded_saves_resume_exactly(recipe, full_run, tmp_path):
+    """Background saves (train.checkpoint_async): committed at the next save, the stop save in the
+    foreground; the resumed run's losses equal the uninterrupted full-format run's."""
+    run = tmp_path / "run"
+    args = ["train", str(recipe), f"output_dir={run}", "train.checkpoint_format=sharded",
+            "train.checkpoint_async=true", "train.save_every=1"]
+    assert main([*args, "train.stop_after_steps=4"]) == 0
+    assert [s for s, _ in CheckpointManager(run).list()] == [3, 4]  # keep_last=2; 1-3 written in the background
+    assert main(args) == 0
+    assert_same_losses(losses(full_run), losses(run), range(1, 7))
+    assert all(CheckpointManager(run).verify(p) is None for _, p in CheckpointManager(run).list())
+
+
+@pytest.mark.slow
+def test_async_sharded_saves_on_two_fsdp_ranks(recipe, full_run, tmp_path):
+    run = tmp_path / "run"
+    torchrun(2, [str(recipe), f"output_dir={run}", "parallel.engine=fsdp", "train.batch_size=2",
+                 "train.checkpoint_format=sharded", "train.checkpoint_async=true", "train.save_every=1",
+                 "train.stop_after_steps=4"], tmp_path)
+    assert [s for s, _ in CheckpointManager(run).list()] == [3, 4]
+    torchrun(2, [str(recipe), f"output_dir={run}", "parallel.engine=fsdp", "train.batch_size=2",
+                 "train.checkpoint_format=sharded", "train.checkpoint_async=true"], tmp_path)
+    assert_same_losses(losses(full_run), losses(run), range(1, 7))
