@@ -6,7 +6,9 @@ process dies, even by kill -9, so a lock can never outlive its owner. The file
 also holds one line naming the owner (pid, host, start time): a second run on
 the same folder fails with that line, and a run that takes over a file whose
 owner died without releasing (a crash) says so. The file itself is never
-deleted (deleting a lock file races with a process that is about to lock it).
+deleted while the folder holds anything else (deleting a lock file races with
+a process that is about to lock it); a run that fails before writing anything
+removes the folder it created, so bad input never leaves an empty run folder.
 
 flock is advisory and local: it does not stop a process that ignores it, and
 on some network file systems it only excludes processes of the same host.
@@ -34,10 +36,12 @@ class RunLock:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_FILE
         self._fd: int | None = None
+        self._created = False  # acquire() made run_dir
         self.stale_owner: str | None = None  # set by acquire when a dead owner's line was found
 
     def acquire(self) -> str | None:
         """Take the lock; return None, or a one-line reason naming the process that holds it."""
+        self._created = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -61,6 +65,9 @@ class RunLock:
         if self._fd is None:
             return
         os.ftruncate(self._fd, 0)
+        if self._created and [p.name for p in self.run_dir.iterdir()] == [LOCK_FILE]:
+            self.path.unlink()  # still locked by us: nobody can be waiting on this file
+            self.run_dir.rmdir()
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None

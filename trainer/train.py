@@ -141,6 +141,7 @@ def fmt_eval(step: int, ev: dict) -> str:
 
 def train(cfg: RunConfig) -> int:
     validate_inputs(cfg)
+    check_eval_tasks(cfg, load_tokenizer(cfg.data.tokenizer))
     env = setup_env(cfg.parallel)
     lock = RunLock(cfg.run_dir) if env.is_main else None
     busy = env.broadcast_object(lock.acquire() if lock else None)
@@ -170,7 +171,6 @@ def _train(cfg: RunConfig, env) -> int:
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     resume_notice = check_resume(cfg, tokenizer, read_meta(latest)) if latest is not None else None
-    check_eval_tasks(cfg, tokenizer)
     model = build_model(cfg, tokenizer)
     check_cp_support(model, cfg)
     # described before the engine wraps it: ZeRO-3 leaves empty partitions behind
