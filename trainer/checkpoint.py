@@ -21,17 +21,24 @@ the moment of the swap; if the process dies in that moment, the next manager
 renames it back. Leftover ``.tmp-*`` entries of dead processes are deleted when
 a manager is created and before every save.
 
-One writer per run folder. Cleaning leftovers skips entries whose pid is a live
-process on this host, so a reader (``loom eval`` on a live run) does not delete
-the trainer's in-flight save.
+Refusals that protect the good checkpoints: ``save`` writes nothing when a
+floating-point tensor is not finite (NonFiniteCheckpoint; a diverged model
+never replaces or prunes a good one), and nothing when the file system has
+less free space than the newest checkpoint took (CheckpointError naming the
+folder, ENOSPC); a write that fails anyway (a full disk) removes its temporary
+folder and raises CheckpointError with the path and errno, leaving ``latest``
+and every finished checkpoint untouched.
 
-Extending to sharded checkpoints: ``_write_payload`` / ``_read_payload`` are the
-only places that know how tensors and state become files, and the manifest
-covers every file found under the temporary folder, recursively. A
-torch.distributed.checkpoint variant overrides those two methods (every rank
-writes its shards into one shared temporary folder, whose name the coordinator
-broadcasts) and runs ``save``'s commit steps (manifest, rename, ``latest``,
-prune) and ``_remove_stale`` on the coordinator only, after a barrier.
+One writer per run folder (trainer/lock.py enforces it for `loom train`).
+Cleaning leftovers skips entries whose pid is a live process on this host, so
+a reader (``loom eval`` on a live run) does not delete the trainer's in-flight
+save.
+
+Sharded checkpoints (trainer/dcp.py) use the two halves of ``save``: the
+coordinator calls ``begin`` (leftovers, free space, temporary folder), every
+rank writes its shards into that folder under ``dcp/``, and the coordinator
+calls ``commit`` (meta, manifest over every file found recursively, rename,
+``latest``, prune). ``load`` consolidates their full weights on demand.
 
 Example::
 
@@ -44,19 +51,27 @@ Example::
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from loom.trainer.faults import kill_point
 
 FORMAT = 1
 MODEL_FILE = "model.safetensors"
@@ -64,16 +79,24 @@ STATE_FILE = "trainer_state.pt"
 META_FILE = "meta.json"
 MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "latest"
+SHARD_DIR = "dcp"  # sharded checkpoints (trainer/dcp.py): one torch.distributed.checkpoint folder
 
 _STEP_DIR = re.compile(r"step-(\d{8,})")
 _TMP_PREFIX = ".tmp-"
 _OLD_PREFIX = ".old-"
 _PID_SUFFIX = re.compile(r"-(\d+)$")
 _HASH_BLOCK = 8 << 20  # bytes read per hash update
+# DCP warns on every single-process (no_dist) save and load, which Loom does on purpose
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized",
+                        category=UserWarning)
 
 
 class CheckpointError(Exception):
     """A checkpoint cannot be written, found or trusted. The message is one user-facing line."""
+
+
+class NonFiniteCheckpoint(CheckpointError):
+    """save() refused weights holding NaN or inf; nothing was written."""
 
 
 def step_dir_name(step: int) -> str:
@@ -122,20 +145,74 @@ class CheckpointManager:
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"cannot save {name}: meta is not JSON-serialisable ({e})") from None
 
+        bad = _first_non_finite(tensors)
+        if bad is not None:
+            raise NonFiniteCheckpoint(f"not saving {name}: tensor {bad} holds NaN or inf")
+        tmp = self.begin(step)
+        try:
+            self._write_payload(tmp, tensors, state)
+        except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors wrap ENOSPC
+            self.abort(tmp, step, e)
+        kill_point("checkpoint.payload")
+        return self.commit(tmp, step, meta_text)
+
+    def begin(self, step: int) -> Path:
+        """Clean leftovers, check free space, create and return the temporary folder of ``step``.
+
+        The first half of ``save``; a sharded writer (trainer/dcp.py) calls it on the coordinator,
+        lets every rank write into the folder, then calls ``commit``.
+        """
+        name = step_dir_name(step)
+        tmp = self.root / f"{_TMP_PREFIX}{name}-{os.getpid()}"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             self._remove_stale()
-            tmp = self.root / f"{_TMP_PREFIX}{name}-{os.getpid()}"
+            self._check_free_space(name)
             tmp.mkdir()
-            self._write_payload(tmp, tensors, state)
+        except OSError as e:
+            self.abort(tmp, step, e)
+        return tmp
+
+    def commit(self, tmp: Path, step: int, meta_text: str) -> Path:
+        """Write meta.json and the manifest into ``tmp``, publish it as ``step``, point ``latest``, prune."""
+        name = step_dir_name(step)
+        try:
             _write_text(tmp / META_FILE, meta_text)
             self._write_manifest(tmp, step)
+            kill_point("checkpoint.manifest")
             final = self._swap_in(tmp, name)
+            kill_point("checkpoint.latest")
             self._point_latest(name)
+            kill_point("checkpoint.prune")
             self._prune()
         except OSError as e:
-            raise CheckpointError(f"could not save checkpoint {name}: {e}") from e
+            self.abort(tmp, step, e)
         return final
+
+    def abort(self, tmp: Path, step: int, error: BaseException):
+        """Remove ``tmp`` (give the space back; the previous checkpoint is intact) and raise CheckpointError."""
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not save checkpoint {step_dir_name(step)}: {_one_line(error)}") from error
+
+    def last_size(self) -> int:
+        """Bytes of the newest finished checkpoint (its manifest's files), 0 if there is none."""
+        for _, path in reversed(self.list()):
+            try:
+                files = json.loads((path / MANIFEST_FILE).read_text())["files"]
+                return sum(int(e["bytes"]) for e in files.values())
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return 0
+
+    def has_room_for_next(self) -> bool:
+        """Whether the file system has as much free space as the newest checkpoint took."""
+        return free_bytes(self.root if self.root.is_dir() else self.run_dir) >= self.last_size()
+
+    def _check_free_space(self, name: str) -> None:
+        need, free = self.last_size(), free_bytes(self.root)
+        if free < need:
+            raise OSError(errno.ENOSPC, f"{free / 2**20:.1f} MiB free, the last checkpoint took "
+                                        f"{need / 2**20:.1f} MiB", str(self.root))
 
     def _write_payload(self, tmp: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         """Turn tensors and state into files under ``tmp`` (the seam for sharded writers)."""
@@ -259,24 +336,31 @@ class CheckpointManager:
             log(f"warning: skipping corrupt checkpoint {name} ({problem}); {fallback}")
         return chosen
 
-    def load(self, path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict]:
+    def load(self, path: str | Path,
+             weights: bool = True) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any], dict]:
         """Verify, then return ``(tensors, state, meta)``, all on CPU.
 
         A checkpoint this manager verified already (via ``verify`` or
         ``latest_valid``) is not hashed again unless its folder or manifest
         changed since. ``state`` is unpickled with ``weights_only=False``
         (it holds RNG states and numpy values): load only checkpoints you trust.
+        A sharded checkpoint (trainer/dcp.py) has its full weights consolidated in
+        this process; ``weights=False`` skips the weights (``tensors`` is None).
         """
         path = Path(path)
         if self._verified.get(path.resolve()) != _identity(path):
             self.verify(path)
-        tensors, state = self._read_payload(path)
+        tensors, state = self._read_payload(path, weights)
         meta = json.loads((path / META_FILE).read_text())
         return tensors, state, meta
 
-    def _read_payload(self, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Inverse of ``_write_payload`` (the seam for sharded readers)."""
-        tensors = load_file(str(path / MODEL_FILE), device="cpu")
+    def _read_payload(self, path: Path, weights: bool = True) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
+        """Inverse of ``_write_payload``, and the reader of sharded checkpoints' weights."""
+        tensors = None
+        if weights and (path / SHARD_DIR).is_dir():
+            tensors = consolidate_model(path / SHARD_DIR)
+        elif weights:
+            tensors = load_file(str(path / MODEL_FILE), device="cpu")
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
         return tensors, state
 
@@ -309,12 +393,34 @@ class CheckpointManager:
                 return f"{name} checksum mismatch"
         return None
 
+    def latest_pointer(self) -> Path | None:
+        """The folder ``latest`` names (not verified), or None."""
+        name = self._read_latest()
+        return None if name is None else self.root / name
+
     def _read_latest(self) -> str | None:
         try:
             name = (self.root / LATEST_FILE).read_text().strip()
         except FileNotFoundError:
             return None
         return name if _STEP_DIR.fullmatch(name) else None
+
+
+def consolidate_model(dcp_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Full model weights (CPU, by name) of a sharded checkpoint (trainer/dcp.py), assembled in this
+    one process from the shards its metadata lists."""
+    reader = FileSystemReader(str(dcp_dir))
+    metadata = reader.read_metadata()
+    template = {key: torch.empty(md.size, dtype=md.properties.dtype)
+                for key, md in metadata.state_dict_metadata.items()
+                if key.startswith("model.") and isinstance(md, TensorStorageMetadata)}
+    dcp.load(template, storage_reader=reader, no_dist=True)
+    return {key[len("model."):]: t for key, t in template.items()}
+
+
+def read_meta(path: str | Path) -> dict:
+    """meta.json of a checkpoint folder (cheap: nothing is verified or loaded)."""
+    return json.loads((Path(path) / META_FILE).read_text())
 
 
 # ---------------------------------------------------------------- RNG state
@@ -357,6 +463,22 @@ def _saveable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             seen.add(ptr)
         out[name] = tensor
     return out
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the file system holding ``path`` (the seam tests replace to fake a full disk)."""
+    return shutil.disk_usage(path).free
+
+
+def _first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _sha256(path: Path, fsync: bool = False) -> str:

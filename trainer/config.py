@@ -18,6 +18,7 @@ from loom.models.config import ConfigError, build, to_dict
 from loom.models.model import ModelConfig
 from loom.trainer.data import DataConfig
 from loom.trainer.data.schedule import resolve_stages
+from loom.trainer.validate import check_model_shapes
 
 
 @dataclass
@@ -43,7 +44,13 @@ class TrainConfig:
     save_every: int = 100
     keep_last: int = 3
     loss_chunk: int = 1024  # tokens per cross-entropy chunk
-    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    max_bad_steps: int = 5  # consecutive non-finite steps (loss or grad norm) before the run stops
+    spike_skip: float | None = None  # skip a step whose loss > spike_skip x running mean; None: off
+    spike_window: int = 50  # accepted losses in the running mean
+    spike_rewind: int = 0  # after this many spikes since the last checkpoint, rewind to it; 0: never
+    # full: rank 0 gathers and writes whole weights + optimizer; sharded: every rank writes its shard (trainer/dcp.py)
+    checkpoint_format: Literal["full", "sharded"] = "full"
+    checkpoint_async: bool = False  # sharded only: write shards in the background, commit at the next save
     stop_after_steps: int | None = None  # checkpoint and exit after this many steps in this invocation
     # per block: none | full (recompute the block) | selective (recompute the MLP); trainer/parallelize.py
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
@@ -151,9 +158,11 @@ def load_config(recipe: str | Path, overrides: list[str] = ()) -> RunConfig:
 
 def validate(cfg: RunConfig) -> None:
     """Cross-field checks that need no data or model (ConfigError on failure)."""
+    check_model_shapes(cfg.model)  # before resolved(), which divides by n_heads
     cfg.model.resolved()
     t, p = cfg.train, cfg.parallel
-    for key in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "save_every", "loss_chunk"):
+    for key in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "save_every", "loss_chunk",
+                "max_bad_steps", "spike_window"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
     if cfg.data.seq_len < 1:

@@ -4,7 +4,8 @@ The loop calls only:
     engine.module(...)            forward (wrapped model)
     engine.model                  the unwrapped HybridLM (loss, accounting)
     engine.backward(loss)         with engine.accumulating(last) around micro-batches
-    engine.step() -> grad_norm    clip, optimiser and scheduler step, zero grads
+    engine.step() -> grad_norm    clip, optimiser and scheduler step, zero grads; a non-finite
+                                  global grad norm skips the update (every rank sees the same norm)
     engine.lr
     engine.checkpoint_state() / engine.load_checkpoint_state(tensors, state)
 and, for parity tests, engine.grads() (full gradients by parameter name).
@@ -46,6 +47,9 @@ class SingleEngine:
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
         norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if not math.isfinite(norm):  # never apply a NaN/inf gradient (trainer/guard.py logs the skip)
+            self.skip_step()
+            return norm
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

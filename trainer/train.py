@@ -5,6 +5,10 @@ engine -> data -> resume (weights, optimiser, schedule, RNG, data position)
 -> steps (log, evaluate, checkpoint) -> final evaluation.
 Stopping (SIGTERM/SIGINT) finishes the current step, writes a checkpoint and
 exits 0; running the same command again resumes exactly.
+Reliability (see each module): inputs are validated first (validate.py), the
+run folder is locked (lock.py), the recipe given now wins on resume
+(resume_policy.py), diverged steps are skipped and never checkpointed
+(guard.py), a failed save is one line and keeps the previous checkpoint.
 """
 from __future__ import annotations
 
@@ -22,12 +26,19 @@ from tqdm import tqdm
 from loom.models import HybridLM
 from loom.models.config import ConfigError
 from loom.trainer import dist
-from loom.trainer.checkpoint import CheckpointManager, rng_state
+from loom.trainer.checkpoint import (CheckpointError, CheckpointManager, NonFiniteCheckpoint, read_meta,
+                                    rng_state, step_dir_name)
 from loom.trainer.config import RunConfig, dump, mqar_shape, passkey_key_digits
 from loom.trainer.data import StagedBatches, load_tokenizer, mqar_examples, passkey_examples
 from loom.trainer.data.schedule import check_stages_with_model
 from loom.trainer.distributed import setup_env
 from loom.trainer.distributed.resume import check_layout, restore_rng, run_layout
+from loom.trainer.dcp import PendingSave, is_sharded, load_sharded, save_sharded
+from loom.trainer.faults import poison_grads
+from loom.trainer.guard import StepGuard, resume_advice
+from loom.trainer.lock import RunLock
+from loom.trainer.resume_policy import apply_optim_settings, check_resume, recipe_record
+from loom.trainer.validate import validate_inputs
 from loom.trainer.evaluate import answer_accuracy, answer_scores, validation
 from loom.trainer.logs import show_kernel_backends
 from loom.trainer.metrics import MetricsWriter
@@ -130,7 +141,24 @@ def fmt_eval(step: int, ev: dict) -> str:
 
 
 def train(cfg: RunConfig) -> int:
+    validate_inputs(cfg)
+    check_eval_tasks(cfg, load_tokenizer(cfg.data.tokenizer))
     env = setup_env(cfg.parallel)
+    lock = RunLock(cfg.run_dir) if env.is_main else None
+    busy = env.broadcast_object(lock.acquire() if lock else None)
+    if busy:
+        env.teardown()
+        raise TrainingError(busy)
+    if lock is not None and lock.stale_owner:
+        dist.log(f"run folder lock: taking over from {lock.stale_owner}, which ended without releasing it")
+    try:
+        return _train(cfg, env)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: RunConfig, env) -> int:
     run_dir = cfg.run_dir
     ckpt = CheckpointManager(run_dir, keep_last=cfg.train.keep_last) if env.is_main else None
     latest = env.broadcast_object(ckpt.latest_valid(log=dist.warn) if ckpt else None)
@@ -143,7 +171,7 @@ def train(cfg: RunConfig) -> int:
             return 0
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    check_eval_tasks(cfg, tokenizer)
+    resume_notice = check_resume(cfg, tokenizer, read_meta(latest)) if latest is not None else None
     model = build_model(cfg, tokenizer)
     check_stages_with_model(lambda staged: check_cp_support(model, staged), cfg)   # every seq_len stage
     # described before the engine wraps it: ZeRO-3 leaves empty partitions behind
@@ -156,41 +184,118 @@ def train(cfg: RunConfig) -> int:
                             cfg.parallel.cp)
     batcher.val_batches(0, cfg.train.batch_size)   # bad data fails here, before any step
 
-    step, tokens, elapsed_before = 0, 0, 0.0
-    metrics = MetricsWriter(run_dir, enabled=env.is_main)
-    if latest is not None:
+    guard = StepGuard(cfg.train.max_bad_steps, cfg.train.spike_skip, cfg.train.spike_window,
+                      cfg.train.spike_rewind)
+
+    def restore(path) -> tuple[dict, dict]:
         # every rank reads the (verified) files itself; only rank 0 owns the manager that prunes
-        tensors, state, meta = (ckpt or CheckpointManager(Path(latest).parent.parent)).load(latest)
-        engine.load_checkpoint_state(tensors, state["engine"])
+        manager = ckpt or CheckpointManager(Path(path).parent.parent)
+        if is_sharded(path):
+            _, state, meta = manager.load(path, weights=False)
+            load_sharded(engine, path, env)
+            engine.scheduler.load_state_dict(state["engine"]["scheduler"])
+        else:
+            tensors, state, meta = manager.load(path)
+            engine.load_checkpoint_state(tensors, state["engine"])
+        apply_optim_settings(engine, cfg.optim)
+        guard.load_state_dict(state.get("guard"))
+        restore_rng(state["rng"], env, cfg.seed, meta["step"])
+        return state, meta
+
+    step, tokens, elapsed_before = 0, 0, 0.0
+    metrics = MetricsWriter(run_dir, enabled=env.is_main, warn=dist.warn)
+    last_good = latest  # the newest checkpoint known to hold finite weights
+    if latest is not None:
+        state, meta = restore(latest)
         batcher.load_state_dict(state["data"])
         step, tokens, elapsed_before = meta["step"], meta["tokens"], meta.get("elapsed_s", 0.0)
         check_layout(state.get("layout"), env, cfg)
-        restore_rng(state["rng"], env, cfg.seed, step)
-        metrics.truncate_after(step)
         dist.log(f"resumed {run_dir} from step {step}")
-    elif env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_notice:
+            dist.log(resume_notice)
+    metrics.truncate_after(step)  # a fresh start (step 0) clears the lines of an earlier attempt
     if env.is_main:
         tmp = run_dir / "config.yaml.tmp"
         tmp.write_text(dump(cfg))
         os.replace(tmp, run_dir / "config.yaml")
         dist.log(model_line)
 
-    def save(at_step: int) -> None:
-        tensors, engine_state = engine.checkpoint_state()
-        state = {"engine": engine_state, "data": batcher.state_dict(), "rng": env.gather_object(rng_state()),
-                 "layout": run_layout(env, cfg)}
+    def save(at_step: int, background: bool = False):
+        """A collective: None, or (kind, one-line message) on every rank, kind "nonfinite" or "write";
+        with `background`, a PendingSave whose finish() returns that later."""
+        state = {"data": batcher.state_dict(), "rng": env.gather_object(rng_state()),
+                 "layout": run_layout(env, cfg), "guard": guard.state_dict()}
         meta = {"step": at_step, "tokens": tokens, "elapsed_s": elapsed_before + time.time() - t_start,
-                "config": cfg.name}
+                "config": cfg.name, "checkpoint_format": cfg.train.checkpoint_format,
+                **recipe_record(cfg, tokenizer)}
+        if cfg.train.checkpoint_format == "sharded":
+            state["engine"] = {"scheduler": engine.scheduler.state_dict()}
+            if background:
+                return PendingSave(ckpt, env, engine, at_step, state, meta)
+            return save_sharded(ckpt, env, engine, at_step, state, meta)
+        tensors, state["engine"] = engine.checkpoint_state()
+        problem = None
         if env.is_main:
-            ckpt.save(at_step, tensors, state, meta)
-        env.barrier()
+            try:
+                ckpt.save(at_step, tensors, state, meta)
+            except NonFiniteCheckpoint as e:
+                problem = ("nonfinite", str(e))
+            except CheckpointError as e:
+                problem = ("write", str(e))
+        return env.broadcast_object(problem)
+
+    pending = None  # a background save (train.checkpoint_async) not yet committed
+
+    def saved(at_step: int, final: bool) -> None:
+        """Save (the last one and a stop save in the foreground), then go on, or stop with one line naming
+        the last good checkpoint."""
+        nonlocal pending
+        if pending is not None:
+            done, pending = pending, None
+            outcome(done.step, done.finish(), final=False)
+        if cfg.train.checkpoint_async and not final:
+            pending = save(at_step, background=True)
+            if pending.problem is not None:
+                done, pending = pending, None
+                outcome(at_step, done.problem, final=False)
+            return
+        outcome(at_step, save(at_step), final)
+
+    def outcome(at_step: int, problem: tuple[str, str] | None, final: bool) -> None:
+        nonlocal last_good
+        if problem is None:
+            last_good = str(run_dir / "checkpoints" / step_dir_name(at_step))
+            guard.checkpointed()
+            return
+        kind, message = problem
+        room = kind == "write" and env.broadcast_object(ckpt.has_room_for_next() if env.is_main else None)
+        metrics.write({"step": at_step, "event": "checkpoint_failed", "reason": message})
+        if kind == "nonfinite":
+            raise TrainingError(f"{message}: the weights diverged by step {at_step}; "
+                                + resume_advice(last_good, cfg.optim.lr))
+        if final or not room:
+            raise TrainingError(f"{message}; stopping (not enough free space to go on). "
+                                f"The last good checkpoint is {last_good or 'none'}")
+        say(f"warning: {message}; the previous checkpoint is intact, training goes on to the next save")
+
+    def rewind(at_step: int) -> tuple[int, int]:
+        """Back to the last good checkpoint; the data position stays, so the windows since are skipped."""
+        spikes = guard.spikes
+        skip_from = restore(last_good)[0]["data"]["position"]
+        meta = read_meta(last_good)
+        guard.checkpointed()
+        metrics.truncate_after(meta["step"])
+        metrics.write({"step": meta["step"], "event": "rewind", "from_step": at_step, "spikes": spikes,
+                       "skipped_windows": [skip_from, batcher.position]})
+        say(f"warning: {len(spikes)} loss spikes (steps {spikes}); rewound from step {at_step} to "
+            f"{Path(last_good).name}, skipping windows {skip_from}..{batcher.position - 1}")
+        return meta["step"], meta["tokens"]
 
     bar = tqdm(total=cfg.train.steps, initial=step, disable=not (env.is_main and sys.stderr.isatty()),
                dynamic_ncols=True, desc=cfg.name)
     say = bar.write if not bar.disable else dist.log
     t_start = t_log = time.time()
-    bad_steps, last_eval, start_step, tokens_since_log = 0, None, step, 0
+    last_eval, start_step, tokens_since_log = None, step, 0
     model.train()
     with StopFlag() as stop:
         while step < cfg.train.steps:
@@ -204,20 +309,30 @@ def train(cfg: RunConfig) -> int:
                     engine.backward((loss + out.aux_loss) / cfg.train.grad_accum)
                 losses.append(loss.detach())
                 aux.append(out.aux_loss.detach())
+            poison_grads(model, step + 1)  # test hook, a no-op unless LOOM_TEST_NAN_STEPS is set
             loss = torch.stack(losses).mean()
             loss_value = env.mean(loss)
-            if not math.isfinite(loss_value):
-                engine.skip_step()
-                bad_steps += 1
-                say(f"warning: non-finite loss at step {step + 1}; update skipped ({bad_steps} in a row)")
-                if bad_steps >= cfg.train.max_bad_steps:
-                    raise TrainingError(f"loss was not finite for {bad_steps} consecutive steps (last at step "
-                                        f"{step + 1}); lower optim.lr or check the data. The last checkpoint "
-                                        "is intact; the run resumes from it")
-                grad_norm = float("nan")
+            skipped = guard.check_loss(loss_value)
+            if skipped is None:
+                grad_norm = engine.step()  # skips the update itself when the global grad norm is not finite
             else:
-                bad_steps = 0
-                grad_norm = engine.step()
+                engine.skip_step()
+                grad_norm = float("nan")
+            event = guard.record(step + 1, loss_value, grad_norm, skipped)
+            if event is not None:
+                metrics.write(event)
+                say(f"warning: step {step + 1}: {event['reason'].replace('_', ' ')}; update skipped")
+            if guard.should_stop:
+                raise TrainingError(f"{guard.bad_in_a_row} consecutive steps with a non-finite loss or gradient "
+                                    f"norm (last at step {step + 1}); " + resume_advice(last_good, cfg.optim.lr))
+            if guard.should_rewind and last_good is None:
+                say(f"warning: {len(guard.spikes)} loss spikes but no checkpoint to rewind to; training goes on")
+                guard.checkpointed()
+            elif guard.should_rewind:
+                step, tokens = rewind(step + 1)
+                bar.reset(total=cfg.train.steps)
+                bar.update(step)
+                continue
             tokens_per_step = batcher.tokens_per_step(step, cfg.train.grad_accum)
             step += 1
             tokens += tokens_per_step
@@ -246,7 +361,7 @@ def train(cfg: RunConfig) -> int:
             # every rank must take the same decision, whichever of them the signal reached first
             stopping = env.any(stop.signal is not None) or (limit is not None and step - start_step >= limit)
             if step % cfg.train.save_every == 0 or step == cfg.train.steps or stopping:
-                save(step)
+                saved(step, final=step == cfg.train.steps or stopping)
             if stopping and step < cfg.train.steps:
                 bar.close()
                 dist.log(f"stopped at step {step}; checkpoint saved in {run_dir}. "

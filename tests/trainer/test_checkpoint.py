@@ -226,7 +226,8 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch, crash):
             manager.save(20, _tensors(20), {"step": 20})
 
     assert _latest(tmp_path) == "step-00000010"
-    assert _leftovers(tmp_path) != []
+    # a failed save removes its own temporary folder (a full disk gets its space back)
+    assert not any(name.startswith(".tmp-step") for name in _leftovers(tmp_path))
     lines = []
     path = CheckpointManager(tmp_path).latest_valid(log=lines.append)  # a new manager cleans leftovers
     assert path.name == "step-00000010" and lines == []
@@ -241,11 +242,10 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch, crash):
 def test_later_save_cleans_stale_tmp(tmp_path, monkeypatch):
     manager = CheckpointManager(tmp_path)
     manager.save(10, {}, {})
-    with monkeypatch.context() as m:
-        _fail_rename(m)
-        with pytest.raises(CheckpointError):
-            manager.save(20, {}, {})
-    assert _leftovers(tmp_path) == [f".tmp-step-00000020-{os.getpid()}"]
+    stale = tmp_path / "checkpoints" / f".tmp-step-00000020-{os.getpid()}"  # what a kill -9 mid-save leaves
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"torn")
+    assert _leftovers(tmp_path) == [stale.name]
     manager.save(20, {}, {})
     assert _leftovers(tmp_path) == [] and [s for s, _ in manager.list()] == [10, 20]
 

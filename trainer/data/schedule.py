@@ -155,8 +155,13 @@ class StagedBatches:
                                                self.seed, batch_size=batch_size)
         return self._val[st.index]
 
+    @property
+    def position(self) -> int:
+        """Windows consumed so far (in the current stage)."""
+        return self._pending_position if self._batcher is None else self._batcher.position
+
     def state_dict(self) -> dict:
-        position = self._pending_position if self._batcher is None else self._batcher.position
+        position = self.position
         if len(self.stages) == 1:
             return {"position": position}
         return {"position": position, "stage": self._stage or 0, "stage_windows": list(self.stage_windows)}

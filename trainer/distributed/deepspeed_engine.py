@@ -33,6 +33,7 @@ import contextlib
 import copy
 import importlib
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -203,6 +204,9 @@ class DeepSpeedEngine:
         if not self._partitioned:  # stage 0 fp32: DeepSpeed clips but does not report the norm
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             norm = float(torch.nn.utils.get_total_norm(grads))
+            if not math.isfinite(norm):  # all-reduced gradients: every rank skips together
+                self.skip_step()
+                return norm
         self.ds.step()
         self.scheduler.step()
         return norm if norm is not None else float(self.ds.get_global_grad_norm())

@@ -79,11 +79,14 @@ class FSDPEngine(SingleEngine):
     def step(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        norm = float(_full(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+        if not math.isfinite(norm):  # the global norm: every rank skips together
+            self.skip_step()
+            return norm
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(_full(norm))
+        return norm
 
     def grads(self) -> dict[str, torch.Tensor]:
         """Full gradients by name (a collective: every rank must call it)."""
