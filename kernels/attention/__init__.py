@@ -22,15 +22,11 @@ import importlib.util
 import torch
 
 from loom.kernels.attention.reference import attention_reference, visibility_mask
+from loom.kernels.backends import have_flex, on_gpu
 from loom.kernels.dispatch import announce
 
 __all__ = ["attention", "check_shapes", "visibility_mask", "select_impl", "multi_document"]
 IMPLS = ("auto", "sdpa", "flash", "flex", "reference")
-
-
-def _have_flex() -> bool:
-    from loom.kernels.backends import have_flex
-    return have_flex()
 
 
 @functools.lru_cache(maxsize=None)
@@ -41,7 +37,7 @@ def _have_flash_attn() -> bool:
 def select_impl(q: torch.Tensor, return_lse: bool) -> str:
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not return_lse and _have_flash_attn():
         return "flash"
-    if q.is_cuda and _have_flex():  # documents and windows in one fused kernel (attention/flex.py)
+    if on_gpu(q) and have_flex():  # documents and windows in one fused kernel (attention/flex.py)
         return "flex"
     return "sdpa"
 

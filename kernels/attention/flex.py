@@ -14,8 +14,13 @@ backward, with the log-sum-exp. Here it runs:
 Where it runs (the rule `_use_compiled`):
     CUDA      compiled forward and backward (the GPU path; selected by impl="auto").
     CPU       compiled forward for inference without lse (PyTorch compiles only that on CPU);
-              otherwise the eager FlexAttention, which evaluates the same mask_mod densely
-              (exact, O(T * S) memory: the test oracle for gradients, not a fast path).
+              otherwise the same mask_mod evaluated densely (torch's create_mask) under a
+              plain softmax with autograd (`_dense_eager`: exact, O(T * S) memory; the
+              oracle for gradients and lse in the tests, not a fast path).
+
+Every mask_mod clamps the indices it looks up in its layout tensors: the compiled kernels also
+evaluate it on the padding past T and S (reading out of bounds otherwise: wrong rows were seen
+on CPU), while the comparisons use the raw indices, so padding stays invisible.
 
 Block masks are built once per batch layout: `cached_block_mask` keys them on the mask kind,
 its static numbers and the layout tensors (compared by value), so the layers of one step,
@@ -32,6 +37,10 @@ import torch
 __all__ = ["flex_available", "flex_attend", "cached_block_mask", "flex_attention_masked", "clear_block_masks"]
 
 _CACHE_SIZE = 8
+# The compiled kernels read head dims below 16 out of bounds on CPU (wrong rows, seen at K = 8
+# with torch 2.13) and tl.dot needs 16 on GPU: smaller heads are zero-padded to it.
+MIN_HEAD_DIM = 16
+TILE = 128  # FlexAttention's default block size
 _block_masks: list[tuple[tuple, tuple[torch.Tensor, ...], object]] = []
 
 
@@ -46,10 +55,10 @@ def flex_available() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _flex_fn(compiled: bool):
+def _flex_fn():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def _use_compiled(q: torch.Tensor, tensors, return_lse: bool) -> bool:
@@ -78,22 +87,55 @@ def cached_block_mask(kind: tuple, layout: tuple[torch.Tensor, ...], build: Call
 
 
 def create_block_mask(mask_mod, B, H, T, S, device):
+    """torch's create_block_mask; on CPU over T and S rounded up to the 128-token tile, since the
+    compiled CPU kernel gave wrong rows for lengths off the tile (torch 2.13): `flex_attend` pads
+    the tensors to the mask's lengths. The mask_mods keep padding invisible (raw comparisons)."""
     from torch.nn.attention.flex_attention import create_block_mask as _create
 
+    if torch.device(device).type == "cpu":
+        T, S = -(-T // TILE) * TILE, -(-S // TILE) * TILE
     return _create(mask_mod, B, H, T, S, device=device)
+
+
+def _dense_eager(q_BHTK, k_BGSK, v_BGSK, block_mask, scale: float):
+    """The same mask_mod evaluated densely (torch's create_mask) and a plain softmax, with
+    autograd: what runs on CPU when gradients or the lse are needed (FlexAttention has no CPU
+    backward). Returns o (B, H, T, K), lse (B, H, T) fp32."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    B, H, T, K = q_BHTK.shape
+    G, S = k_BGSK.shape[1], k_BGSK.shape[2]
+    mask = create_mask(block_mask.mask_mod, B, H, T, S, device=q_BHTK.device)  # (B, H, T, S)
+    cd = torch.promote_types(q_BHTK.dtype, torch.float32)
+    k = k_BGSK.to(cd).repeat_interleave(H // G, dim=1)
+    v = v_BGSK.to(cd).repeat_interleave(H // G, dim=1)
+    s = (q_BHTK.to(cd) @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    o = torch.exp(s - lse[..., None]) @ v
+    return o.to(q_BHTK.dtype), lse.float()
 
 
 def flex_attend(q_BHTK, k_BGSK, v_BGSK, block_mask, scale: float, return_lse: bool = False):
     """FlexAttention on head-major tensors; returns o (B, H, T, K) [, lse (B, H, T) fp32].
-    Compiled or eager by `_use_compiled`."""
-    compiled = _use_compiled(q_BHTK, (q_BHTK, k_BGSK, v_BGSK), return_lse)
-    G, H = k_BGSK.shape[1], q_BHTK.shape[1]
-    out = _flex_fn(compiled)(q_BHTK, k_BGSK, v_BGSK, block_mask=block_mask, scale=scale,
-                             enable_gqa=G != H, return_lse=return_lse)
-    if return_lse:
-        o, lse = out
-        return o, lse.float()
-    return out
+    CUDA and CPU inference: the compiled kernel; CPU with gradients or lse: `_dense_eager`."""
+    if not _use_compiled(q_BHTK, (q_BHTK, k_BGSK, v_BGSK), return_lse):
+        o, lse = _dense_eager(q_BHTK, k_BGSK, v_BGSK, block_mask, scale)
+        return (o, lse) if return_lse else o
+    G, H, T, K = k_BGSK.shape[1], q_BHTK.shape[1], q_BHTK.shape[2], q_BHTK.shape[3]
+    Tm, Sm = block_mask.seq_lengths  # >= T, S: tile-rounded on CPU (create_block_mask)
+    S = k_BGSK.shape[2]
+    # Zero head columns change no score (padded output columns are dropped); padded rows are
+    # invisible by the mask and dropped.
+    dk = max(MIN_HEAD_DIM - K, 0)
+    pad = torch.nn.functional.pad
+    q_BHTK = pad(q_BHTK, (0, dk, 0, Tm - T)) if dk or Tm > T else q_BHTK
+    if dk or Sm > S:
+        k_BGSK, v_BGSK = pad(k_BGSK, (0, dk, 0, Sm - S)), pad(v_BGSK, (0, dk, 0, Sm - S))
+    out = _flex_fn()(q_BHTK, k_BGSK, v_BGSK, block_mask=block_mask, scale=scale,
+                     enable_gqa=G != H, return_lse=return_lse)
+    o, lse = out if return_lse else (out, None)
+    o = o[:, :, :T, :K]
+    return (o, lse[:, :, :T].float()) if return_lse else o
 
 
 def flex_attention_masked(q, k, v, *, seq_ids=None, window=None, scale=None, return_lse=False):
@@ -111,8 +153,8 @@ def flex_attention_masked(q, k, v, *, seq_ids=None, window=None, scale=None, ret
             keep = ki <= qp
             if window is not None:
                 keep = keep & (qp - ki <= window)
-            if seq_ids is not None:
-                keep = keep & (seq_ids[b, qp] == seq_ids[b, ki])
+            if seq_ids is not None:  # lookups clamped: the kernel also visits padded indices
+                keep = keep & (seq_ids[b, qp.clamp(max=S - 1)] == seq_ids[b, ki.clamp(max=S - 1)])
             return keep
 
         return create_block_mask(mask_mod, B if seq_ids is not None else 1, 1, T, S, q.device)

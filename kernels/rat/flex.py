@@ -30,12 +30,13 @@ def chunk_state_attention_flex(q, kd, vd, kc, vc, lo, hi, block: int = 0, *, nee
 
     def build():
         def mask_mod(b, h, qi, ki):
-            return ((ki < J) & (ki >= lo[b, qi]) & (ki < hi[b, qi])) | (ki == J + qi)
+            j, qc = ki - T, qi.clamp(max=T - 1)  # lookups clamped: the kernel also visits padded indices
+            return (ki == qi) | ((j >= lo[b, qc]) & (j < hi[b, qc]))
 
-        return create_block_mask(mask_mod, B, 1, T, J + T, q.device)
+        return create_block_mask(mask_mod, B, 1, T, T + J, q.device)
 
     bm = cached_block_mask(("rat", B, T, J), (lo, hi), build)
-    keys, values = torch.cat([kc, kd], dim=2), torch.cat([vc, vd], dim=2)  # (B, H, J + T, K)
+    keys, values = torch.cat([kd, kc], dim=2), torch.cat([vd, vc], dim=2)  # (B, H, T + J, K)
     out = flex_attend(q, keys, values, bm, 1.0, need_lse)
     if need_lse:
         o, lse = out

@@ -37,11 +37,12 @@ def s2_block_mask(B: int, H: int, T: int, S: int, *, block: int, local_blocks: i
     def build():
         def mask_mod(b, h, qi, ki):
             qp = qi + off
-            m = position_ids[b, qp] // block
-            n = position_ids[b, ki] // block
+            qc, kc = qp.clamp(max=S - 1), ki.clamp(max=S - 1)  # lookups clamped: padded indices are visited
+            m = position_ids[b, qc] // block
+            n = position_ids[b, kc] // block
             keep = (ki <= qp) & (((m - n) < local_blocks) | ((n + head_offsets[h // group]) % vert_stride == 0))
             if seq_ids is not None:
-                keep = keep & (seq_ids[b, qp] == seq_ids[b, ki])
+                keep = keep & (seq_ids[b, qc] == seq_ids[b, kc])
             return keep
 
         return create_block_mask(mask_mod, B, H, T, S, device)

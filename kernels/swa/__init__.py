@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from loom.kernels.attention import attention, check_shapes, multi_document, select_impl
-from loom.kernels.backends import have_flex
+from loom.kernels.backends import have_flex, on_gpu
 from loom.kernels.dispatch import announce
 from loom.kernels.swa.banded import banded_swa
 from loom.kernels.swa.reference import swa_reference
@@ -42,7 +42,7 @@ IMPLS = ("auto", "banded", "flash", "flex", "reference", "sdpa")
 def select_swa_impl(q: torch.Tensor, S: int, seq_ids, return_lse: bool) -> str:
     if select_impl(q, return_lse) == "flash" and (seq_ids is None or q.shape[1] == S):
         return "flash"
-    if q.is_cuda and have_flex():  # no flash-attn, or documents under a cache (T != S)
+    if on_gpu(q) and have_flex():  # no flash-attn, or documents under a cache (T != S)
         return "flex"
     return "banded"
 

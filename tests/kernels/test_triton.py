@@ -14,7 +14,7 @@ form must stay within a small multiple of the fp32 PyTorch form's own error (+ a
 """
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before any @triton.jit is decorated
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit is decorated (also tests/kernels/conftest.py)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
