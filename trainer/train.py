@@ -26,6 +26,7 @@ from loom.trainer.checkpoint import CheckpointManager, rng_state
 from loom.trainer.config import RunConfig, dump, mqar_shape, passkey_key_digits
 from loom.trainer.data import Batcher, build_dataset, load_tokenizer, mqar_examples, passkey_examples, eval_windows
 from loom.trainer.distributed import setup_env
+from loom.trainer.distributed.precision import forward_autocast
 from loom.trainer.distributed.resume import check_layout, restore_rng, run_layout
 from loom.trainer.evaluate import answer_accuracy, answer_scores, validation
 from loom.trainer.logs import show_kernel_backends
@@ -198,9 +199,10 @@ def train(cfg: RunConfig) -> int:
             for micro in range(cfg.train.grad_accum):
                 batch = env.shard_batch(batcher.next())
                 with engine.accumulating(micro == cfg.train.grad_accum - 1):
-                    out = engine.module(batch["input_ids"], position_ids=batch["position_ids"],
-                                        seq_ids=batch["seq_ids"], cp=env.cp)
-                    loss = env.reduce_loss(model, out.hidden, batch["labels"], cfg.train.loss_chunk)
+                    with forward_autocast(cfg.parallel, env.device):  # bf16 compute, fp32 master weights
+                        out = engine.module(batch["input_ids"], position_ids=batch["position_ids"],
+                                            seq_ids=batch["seq_ids"], cp=env.cp)
+                        loss = env.reduce_loss(model, out.hidden, batch["labels"], cfg.train.loss_chunk)
                     engine.backward((loss + out.aux_loss) / cfg.train.grad_accum)
                 losses.append(loss.detach())
                 aux.append(out.aux_loss.detach())
