@@ -36,6 +36,8 @@ import triton
 import triton.language as tl
 
 BLOCK_C = 16
+# Every tl.dot uses input_precision="ieee": fp32 products as PyTorch's default fp32 matmul computes
+# them; Triton's default ("tf32" on Ampere and later) would round the operands to 10 mantissa bits.
 BLOCK_T = 32   # the tiled side of a matrix (I in the forward, J or I in the backward)
 NUM_WARPS = 4
 
@@ -59,8 +61,8 @@ def _fwd_kernel(x_ptr, d_ptr, cs_ptr, cw_ptr, ps_ptr, bw_ptr, bs_ptr, s_ptr, w_p
                       other=0.0).to(tl.float32)                                  # (BLOCK_C, BLOCK_J)
         b_cs = tl.load(cs_ptr + n * C + o_c, mask=m_c, other=0.0).to(tl.float32)
         b_cw = tl.load(cw_ptr + n * C + o_c, mask=m_c, other=0.0).to(tl.float32)
-        b_acc_s += tl.dot(tl.trans(b_x * b_cs[:, None]), b_d)
-        b_acc_w += tl.dot(tl.trans(b_x * b_cw[:, None]), b_d)
+        b_acc_s += tl.dot(tl.trans(b_x * b_cs[:, None]), b_d, input_precision="ieee")
+        b_acc_w += tl.dot(tl.trans(b_x * b_cw[:, None]), b_d, input_precision="ieee")
     p_m = n * I * J + o_i[:, None] * J + o_j[None, :]
     m_m = m_i[:, None] & m_j[None, :]
     b_s = tl.load(s_ptr + p_m, mask=m_m, other=0.0).to(tl.float32)
@@ -88,8 +90,10 @@ def _bwd_dx_kernel(d_ptr, cs_ptr, cw_ptr, gs_ptr, gw_ptr, dx_ptr, C, I, J,
                       other=0.0).to(tl.float32)                                  # (BLOCK_C, BLOCK_J)
         p_g = n * I * J + o_i[None, :] * J + o_j[:, None]                        # (BLOCK_J, BLOCK_I): g^T
         m_g = m_j[:, None] & m_i[None, :]
-        b_ds += tl.dot(b_d, tl.load(gs_ptr + p_g, mask=m_g, other=0.0).to(tl.float32))
-        b_dw += tl.dot(b_d, tl.load(gw_ptr + p_g, mask=m_g, other=0.0).to(tl.float32))
+        b_gs = tl.load(gs_ptr + p_g, mask=m_g, other=0.0).to(tl.float32)
+        b_gw = tl.load(gw_ptr + p_g, mask=m_g, other=0.0).to(tl.float32)
+        b_ds += tl.dot(b_d, b_gs, input_precision="ieee")
+        b_dw += tl.dot(b_d, b_gw, input_precision="ieee")
     b_cs = tl.load(cs_ptr + n * C + o_c, mask=m_c, other=0.0).to(tl.float32)
     b_cw = tl.load(cw_ptr + n * C + o_c, mask=m_c, other=0.0).to(tl.float32)
     b_dx = -(b_cs[:, None] * b_ds + b_cw[:, None] * b_dw)
@@ -115,8 +119,10 @@ def _bwd_dd_kernel(x_ptr, d_ptr, cs_ptr, cw_ptr, gs_ptr, gw_ptr, dd_ptr, dcs_ptr
                       other=0.0).to(tl.float32)                                  # (BLOCK_C, BLOCK_I)
         p_g = n * I * J + o_i[:, None] * J + o_j[None, :]                        # (BLOCK_I, BLOCK_J)
         m_g = m_i[:, None] & m_j[None, :]
-        b_xs += tl.dot(b_x, tl.load(gs_ptr + p_g, mask=m_g, other=0.0).to(tl.float32))
-        b_xw += tl.dot(b_x, tl.load(gw_ptr + p_g, mask=m_g, other=0.0).to(tl.float32))
+        b_gs = tl.load(gs_ptr + p_g, mask=m_g, other=0.0).to(tl.float32)
+        b_gw = tl.load(gw_ptr + p_g, mask=m_g, other=0.0).to(tl.float32)
+        b_xs += tl.dot(b_x, b_gs, input_precision="ieee")
+        b_xw += tl.dot(b_x, b_gw, input_precision="ieee")
     b_d = tl.load(d_ptr + n * C * J + o_c[:, None] * J + o_j[None, :], mask=m_c[:, None] & m_j[None, :],
                   other=0.0).to(tl.float32)
     b_cs = tl.load(cs_ptr + n * C + o_c, mask=m_c, other=0.0).to(tl.float32)
