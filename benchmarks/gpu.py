@@ -198,7 +198,8 @@ def peak_tflops(device, given: float | None) -> float | None:
 
 
 def markdown(res: dict) -> str:
-    lines = [f"# GPU benchmark ({res['device']}, {res['mode']})", "", "## Mixers: forward+backward seconds (x attn)", ""]
+    lines = [f"# GPU benchmark ({res['device']}, {res['mode']})", "",
+             "## Mixers: forward+backward seconds (x attn)", ""]
     lengths = sorted({r["T"] for r in res["mixers"]})
     lines += ["| kind | " + " | ".join(f"{T // 1024}K" if T >= 1024 else str(T) for T in lengths) + " |",
               "|---" * (len(lengths) + 1) + "|"]

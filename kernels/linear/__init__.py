@@ -99,7 +99,8 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: t
         return (o, state) if return_state else o
     if impl == "auto":
         impl = "fla" if on_gpu(q) and have_fla() else "chunked"
-    require(impl != "fla" or have_fla(), "linear_attention", impl, "fla-core is not installed (pip install -e '.[gpu]')")
+    require(impl != "fla" or have_fla(), "linear_attention", impl,
+            "fla-core is not installed (pip install -e '.[gpu]')")
     announce("linear attention", impl)
     if impl == "fla":
         from loom.kernels.linear.fla import linear_attention_fla

@@ -38,8 +38,9 @@ def linear_attention_fla(q, k, v, decay, *, reset=None, initial_state=None, retu
     row = flat_starts // T                                                    # (N,) row of each sequence
     h0 = None
     if initial_state is not None:
-        first_of_row = flat_starts % T == 0
-        carries = first_of_row & ~(reset.flatten()[flat_starts] if reset is not None else torch.zeros_like(first_of_row))
+        carries = flat_starts % T == 0                                          # the row's first sequence...
+        if reset is not None:
+            carries = carries & ~reset.flatten()[flat_starts]                   # ...unless it starts a document
         h0 = torch.where(carries[:, None, None, None], initial_state.float()[row],
                          torch.zeros(N, H, K, V, device=q.device))            # (N, H, K, V)
     g_gamma = -decay.float().to(q.device)
