@@ -32,6 +32,7 @@ from loom.trainer.config import RunConfig, dump, mqar_shape, passkey_key_digits
 from loom.trainer.data import StagedBatches, load_tokenizer, mqar_examples, passkey_examples
 from loom.trainer.data.schedule import check_stages_with_model
 from loom.trainer.distributed import setup_env
+from loom.trainer.distributed.precision import forward_autocast
 from loom.trainer.distributed.resume import check_layout, restore_rng, run_layout
 from loom.trainer.dcp import PendingSave, is_sharded, load_sharded, save_sharded
 from loom.trainer.faults import poison_grads
@@ -303,9 +304,10 @@ def _train(cfg: RunConfig, env) -> int:
             for micro in range(cfg.train.grad_accum):
                 batch = env.shard_batch(batcher.next(step))
                 with engine.accumulating(micro == cfg.train.grad_accum - 1):
-                    out = engine.module(batch["input_ids"], position_ids=batch["position_ids"],
-                                        seq_ids=batch["seq_ids"], cp=env.cp)
-                    loss = env.reduce_loss(model, out.hidden, batch["labels"], cfg.train.loss_chunk)
+                    with forward_autocast(cfg.parallel, env.device):  # bf16 compute, fp32 master weights
+                        out = engine.module(batch["input_ids"], position_ids=batch["position_ids"],
+                                            seq_ids=batch["seq_ids"], cp=env.cp)
+                        loss = env.reduce_loss(model, out.hidden, batch["labels"], cfg.train.loss_chunk)
                     engine.backward((loss + out.aux_loss) / cfg.train.grad_accum)
                 losses.append(loss.detach())
                 aux.append(out.aux_loss.detach())

@@ -10,8 +10,9 @@ attention(q, k, v, seq_ids=None, window=None, scale=None, impl="auto", return_ls
     Returns o (B, T, H, K) [, lse (B, T, H) fp32].
 
 impl: "auto" picks flash-attn on CUDA when it is installed and the dtype is
-fp16/bf16 and no lse is requested, else "sdpa" (PyTorch SDPA with the
-reference mask); "reference" runs reference.py as written.
+fp16/bf16 and no lse is requested, else on CUDA "flex" (FlexAttention: documents and
+windows in one fused kernel, flex.py), else "sdpa" (PyTorch SDPA with the reference mask);
+"reference" runs reference.py as written.
 """
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ import importlib.util
 import torch
 
 from loom.kernels.attention.reference import attention_reference, visibility_mask
+from loom.kernels.backends import have_flex, on_gpu
 from loom.kernels.dispatch import announce
 
 __all__ = ["attention", "check_shapes", "visibility_mask", "select_impl", "multi_document"]
-IMPLS = ("auto", "sdpa", "flash", "reference")
+IMPLS = ("auto", "sdpa", "flash", "flex", "reference")
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,6 +37,8 @@ def _have_flash_attn() -> bool:
 def select_impl(q: torch.Tensor, return_lse: bool) -> str:
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not return_lse and _have_flash_attn():
         return "flash"
+    if on_gpu(q) and have_flex():  # documents and windows in one fused kernel (attention/flex.py)
+        return "flex"
     return "sdpa"
 
 
@@ -105,4 +109,7 @@ def attention(q, k, v, *, seq_ids=None, window=None, scale=None, impl="auto", re
         if not _have_flash_attn():
             raise RuntimeError("impl='flash' requested but flash-attn is not installed (pip install loom-lm[gpu])")
         return _flash(q, k, v, seq_ids, window, scale)
+    if impl == "flex":
+        from loom.kernels.attention.flex import flex_attention_masked
+        return flex_attention_masked(q, k, v, seq_ids=seq_ids, window=window, scale=scale, return_lse=return_lse)
     return attention_reference(q, k, v, seq_ids=seq_ids, window=window, scale=scale, return_lse=return_lse)

@@ -29,7 +29,8 @@ linear_attention_state(k, v, decay, *, block=64, reset=None) -> (local, carry)
 
 impl: "auto" and "chunked" run chunked.py (block-tiled matmuls, a loop over
 T / block blocks for the state); "reference" (alias "recurrent") runs the token
-loop of reference.py (tests only).
+loop of reference.py (tests only); "fla" runs fla-core's chunk_simple_gla (linear/fla.py,
+the `gpu` extra; auto on CUDA when installed).
 
 Example:
     o, state = linear_attention(q, k, v, slopes, reset=position_ids == 0, return_state=True)
@@ -39,12 +40,13 @@ from __future__ import annotations
 
 import torch
 
+from loom.kernels.backends import have_fla, on_gpu, require
 from loom.kernels.dispatch import announce
 from loom.kernels.linear.chunked import linear_attention_chunked, linear_attention_state as _state
 from loom.kernels.linear.reference import linear_attention_recurrent
 
 __all__ = ["linear_attention", "linear_attention_state", "alibi_slopes"]
-IMPLS = ("auto", "chunked", "reference", "recurrent")
+IMPLS = ("auto", "chunked", "fla", "reference", "recurrent")
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
@@ -96,9 +98,15 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: t
         o, state = cp_linear_attention(q, k, v, decay, cp, block=block, reset=reset, scale=scale)
         return (o, state) if return_state else o
     if impl == "auto":
-        impl = "chunked"
+        impl = "fla" if on_gpu(q) and have_fla() else "chunked"
+    require(impl != "fla" or have_fla(), "linear_attention", impl,
+            "fla-core is not installed (pip install -e '.[gpu]')")
     announce("linear attention", impl)
-    if impl == "chunked":
+    if impl == "fla":
+        from loom.kernels.linear.fla import linear_attention_fla
+        o, state = linear_attention_fla(q, k, v, decay, reset=reset, initial_state=initial_state,
+                                        return_state=return_state, scale=scale)
+    elif impl == "chunked":
         o, state = linear_attention_chunked(q, k, v, decay, block=block, reset=reset, initial_state=initial_state,
                                             return_state=return_state, scale=scale)
     else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from loom.kernels.backends import have_triton, on_gpu, require
 from loom.kernels.dispatch import announce
 from loom.kernels.memory.chunked import neural_memory_chunked
 from loom.kernels.memory.common import ACTIVATIONS, MemoryState, Weights, mlp_forward
@@ -25,7 +26,7 @@ __all__ = ["neural_memory", "MemoryState", "init_memory_weights", "RETRIEVALS", 
 
 RETRIEVALS = ("chunk", "token")
 MOMENTUM_STEPS = ("token", "chunk")
-IMPLS = ("auto", "chunked", "compiled", "reference")
+IMPLS = ("auto", "chunked", "compiled", "triton", "reference")
 
 
 def init_memory_weights(n_heads: int, head_dim: int, depth: int, expansion: int = 4,
@@ -160,7 +161,8 @@ def neural_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torc
         impl: "auto" or "chunked" (the eager chunk-parallel form), or "compiled": the same
             code with each block through torch.compile (inductor), same results to
             rounding; opt-in, since the first call of each shape compiles for seconds.
-            "reference": reference.py's chunk loop with per-token gradients (tests).
+            "triton": the chunked form with memory/triton.py's fused chunk-end update
+            (auto on CUDA). "reference": reference.py's chunk loop with per-token gradients (tests).
         cp: None, or a CPContext: every (B, T, ...) argument is this rank's shard;
             the memory state travels rank to rank in global chunk order
             (kernels/context_parallel/memory.py). No state in; the returned state is None.
@@ -192,7 +194,8 @@ def neural_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torc
                              norm_weight=norm_weight, momentum_step=momentum_step)
         return (y, None) if return_state else y
     if impl == "auto":
-        impl = "chunked"
+        impl = "triton" if on_gpu(q) and have_triton() else "chunked"
+    require(impl != "triton" or have_triton(), "neural_memory", impl, "triton is not installed")
     announce("neural memory", impl)
     # Float32 at least: the decay products and the fast weights accumulate over the whole sequence.
     dt = torch.promote_types(q.dtype, torch.float32)
@@ -205,7 +208,10 @@ def neural_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torc
     if impl == "reference":
         y, final = neural_memory_naive_chunks(*cast((q, k, v, theta, eta, alpha)), cast(init_weights), **opts)
     else:
+        end_update = None
+        if impl == "triton":
+            from loom.kernels.memory.triton import chunk_end_update as end_update
         y, final = neural_memory_chunked(*cast((q, k, v, theta, eta, alpha)), cast(init_weights),
-                                         compiled=impl == "compiled", **opts)
+                                         compiled=impl == "compiled", end_update=end_update, **opts)
     y = y.to(q.dtype)
     return (y, final) if return_state else y

@@ -101,10 +101,32 @@ def _chunk_step_coefficients(theta, eta, alpha, retrieval: str, step_at_start) -
     return {name: x.unbind(1) for name, x in out.items()}
 
 
+def chunk_end_update(x, d, end, p_end, beta_end, bS_end, S_l, W_l):
+    """One layer's chunk-end step: S_end = p_end S - sum_i cS_i x_i^T d_i and
+    W_end = beta_end W + bS_end S - sum_i cW_i x_i^T d_i, as one matmul with the two coefficient
+    columns of `end` multiplied into the narrower of the two sides. x (B, H, C, D_in), d (B, H, C,
+    D_out), end (B, H, C, 2) [cS, cW] or (B, H, C, 1) [one shared row], p_end, beta_end, bS_end
+    (B, H, 1, 1), S_l, W_l (B or 1, H, D_in, D_out). (memory/triton.py fuses the same step.)"""
+    d_in, d_out = x.shape[-1], d.shape[-1]
+    if end.shape[-1] == 1:
+        x, d = (x * end, d) if d_in <= d_out else (x, d * end)
+        s_sum = w_sum = x.transpose(-1, -2) @ d
+    elif d_in <= d_out:
+        scaled = (x[..., :, None, :] * end[..., None]).flatten(-2)   # (B, H, C, 2 * D_in)
+        sums = (scaled.transpose(-1, -2) @ d).unflatten(-2, (2, d_in))  # (B, H, 2, D_in, D_out)
+        s_sum, w_sum = sums.unbind(-3)
+    else:
+        scaled = (end[..., None] * d[..., :, None, :]).flatten(-2)   # (B, H, C, 2 * D_out)
+        sums = x.transpose(-1, -2) @ scaled             # (B, H, D_in, 2 * D_out)
+        s_sum, w_sum = sums[..., :d_out], sums[..., d_out:]
+    return p_end * S_l - s_sum, beta_end * W_l + bS_end * S_l - w_sum
+
+
 def _block(q, k, v, co: dict, G: Weights, W: Weights, S: Weights, act, act_and_grad, retrieval: str,
-           norm_weight):
+           norm_weight, end_update=None):
     """One block for all (B, H). q, k, v (B, H, C, K); co this block's `_coefficients`; G, W, S
-    per layer (B or 1, H, D_in, D_out); norm_weight (H, K) or None.
+    per layer (B or 1, H, D_in, D_out); norm_weight (H, K) or None; end_update the chunk-end
+    step of one layer (None: `chunk_end_update`; memory/triton.py's on CUDA).
 
     Returns y (B, H, C, K), W_end, S_end."""
     depth = len(G)
@@ -122,26 +144,12 @@ def _block(q, k, v, co: dict, G: Weights, W: Weights, S: Weights, act, act_and_g
     for l in range(depth - 1, 0, -1):
         deltas.insert(0, (deltas[0] @ G[l].transpose(-1, -2)) * slopes[l - 1])
 
-    # Chunk-end sums sum_i c_i h_i^T delta_i for both coefficient rows, as one matmul per layer,
-    # with the two coefficient columns multiplied into the narrower of the two sides.
-    end = co["end"]                                         # (B, H, C, 2), or (B, H, C, 1): one shared row
     W_end, S_end = [], []
     for l in range(depth):
-        x, d = inputs[l], deltas[l]
-        d_in, d_out = x.shape[-1], d.shape[-1]
-        if end.shape[-1] == 1:
-            x, d = (x * end, d) if d_in <= d_out else (x, d * end)
-            s_sum = w_sum = x.transpose(-1, -2) @ d
-        elif d_in <= d_out:
-            scaled = (x[..., :, None, :] * end[..., None]).flatten(-2)   # (B, H, C, 2 * D_in)
-            sums = (scaled.transpose(-1, -2) @ d).unflatten(-2, (2, d_in))  # (B, H, 2, D_in, D_out)
-            s_sum, w_sum = sums.unbind(-3)
-        else:
-            scaled = (end[..., None] * d[..., :, None, :]).flatten(-2)   # (B, H, C, 2 * D_out)
-            sums = x.transpose(-1, -2) @ scaled             # (B, H, D_in, 2 * D_out)
-            s_sum, w_sum = sums[..., :d_out], sums[..., d_out:]
-        S_end.append(co["p_end"] * S[l] - s_sum)
-        W_end.append(co["beta_end"] * W[l] + co["bS_end"] * S[l] - w_sum)
+        s_end, w_end = (end_update or chunk_end_update)(inputs[l], deltas[l], co["end"], co["p_end"],
+                                                         co["beta_end"], co["bS_end"], S[l], W[l])
+        S_end.append(s_end)
+        W_end.append(w_end)
 
     if retrieval == "chunk":
         y = mlp_forward(G, q, act, norm_weight)
@@ -171,9 +179,10 @@ def neural_memory_chunked(q, k, v, theta, eta, alpha, init_weights: Weights, *, 
                           state: MemoryState | None = None, reset: torch.Tensor | None = None,
                           mask: torch.Tensor | None = None, activation: str = "gelu",
                           retrieval: str = "chunk", norm_weight: torch.Tensor | None = None,
-                          momentum_step: str = "token", compiled: bool = False):
+                          momentum_step: str = "token", compiled: bool = False, end_update=None):
     """Chunk-parallel neural memory. Shapes and semantics as `loom.kernels.memory.neural_memory`;
-    `compiled` runs the gate coefficients and each block through torch.compile.
+    `compiled` runs the gate coefficients and each block through torch.compile; `end_update`
+    replaces the per-layer chunk-end step (memory/triton.py's kernel).
 
     Returns (y (B, T, H, K), final MemoryState)."""
     block, coefficients = (_compiled(_block), _compiled(_coefficients)) if compiled else (_block, _coefficients)
@@ -209,7 +218,7 @@ def neural_memory_chunked(q, k, v, theta, eta, alpha, init_weights: Weights, *, 
             W = tuple(torch.where(r, w0, w) for w0, w in zip(W0, W))
             S = tuple(torch.where(r, 0.0, s) for s in S)
         y, W_end, S_end = block(qb[n], kb[n], vb[n], {name: c[n] for name, c in co.items()}, G, W, S,
-                                 act, act_and_grad, retrieval, norm_weight)
+                                 act, act_and_grad, retrieval, norm_weight, end_update)
         ys.append(y)
         if all_real[n]:
             G_last, W, S = G, W_end, S_end

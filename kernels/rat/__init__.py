@@ -37,7 +37,9 @@ It holds about T/L entries per head, where attention's KV cache holds T.
 
 impl: "auto" and "chunked" run chunked.py (the CPU path: log-depth scan plus
 block-sparse attention over chunk states); "reference" (alias "naive") runs
-reference.py, the token loop (tests only).
+reference.py, the token loop (tests only). GPU backends of the same chunked form: "triton"
+(step 1, the gated recurrence, as rat/triton.py's kernel), "flex" (step 3, attention over
+chunk states, through FlexAttention: rat/flex.py), "gpu" both (auto on CUDA).
 
 Example:
     o, state = rat(q, k, v, f, position_ids, chunk=16, return_state=True)
@@ -45,14 +47,17 @@ Example:
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from loom.kernels.backends import have_flex, have_triton, on_gpu, require
 from loom.kernels.dispatch import announce
 from loom.kernels.rat.chunked import rat_chunked
 from loom.kernels.rat.reference import rat_naive
 
 __all__ = ["rat"]
-IMPLS = ("auto", "chunked", "reference", "naive")
+IMPLS = ("auto", "chunked", "gpu", "triton", "flex", "reference", "naive")
 
 
 def _check(q, k, v, f, position_ids, chunk, seq_ids, cos, sin, initial_state) -> None:
@@ -104,12 +109,21 @@ def rat(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: torch.Tensor, posi
 
         return cp_rat(q, k, v, f, position_ids, cp, chunk=chunk, seq_ids=seq_ids, cos=cos, sin=sin, scale=scale)
     if impl == "auto":
-        impl = "chunked"
+        impl = "gpu" if on_gpu(q) and have_triton() and have_flex() else "chunked"
+    require(impl not in ("gpu", "triton") or have_triton(), "rat", impl, "triton is not installed")
+    require(impl not in ("gpu", "flex") or have_flex(), "rat", impl, "this PyTorch has no FlexAttention")
     announce("rat", impl)
     args = dict(chunk=chunk, seq_ids=seq_ids, cos=cos, sin=sin, scale=scale, initial_state=initial_state)
-    if impl == "chunked":
+    if impl in ("chunked", "gpu", "triton", "flex"):
+        scan = attend = None
+        if impl in ("gpu", "triton"):
+            from loom.kernels.rat.triton import TritonSegmentScan
+            scan = TritonSegmentScan.apply
+        if impl in ("gpu", "flex"):
+            from loom.kernels.rat.flex import chunk_state_attention_flex
+            attend = functools.partial(chunk_state_attention_flex, need_lse=return_stats)
         o, stats, state = rat_chunked(q, k, v, f, position_ids, return_state=return_state, return_stats=return_stats,
-                                      **args)
+                                      scan=scan, attend=attend, **args)
     else:
         o, stats, state = rat_naive(q, k, v, f, position_ids, **args)
     if return_stats:

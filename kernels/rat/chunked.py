@@ -177,8 +177,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def rat_chunked(q, k, v, f, position_ids, *, chunk: int, seq_ids=None, cos=None, sin=None, scale=None,
-                initial_state=None, return_state=False, return_stats=False, block_q: int = 256):
-    """See `loom.kernels.rat.rat`. Returns (o (B, T, H, K), stats, state or None)."""
+                initial_state=None, return_state=False, return_stats=False, block_q: int = 256,
+                scan=None, attend=None):
+    """See `loom.kernels.rat.rat`. Returns (o (B, T, H, K), stats, state or None).
+
+    scan, attend: the GPU backends of steps 1 and 3 (rat/triton.py's TritonSegmentScan.apply and
+    rat/flex.py's chunk_state_attention_flex, same contracts); None runs the PyTorch forms here."""
     B, T, G, K = q.shape
     H = v.shape[2]
     L = chunk
@@ -201,7 +205,7 @@ def rat_chunked(q, k, v, f, position_ids, *, chunk: int, seq_ids=None, cos=None,
     if initial_state is not None:
         s0 = torch.stack([initial_state["k_run"], initial_state["v_run"]], dim=1).to(dt)  # (B, 2, H, K)
         b = torch.cat([b[:, :1] + keep[:, :1] * s0[:, None], b[:, 1:]], dim=1)
-    s = SegmentScan.apply(keep, b, L)
+    s = (scan or SegmentScan.apply)(keep, b, L)
     k_run, v_run = s.unbind(2)  # (B, T, H, K) each
 
     q_h = q.to(dt).repeat(1, 1, H // G, 1)  # (B, T, H, K)
@@ -231,10 +235,11 @@ def rat_chunked(q, k, v, f, position_ids, *, chunk: int, seq_ids=None, cos=None,
 
     # 3. attention over [lo, hi) plus the own running state.
     q_h = q_h * scale
-    o, lse = ChunkStateAttention.apply(
+    o, lse = (attend or ChunkStateAttention.apply)(
         q_h.transpose(1, 2).contiguous(), k_rot.transpose(1, 2).contiguous(), v_run.transpose(1, 2).contiguous(),
         kc.transpose(1, 2).contiguous(), vc.transpose(1, 2).contiguous(), lo, hi, block_q)
-    o, lse = o.transpose(1, 2).to(v.dtype), lse.transpose(1, 2)  # (B, T, H, K), (B, T, H)
+    o = o.transpose(1, 2).to(v.dtype)  # (B, T, H, K)
+    lse = None if lse is None else lse.transpose(1, 2)  # (B, T, H); None: a backend skipped it (no stats asked)
     stats = None
     if return_stats:
         with torch.no_grad():

@@ -22,9 +22,9 @@ s2_attention(q, k, v, *, block, local_blocks, vert_stride, head_offsets=None,
 For pattern head h, key block n is visible to query block m (same document,
 n <= m, token-causal inside block m) when m - n < L or (n + o_h) % V == 0.
 
-impl: "blocksparse" (blocksparse.py, the CPU path, also used on CUDA until a
-Triton kernel exists), "reference" (reference.py: dense mask, tests only),
-"auto" = "blocksparse".
+impl: "blocksparse" (blocksparse.py, the CPU path), "flex" (flex.py: FlexAttention with the
+per-head BlockMask, fused forward and backward on CUDA), "reference" (reference.py: dense
+mask, tests only); "auto" = "flex" on CUDA, else "blocksparse".
 
 Example:
     offs = default_head_offsets(n_heads=8, n_kv_heads=8, vert_stride=4)    # [0, 1, 2, 3, 0, 1, 2, 3]
@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 
 from loom.kernels.attention import multi_document
+from loom.kernels.backends import have_flex, on_gpu, require
 from loom.kernels.dispatch import announce
 
 from loom.kernels.s2.blocksparse import s2_blocksparse
@@ -42,7 +43,7 @@ from loom.kernels.s2.reference import s2_attention_reference, s2_mask
 
 __all__ = ["s2_attention", "default_head_offsets", "covers_all_residues", "s2_mask",
            "s2_attention_reference", "s2_blocksparse"]
-IMPLS = ("auto", "blocksparse", "reference")
+IMPLS = ("auto", "blocksparse", "flex", "reference")
 
 
 def default_head_offsets(n_heads: int, n_kv_heads: int, vert_stride: int, shift: int = 0) -> torch.Tensor:
@@ -98,11 +99,15 @@ def s2_attention(q, k, v, *, block: int, local_blocks: int, vert_stride: int, he
                                head_offsets=head_offsets, position_ids=position_ids, seq_ids=seq_ids, scale=scale)
     seq_ids = multi_document(seq_ids)
     if impl == "auto":
-        impl = "blocksparse"
+        impl = "flex" if on_gpu(q) and have_flex() else "blocksparse"
+    require(impl != "flex" or have_flex(), "s2_attention", impl, "this PyTorch has no FlexAttention")
     announce("s2 attention", impl)
     kw = dict(block=block, local_blocks=local_blocks, vert_stride=vert_stride, head_offsets=head_offsets,
               seq_ids=seq_ids, position_ids=position_ids, scale=scale)
     if impl == "blocksparse":
         o, lse = s2_blocksparse(q, k, v, **kw)
         return (o, lse) if return_lse else o
+    if impl == "flex":
+        from loom.kernels.s2.flex import s2_flex
+        return s2_flex(q, k, v, return_lse=return_lse, **kw)
     return s2_attention_reference(q, k, v, return_lse=return_lse, **kw)

@@ -15,6 +15,8 @@ impl:
               key blocks; O(T * window) time, O(T) memory; forward and
               backward in PyTorch (the CPU path, and any device).
     "flash"   flash-attn's window on CUDA (through loom.kernels.attention).
+    "flex"    FlexAttention with the window and document mask (attention/flex.py): the CUDA
+              path when flash-attn is absent or cannot mask the documents.
     "reference" (alias "sdpa") reference.py: the dense masked SDPA, O(T * S) (tests).
     "auto"    "flash" when q is CUDA fp16/bf16, flash-attn is installed, no
               lse is requested, and documents do not need a cache-aware mask
@@ -28,17 +30,20 @@ from __future__ import annotations
 import torch
 
 from loom.kernels.attention import attention, check_shapes, multi_document, select_impl
+from loom.kernels.backends import have_flex, on_gpu
 from loom.kernels.dispatch import announce
 from loom.kernels.swa.banded import banded_swa
 from loom.kernels.swa.reference import swa_reference
 
 __all__ = ["sliding_window_attention", "select_swa_impl", "swa_reference", "banded_swa"]
-IMPLS = ("auto", "banded", "flash", "reference", "sdpa")
+IMPLS = ("auto", "banded", "flash", "flex", "reference", "sdpa")
 
 
 def select_swa_impl(q: torch.Tensor, S: int, seq_ids, return_lse: bool) -> str:
     if select_impl(q, return_lse) == "flash" and (seq_ids is None or q.shape[1] == S):
         return "flash"
+    if on_gpu(q) and have_flex():  # no flash-attn, or documents under a cache (T != S)
+        return "flex"
     return "banded"
 
 
@@ -61,6 +66,8 @@ def sliding_window_attention(q, k, v, *, window: int, seq_ids=None, scale=None, 
     if impl == "banded":
         o, lse = banded_swa(q, k, v, window=window, seq_ids=seq_ids, scale=scale)
         return (o, lse) if return_lse else o
+    if impl == "flex":
+        return attention(q, k, v, seq_ids=seq_ids, window=window, scale=scale, impl="flex", return_lse=return_lse)
     if impl == "flash":
         if seq_ids is not None and T != S:
             raise ValueError("impl='flash' cannot mask documents when T != S; use impl='banded'")

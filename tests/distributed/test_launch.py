@@ -126,7 +126,7 @@ def test_deepspeed_json_that_contradicts_the_recipe_fails(tmp_path, content, par
 def test_generated_config_rejects_offload_without_zero():
     with pytest.raises(ConfigError, match="optimizer offload needs ZeRO stage 1-3"):
         deepspeed_config(run_config(offload_optimizer=True), CPU)
-    with pytest.raises(ConfigError, match="parallel.dtype=bf16 needs CUDA"):
+    with pytest.raises(ConfigError, match="parallel.dtype=bf16 needs CUDA with parallel.engine=deepspeed"):
         deepspeed_config(run_config(dtype="bf16"), CPU)
 
 

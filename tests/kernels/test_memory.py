@@ -296,7 +296,7 @@ def test_validation_errors_name_the_shapes():
     with pytest.raises(ValueError, match="momentum_step"):
         neural_memory(q, k, v, th, et, al, W0, chunk_size=2, momentum_step="segment")
     with pytest.raises(ValueError, match="impl"):
-        neural_memory(q, k, v, th, et, al, W0, chunk_size=2, impl="triton")
+        neural_memory(q, k, v, th, et, al, W0, chunk_size=2, impl="cuda-graph")
     st = MemoryState.initial(W0, 2)
     st.offset = torch.tensor([0, 3])
     with pytest.raises(ValueError, match="offset"):
