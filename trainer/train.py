@@ -28,6 +28,7 @@ from loom.trainer.data import Batcher, build_dataset, load_tokenizer, mqar_examp
 from loom.trainer.distributed.resume import check_layout, restore_rng, run_layout
 from loom.trainer.engine import build_engine
 from loom.trainer.evaluate import answer_accuracy, answer_scores, validation
+from loom.trainer.longeval.command import suite_during_training
 from loom.trainer.metrics import MetricsWriter
 
 
@@ -99,8 +100,10 @@ def check_eval_tasks(cfg: RunConfig, tokenizer) -> None:
             raise ConfigError(f"eval.{key}: {e}") from None
 
 
-def evaluate(model: HybridLM, cfg: RunConfig, tokenizer, val_batches: list[dict]) -> dict:
+def evaluate(model: HybridLM, cfg: RunConfig, tokenizer, val_batches: list[dict],
+             suite_dir: Path | None = None) -> dict:
     out = validation(model, val_batches, cfg.eval.position_buckets)
+    out.update(suite_during_training(model, cfg, tokenizer, suite_dir))
     lengths = cfg.eval.passkey_lengths or [cfg.data.seq_len]
     for length in lengths if cfg.eval.passkey_n > 0 else []:
         accs = []
@@ -228,7 +231,8 @@ def train(cfg: RunConfig) -> int:
                         f"grad_norm {grad_norm:.3f} tok/s {rec['tokens_per_s']:.0f}")
                 t_log = now
             if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-                last_eval = evaluate(model, cfg, tokenizer, val_batches)
+                last_eval = evaluate(model, cfg, tokenizer, val_batches,
+                                     run_dir / "eval" / f"step-{step:08d}" if env.is_main else None)
                 metrics.write({"step": step, "split": "val", **last_eval})
                 say(fmt_eval(step, last_eval))
             limit = cfg.train.stop_after_steps
