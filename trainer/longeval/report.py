@@ -30,7 +30,7 @@ def plot_heatmaps(res: dict, path: Path) -> None:
     grids = res["grids"]
     if not grids:
         return
-    fig, axes = plt.subplots(1, len(grids), figsize=(4.2 * len(grids), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(grids), figsize=(4.8 * len(grids), 3.6), squeeze=False)
     for ax, (name, g) in zip(axes[0], grids.items()):
         data = [[float("nan") if v is None else v for v in row] for row in g["teacher_forced"]]
         im = ax.imshow(data, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
@@ -45,6 +45,7 @@ def plot_heatmaps(res: dict, path: Path) -> None:
         beyond = [j for j, n in enumerate(g["lengths"]) if n > res["train_length"]]
         if beyond:
             ax.axvline(beyond[0] - 0.5, color="black", lw=1.5, ls="--")
+    fig.subplots_adjust(wspace=0.35)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
     fig.suptitle(f"training length {res['train_length']} (dashed: beyond it)", fontsize=9)
     fig.savefig(path, dpi=110, bbox_inches="tight")
