@@ -10,6 +10,7 @@ Reports the final validation loss, the passkey and NIAH depth x length grids
     python benchmarks/longctx.py                                   # every recipe, quickstart budget
     python benchmarks/longctx.py --recipes quickstart swa --steps 300 --n 8
     python benchmarks/longctx.py --jobs 2 --threads 1              # two recipes at a time
+    python benchmarks/longctx.py --collect --steps 100 ...         # tabulate runs already in --work
 
 Writes benchmarks/results/longctx.json and prints a markdown table.
 """
@@ -39,37 +40,47 @@ def train_overrides(args) -> list[str]:
 
 
 def run(recipe: str, args) -> dict:
+    """Train and evaluate one recipe (or, with --collect, read what an earlier run left in --work)."""
     out = Path(args.work) / recipe
-    subprocess.run(["rm", "-rf", str(out)], check=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     path = ROOT / "recipes" / f"{recipe}.yaml"
-    base = [sys.executable, "-m", "loom.trainer"]
     row: dict = {"recipe": recipe}
-    t0 = time.time()
-    proc = subprocess.run(base + ["train", str(path), f"output_dir={out}", *train_overrides(args)],
-                          capture_output=True, text=True, cwd=ROOT, env=env)
-    row["train_s"] = round(time.time() - t0, 1)
-    if proc.returncode != 0:
-        row["error"] = (proc.stderr.strip().splitlines() or ["train failed"])[-1][:200]
+    if not args.collect:
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        base = [sys.executable, "-m", "loom.trainer"]
+        t0 = time.time()
+        proc = subprocess.run(base + ["train", str(path), f"output_dir={out}", *train_overrides(args)],
+                              capture_output=True, text=True, cwd=ROOT, env=env)
+        row["train_s"] = round(time.time() - t0, 1)
+        if proc.returncode != 0:
+            row["error"] = (proc.stderr.strip().splitlines() or ["train failed"])[-1][:200]
+            return row
+        (out / "train.log").write_text(proc.stdout)
+        t0 = time.time()
+        proc = subprocess.run(base + ["eval", str(path), f"output_dir={out}", *train_overrides(args),
+                                      "--lengths", ",".join(str(m * args.seq_len) for m in args.mult),
+                                      "--tasks", ",".join(args.tasks), "--n", str(args.n), "--no-generate",
+                                      "--out", str(out / "suite")], capture_output=True, text=True, cwd=ROOT,
+                              env=env)
+        row["eval_s"] = round(time.time() - t0, 1)
+        if proc.returncode != 0:
+            row["error"] = (proc.stderr.strip().splitlines() or ["eval failed"])[-1][:200]
+            return row
+    if not (out / "suite" / "results.json").is_file():
+        row["error"] = f"no results in {out}"
         return row
-    row["layers"] = proc.stdout.split("layers (")[1].split(")")[0]
-    row["params_m"] = float(proc.stdout.split("model: ")[1].split("M")[0])
-    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"split"' in x]
-    row["val_loss"] = evals[-1]["loss"]
-    t0 = time.time()
-    proc = subprocess.run(base + ["eval", str(path), f"output_dir={out}", *train_overrides(args),
-                                  "--lengths", ",".join(str(m * args.seq_len) for m in args.mult),
-                                  "--tasks", ",".join(args.tasks), "--n", str(args.n), "--no-generate",
-                                  "--out", str(out / "suite")], capture_output=True, text=True, cwd=ROOT, env=env)
-    row["eval_s"] = round(time.time() - t0, 1)
-    if proc.returncode != 0:
-        row["error"] = (proc.stderr.strip().splitlines() or ["eval failed"])[-1][:200]
-        return row
+    log = (out / "train.log").read_text() if (out / "train.log").is_file() else ""
+    if "layers (" in log:
+        row["layers"] = log.split("layers (")[1].split(")")[0]
+        row["params_m"] = float(log.split("model: ")[1].split("M")[0])
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    row["val_loss"] = [r for r in records if r.get("split") == "val"][-1]["loss"]
+    row.setdefault("train_s", round([r for r in records if "split" not in r][-1]["elapsed_s"], 1))
     res = json.loads((out / "suite" / "results.json").read_text())
     row["grids"] = {name: [mean([g["teacher_forced"][d][j] for d in range(len(g["depths"]))])
                            for j in range(len(g["lengths"]))] for name, g in res["grids"].items()}
     others = {}
-    for j, length in enumerate(res["lengths"]):
+    for length in res["lengths"]:
         cells = [c["teacher_forced"] for name, by_f in res["tasks"].items() if name not in res["grids"]
                  for c in [by_f["repeat"].get(str(length), {})] if "teacher_forced" in c]
         others[str(length)] = mean(cells)
@@ -101,7 +112,8 @@ def table(rows: list[dict], args) -> str:
         cells = [pct(v) for v in g.get("passkey", [None] * len(lens))]
         cells += [pct(v) for v in g.get("niah_single", [None] * len(lens))]
         cells += [pct(r["other_tasks"].get(str(n))) for n in lens]
-        lines.append(f"| {r['recipe']} | {r['params_m']:.2f}M | {r['val_loss']:.3f} | " + " | ".join(cells)
+        params = f"{r['params_m']:.2f}M" if "params_m" in r else "-"
+        lines.append(f"| {r['recipe']} | {params} | {r['val_loss']:.3f} | " + " | ".join(cells)
                      + f" | {r['train_s']:.0f} |")
     return "\n".join(lines)
 
@@ -120,6 +132,7 @@ def main() -> None:
     p.add_argument("--set", nargs="*", default=[], help="extra overrides for every recipe")
     p.add_argument("--work", default="/tmp/loom-longctx")
     p.add_argument("--name", default="longctx", help="results file name under benchmarks/results/")
+    p.add_argument("--collect", action="store_true", help="only tabulate the runs already in --work")
     args = p.parse_args()
     import yaml
 

@@ -13,7 +13,7 @@ LocalRunner on the same inputs:
 - the whole suite (run_suite) on two tasks gives the same results dict;
 - check_lengths refuses a length that 2*cp does not divide and one whose
   pieces are not a multiple of rat's chunk, naming the layer.
-Cost: one cp=2 group, ~15 s on 2 shared cores.
+Cost: one cp=2 group, ~15 s of CPU (default tier); the whole-suite case is `slow`.
 """
 from __future__ import annotations
 
@@ -96,12 +96,19 @@ def run_case(name: str, world: int) -> dict:
 
 @pytest.mark.distributed
 def test_cp_eval_matches_one_process(tmp_path):
-    names = ["scores", "generate", "suite", "bad_length"]
+    names = ["scores", "generate", "bad_length"]
     res = _gloo.launch(__file__, 2, names, tmp_path)
     for name in names:
         _gloo.assert_no_errors(res[name])
     assert res["generate"][0]["tokens"] == res["generate"][1]["tokens"]
     assert res["scores"][0]["mean_loss"] == res["scores"][1]["mean_loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_cp_suite_matches_one_process(tmp_path):
+    res = _gloo.launch(__file__, 2, ["suite"], tmp_path)
+    _gloo.assert_no_errors(res["suite"])
 
 
 if __name__ == "__main__":
