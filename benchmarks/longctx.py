@@ -59,7 +59,7 @@ def run(recipe: str, args) -> dict:
         t0 = time.time()
         proc = subprocess.run(base + ["eval", str(path), f"output_dir={out}", *train_overrides(args),
                                       "--lengths", ",".join(str(m * args.seq_len) for m in args.mult),
-                                      "--tasks", ",".join(args.tasks), "--n", str(args.n), "--no-generate",
+                                      "--tasks", ",".join(args.tasks), "--examples", str(args.n), "--no-generate",
                                       "--out", str(out / "suite")], capture_output=True, text=True, cwd=ROOT,
                               env=env)
         row["eval_s"] = round(time.time() - t0, 1)

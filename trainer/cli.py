@@ -108,7 +108,7 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--checkpoint", help="a checkpoint folder or run folder (default: the run's latest)")
             s.add_argument("--lengths", help="comma-separated lengths (default eval.suite_lengths or 1x,2x,4x)")
             s.add_argument("--tasks", help="comma-separated suite tasks (default eval.suite_tasks or all)")
-            s.add_argument("--n", type=int, help="examples per cell (default eval.suite_n)")
+            s.add_argument("--examples", "--n", dest="n", type=int, help="examples per cell (default eval.suite_n)")
             s.add_argument("--no-generate", action="store_true", help="teacher-forced scores only")
             s.add_argument("--out", help="output folder (default <run>/eval/<checkpoint>)")
         if name == "generate":

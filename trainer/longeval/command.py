@@ -2,7 +2,7 @@
 suite during training (`eval.suite_tasks`).
 
     loom eval RECIPE [key=value ...] [--checkpoint DIR] [--lengths 512,1024]
-              [--tasks passkey,niah_single] [--n 8] [--no-generate] [--out DIR]
+              [--tasks passkey,niah_single] [--examples 8] [--no-generate] [--out DIR]
 
 Writes results.json, heatmap.png and loss_by_position.png into --out (default
 <run>/eval/step-XXXXXXXX/) and prints a table. Under `torchrun ... parallel.cp=N`
