@@ -153,7 +153,7 @@ def test_loom_eval_writes_results_and_pngs(tmp_path, capsys):
     assert {"passkey@256", "niah_single.text@128", "passkey_grid@256/depth0.5", "val_loss@256"} <= set(ev)
     assert (run / "eval" / "step-00000006" / "heatmap.png").stat().st_size > 1000
     # loom eval: the whole suite at 1x and 2x
-    assert main(["eval", recipe, *tiny_args(run), "--lengths", "128,256", "--examples", "1",
+    assert main(["eval", recipe, *tiny_args(run, "eval.suite_generate=true"), "--lengths", "128,256", "--examples", "1",
                  "--tasks", "passkey,niah_single,vt,mqar"]) == 0
     out = capsys.readouterr().out
     assert "eval step 6:" in out and "wrote" in out

@@ -183,7 +183,8 @@ def run_eval(cfg, checkpoint: Optional[str] = None, tasks=None, lengths=None, n=
         from loom.trainer.data import eval_windows
         from loom.trainer.train import evaluate, fmt_eval
 
-        say(fmt_eval(meta["step"], evaluate(model, cfg, tokenizer, eval_windows(
+        plain = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, suite_tasks=[]))   # the suite runs below
+        say(fmt_eval(meta["step"], evaluate(model, plain, tokenizer, eval_windows(
             cfg.data, tokenizer, cfg.seed, batch_size=cfg.train.batch_size))))
     text, windows = validation_text(cfg, tokenizer, spec.lengths, cfg.eval.suite_val_windows, cfg.seed)
     say(f"evaluating {path} (step {meta['step']}) at lengths {spec.lengths}, {spec.n} examples per cell"
