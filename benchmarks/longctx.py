@@ -85,6 +85,7 @@ def run(recipe: str, args) -> dict:
                  for c in [by_f["repeat"].get(str(length), {})] if "teacher_forced" in c]
         others[str(length)] = mean(cells)
     row["other_tasks"] = others
+    row["loss_at"] = {n: c["mean"] for n, c in res["loss_by_position"].items()}   # real text, by eval length
     row["tasks"] = res["tasks"]
     return row
 
@@ -100,7 +101,8 @@ def pct(x) -> str:
 
 def table(rows: list[dict], args) -> str:
     lens = [m * args.seq_len for m in args.mult]
-    head = ("| recipe | params | val loss | " + " | ".join(f"passkey@{n}" for n in lens) + " | "
+    head = ("| recipe | params | val loss | " + " | ".join(f"text loss@{n}" for n in lens) + " | "
+            + " | ".join(f"passkey@{n}" for n in lens) + " | "
             + " | ".join(f"niah@{n}" for n in lens) + " | " + " | ".join(f"other@{n}" for n in lens)
             + " | train s |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
@@ -109,7 +111,9 @@ def table(rows: list[dict], args) -> str:
             lines.append(f"| {r['recipe']} | error: {r['error']} |")
             continue
         g = r["grids"]
-        cells = [pct(v) for v in g.get("passkey", [None] * len(lens))]
+        loss_at = r.get("loss_at", {})
+        cells = ["-" if str(n) not in loss_at else f"{loss_at[str(n)]:.3f}" for n in lens]
+        cells += [pct(v) for v in g.get("passkey", [None] * len(lens))]
         cells += [pct(v) for v in g.get("niah_single", [None] * len(lens))]
         cells += [pct(r["other_tasks"].get(str(n))) for n in lens]
         params = f"{r['params_m']:.2f}M" if "params_m" in r else "-"
@@ -149,7 +153,8 @@ def main() -> None:
     (RESULTS / f"{args.name}.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=1))
     tokens = args.steps * args.batch_size * args.seq_len
     print(f"\n{tokens / 1e6:.2f}M training tokens per recipe, seq_len {args.seq_len}, {args.n} examples per "
-          f"cell, teacher-forced; passkey/niah: mean over depths; other: mean of "
+          f"cell, teacher-forced; text loss: validation text at that length (nats/token); "
+          f"passkey/niah: mean over depths; other: mean of "
           f"{', '.join(t for t in args.tasks if t not in ('passkey', 'niah_single'))}\n")
     print(table(rows, args))
 
