@@ -1,7 +1,7 @@
 """`loom` command line (also `python -m loom.trainer`).
 
     loom train RECIPE [key=value ...]       train, or resume the run in output_dir
-    loom eval RECIPE [key=value ...]        evaluate the run's latest checkpoint
+    loom eval RECIPE [key=value ...]        long-context suite on the latest checkpoint (JSON + PNGs)
     loom generate RECIPE --prompt TEXT      greedy generation from the latest checkpoint
     loom info RECIPE [key=value ...]        parameters, FLOPs per token, cache size per layer
     loom convert hf SRC OUT                 import a Llama/Qwen2 checkpoint folder
@@ -50,18 +50,12 @@ def _restore(cfg):
 
 
 def cmd_eval(args) -> int:
-    from loom.trainer.data import eval_windows
-    from loom.trainer.train import evaluate, fmt_eval
+    from loom.trainer.longeval.command import run_eval
 
-    cfg = _load(args)
-    model, tokenizer, meta = _restore(cfg)
-    val = eval_windows(cfg.data, tokenizer, cfg.seed, batch_size=cfg.train.batch_size)
-    ev = evaluate(model, cfg, tokenizer, val)
-    print(fmt_eval(meta["step"], ev))
-    for k, v in ev.items():
-        if k.startswith("passkey@") and "/" in k:
-            print(f"  {k}: {v:.0%}")
-    return 0
+    ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
+    return run_eval(_load(args), checkpoint=args.checkpoint, tasks=args.tasks.split(",") if args.tasks else None,
+                    lengths=ints(args.lengths) if args.lengths else None, n=args.n,
+                    generate=False if args.no_generate else None, out=args.out)
 
 
 def cmd_generate(args) -> int:
@@ -111,13 +105,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
     for name, fn, help_ in [("train", cmd_train, "train or resume a run"),
-                            ("eval", cmd_eval, "evaluate the latest checkpoint"),
+                            ("eval", cmd_eval, "long-context suite on the latest checkpoint"),
                             ("generate", cmd_generate, "greedy generation"),
                             ("info", cmd_info, "model size, FLOPs and cache accounting")]:
         s = sub.add_parser(name, help=help_)
         s.add_argument("recipe", help="recipe YAML, e.g. recipes/quickstart.yaml")
         s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3")
         s.set_defaults(fn=fn)
+        if name == "eval":
+            s.add_argument("--checkpoint", help="a checkpoint folder or run folder (default: the run's latest)")
+            s.add_argument("--lengths", help="comma-separated lengths (default eval.suite_lengths or 1x,2x,4x)")
+            s.add_argument("--tasks", help="comma-separated suite tasks (default eval.suite_tasks or all)")
+            s.add_argument("--examples", "--n", dest="n", type=int, help="examples per cell (default eval.suite_n)")
+            s.add_argument("--no-generate", action="store_true", help="teacher-forced scores only")
+            s.add_argument("--out", help="output folder (default <run>/eval/<checkpoint>)")
         if name == "generate":
             s.add_argument("--prompt", required=True)
             s.add_argument("--max-new-tokens", type=int, default=64)

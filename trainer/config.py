@@ -69,6 +69,14 @@ class EvalConfig:
     mqar_pairs: int | None = None  # None: the first mqar source's n_pairs, else 16
     mqar_queries: int | None = None  # None: the first mqar source's n_queries, else 4
     position_buckets: int = 8  # loss by position in the context
+    # long-context suite (loom.trainer.longeval): `loom eval` runs it; during training only when suite_tasks is set
+    suite_tasks: list[str] = field(default_factory=list)  # empty: every task in `loom eval`, none in training
+    suite_lengths: list[int] = field(default_factory=list)  # empty: 1x, 2x, 4x data.seq_len
+    suite_n: int = 8  # examples per (task, length) and per grid cell
+    suite_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    suite_fillers: list[str] = field(default_factory=lambda: ["repeat", "text"])
+    suite_generate: bool = True  # also score by greedy generation
+    suite_val_windows: int = 8  # real-text windows per length for loss by position
 
 
 @dataclass
@@ -188,6 +196,9 @@ def validate(cfg: RunConfig) -> None:
     if e.mqar_n > 0 and not 1 <= queries <= pairs <= 26**3:
         raise ConfigError(f"eval.mqar_queries: need 1 <= mqar_queries <= mqar_pairs <= {26**3}, "
                           f"got mqar_queries={queries}, mqar_pairs={pairs}")
+    from loom.trainer.longeval.tasks import validate_suite_config
+
+    validate_suite_config(e)
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must have two values, got {cfg.optim.betas}")
 

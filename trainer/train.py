@@ -42,6 +42,7 @@ from loom.trainer.resume_policy import apply_optim_settings, check_resume, recip
 from loom.trainer.validate import validate_inputs
 from loom.trainer.evaluate import answer_accuracy, answer_scores, validation
 from loom.trainer.logs import show_kernel_backends
+from loom.trainer.longeval.spec import suite_during_training
 from loom.trainer.metrics import MetricsWriter
 from loom.trainer.parallel_check import check_cp_support
 from loom.trainer.parallelize import parallelize
@@ -115,8 +116,10 @@ def check_eval_tasks(cfg: RunConfig, tokenizer) -> None:
             raise ConfigError(f"eval.{key}: {e}") from None
 
 
-def evaluate(model: HybridLM, cfg: RunConfig, tokenizer, val_batches: list[dict]) -> dict:
+def evaluate(model: HybridLM, cfg: RunConfig, tokenizer, val_batches: list[dict],
+             suite_dir: Path | None = None) -> dict:
     out = validation(model, val_batches, cfg.eval.position_buckets)
+    out.update(suite_during_training(model, cfg, tokenizer, suite_dir))
     lengths = cfg.eval.passkey_lengths or [cfg.data.seq_len]
     for length in lengths if cfg.eval.passkey_n > 0 else []:
         accs = []
@@ -354,7 +357,8 @@ def _train(cfg: RunConfig, env) -> int:
                         f"grad_norm {grad_norm:.3f} tok/s {rec['tokens_per_s']:.0f}")
                 t_log, tokens_since_log = now, 0
             if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-                last_eval = evaluate(model, cfg, tokenizer, batcher.val_batches(step, cfg.train.batch_size))
+                last_eval = evaluate(model, cfg, tokenizer, batcher.val_batches(step, cfg.train.batch_size),
+                                     run_dir / "eval" / f"step-{step:08d}" if env.is_main else None)
                 stage = batcher.stage(step - 1)
                 last_eval.update(seq_len=stage.seq_len, stage=stage.index)
                 metrics.write({"step": step, "split": "val", **last_eval})

@@ -112,7 +112,8 @@ def test_hybrid_of_every_mixer_trains(tmp_path):
     lo = losses(out)
     assert all(v == v and v < 20 for v in lo.values())
     assert sum(lo[s] for s in (10, 11, 12)) < sum(lo[s] for s in (1, 2, 3))
-    assert main(["eval", str(repo / "recipes/hybrid-all.yaml"), *args[2:]]) == 0
+    assert main(["eval", str(repo / "recipes/hybrid-all.yaml"), *args[2:], "--n", "1", "--lengths", "128,256"]) == 0
+
 
 
 def test_startup_names_the_kernel_backends(recipe, tmp_path, capsys):
