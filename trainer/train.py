@@ -32,6 +32,7 @@ from loom.trainer.logs import show_kernel_backends
 from loom.trainer.metrics import MetricsWriter
 from loom.trainer.parallel_check import check_cp_support
 from loom.trainer.parallelize import parallelize
+from loom.trainer.perf import StepProfiler, device_peak, mfu
 
 
 class TrainingError(RuntimeError):
@@ -150,6 +151,8 @@ def train(cfg: RunConfig) -> int:
                   f"({', '.join(b.kind for b in model.blocks)}), "
                   f"{model.flops_per_token(cfg.data.seq_len) / 1e6:.1f} MFLOPs/token (train)")
     show_kernel_backends()
+    flops_per_token = model.flops_per_token(cfg.data.seq_len)
+    peak, peak_source = device_peak(env.device, cfg.train.peak_flops)
     engine = parallelize(model, cfg, env)
     train_set = build_dataset(cfg.data, tokenizer, "train", cfg.seed)
     batcher = Batcher(train_set, cfg.train.batch_size, dp_rank=env.dp_rank, dp_size=env.dp_size)
@@ -174,6 +177,7 @@ def train(cfg: RunConfig) -> int:
         tmp.write_text(dump(cfg))
         os.replace(tmp, run_dir / "config.yaml")
         dist.log(model_line)
+        dist.log(f"perf: peak {peak / 1e12:.3g} TFLOP/s per device ({peak_source})" if peak else f"perf: {peak_source}")
 
     def save(at_step: int) -> None:
         tensors, engine_state = engine.checkpoint_state()
@@ -191,10 +195,12 @@ def train(cfg: RunConfig) -> int:
     say = bar.write if not bar.disable else dist.log
     t_start = t_log = time.time()
     bad_steps, last_eval, start_step = 0, None, step
+    profiler = StepProfiler(run_dir, cfg.train.profile_steps, enabled=env.is_main)
     model.train()
     with StopFlag() as stop:
         while step < cfg.train.steps:
             losses, aux = [], []
+            profiler.begin(step + 1)
             for micro in range(cfg.train.grad_accum):
                 batch = env.shard_batch(batcher.next())
                 with engine.accumulating(micro == cfg.train.grad_accum - 1):
@@ -219,6 +225,7 @@ def train(cfg: RunConfig) -> int:
                 bad_steps = 0
                 grad_norm = engine.step()
             step += 1
+            profiler.end(step)
             tokens += tokens_per_step
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
@@ -226,13 +233,15 @@ def train(cfg: RunConfig) -> int:
                 rec = {"step": step, "loss": loss_value, "lr": engine.lr, "grad_norm": grad_norm, "tokens": tokens,
                        "tokens_per_s": tokens_per_step * cfg.train.log_every / max(now - t_log, 1e-9),
                        "elapsed_s": elapsed_before + now - t_start}
+                rec["mfu"] = mfu(rec["tokens_per_s"], flops_per_token, peak, env.world)
                 if any(a.item() != 0 for a in aux):
                     rec["aux_loss"] = float(torch.stack(aux).mean())
                 metrics.write(rec)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{engine.lr:.2e}")
+                mfu_text = "n/a" if rec["mfu"] is None else f"{rec['mfu']:.1%}"
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{engine.lr:.2e}", mfu=mfu_text)
                 if bar.disable:
                     say(f"step {step}/{cfg.train.steps} loss {loss_value:.4f} lr {engine.lr:.2e} "
-                        f"grad_norm {grad_norm:.3f} tok/s {rec['tokens_per_s']:.0f}")
+                        f"grad_norm {grad_norm:.3f} tok/s {rec['tokens_per_s']:.0f} mfu {mfu_text}")
                 t_log = now
             if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
                 last_eval = evaluate(model, cfg, tokenizer, val_batches)
@@ -245,12 +254,14 @@ def train(cfg: RunConfig) -> int:
                 save(step)
             if stopping and step < cfg.train.steps:
                 bar.close()
+                profiler.close()
                 dist.log(f"stopped at step {step}; checkpoint saved in {run_dir}. "
                          "Run the same command to resume.")
                 metrics.close()
                 env.teardown()
                 return 0
     bar.close()
+    profiler.close()
     metrics.close()
     if last_eval is not None:
         dist.log("final: " + fmt_eval(step, last_eval))
