@@ -7,7 +7,7 @@ the fused chunked cross-entropy and backward on one row of random tokens as
 one packed document. Each length runs in a fresh subprocess so that its peak
 resident memory is its own.
 
-    python benchmarks/long_step.py --tokens 1048576                          # the 1M-token step
+    python benchmarks/long_step.py --layers swa swa swa swa --tokens 131072  # 3.3 GiB, see README
     python benchmarks/long_step.py --layers swa swa swa swa --tokens 65536 262144 --checkpointing none
 
 Prints and appends to benchmarks/results/long_step.json: tokens, seconds for
@@ -57,7 +57,7 @@ def measure(layers: list[str], T: int, checkpointing: str, tile_mlp: int, thread
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", nargs="+", default=["memory", "swa", "memory", "swa"])
-    ap.add_argument("--tokens", nargs="+", type=int, default=[1 << 20])
+    ap.add_argument("--tokens", nargs="+", type=int, default=[131072])
     ap.add_argument("--checkpointing", default="full", choices=["none", "full", "selective"])
     ap.add_argument("--tile-mlp", type=int, default=16384)
     ap.add_argument("--threads", type=int, default=2)
