@@ -17,8 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from loom.kernels.loss import linear_cross_entropy
 from loom.models.config import ConfigError, build, nearest
 from loom.models.mixers import MIXERS, MixerDims, SeqContext
 from loom.models.norms import RMSNorm, SwiGLU
@@ -202,22 +202,11 @@ class HybridLM(nn.Module):
              reduction: str = "mean") -> torch.Tensor:
         """Chunked cross-entropy. hidden (B, T, D), labels (B, T) with -100 ignored.
 
-        Logits exist for at most `chunk` tokens at a time, forward and backward
-        (each chunk is recomputed in backward), so the peak is chunk x V
-        floats instead of B*T x V."""
-        h = hidden.reshape(-1, hidden.shape[-1])
-        y = labels.reshape(-1)
-        w = self.head_weight
-        total = h.new_zeros((), dtype=torch.float32)
-        for i in range(0, h.shape[0], chunk):
-            hi, yi = h[i:i + chunk], y[i:i + chunk]
-            if torch.is_grad_enabled() and h.requires_grad:
-                total = total + checkpoint(_ce_sum, hi, w, yi, use_reentrant=False)
-            else:
-                total = total + _ce_sum(hi, w, yi)
-        if reduction == "sum":
-            return total
-        return total / (y != -100).sum().clamp_min(1)
+        Logits exist for at most `chunk` tokens at a time; each chunk's
+        gradients are computed in its forward pass (loom.kernels.loss, fused),
+        so the head matmuls cost what full cross-entropy costs."""
+        return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.head_weight, labels.reshape(-1),
+                                    reduction=reduction, chunk=chunk)
 
     # ----- accounting -----
     def num_params(self, non_embedding: bool = False) -> int:
@@ -266,6 +255,3 @@ def seq_ids_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
 def state_length(state: list[Any]) -> int:
     return state[0]["length"]
 
-
-def _ce_sum(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(F.linear(h, w).float(), y, ignore_index=-100, reduction="sum")

@@ -55,6 +55,9 @@ class TrainConfig:
     # per block: none | full (recompute the block) | selective (recompute the MLP); trainer/parallelize.py
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     compile: bool | None = None  # torch.compile per block; None: on for CUDA, off on CPU
+    tile_mlp: int = 0  # tokens per MLP tile along the sequence (memory of long rows); 0: whole rows
+    peak_flops: float | None = None  # FLOP/s per device for MFU; None: measured GEMM (CPU), bf16 table (GPU)
+    profile_steps: list[int] = field(default_factory=list)  # steps traced by torch.profiler into <run>/profile
 
 
 @dataclass
@@ -175,6 +178,9 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
     if cfg.data.seq_len < 1:
         raise ConfigError(f"data.seq_len must be >= 1, got {cfg.data.seq_len}")
+    if t.tile_mlp < 0 or (t.peak_flops is not None and t.peak_flops <= 0) or any(s < 1 for s in t.profile_steps):
+        raise ConfigError("train.tile_mlp must be >= 0, train.peak_flops > 0 and train.profile_steps >= 1; got "
+                          f"{t.tile_mlp}, {t.peak_flops}, {t.profile_steps}")
     if p.cp < 1:
         raise ConfigError(f"parallel.cp must be >= 1, got {p.cp}")
     if p.cp > 1 and cfg.data.seq_len % (2 * p.cp):

@@ -11,6 +11,12 @@ pattern):
                     (the MLP's hidden activations, 3 x mlp_hidden per token, are
                     most of a block's memory at small d_model; the mixer is the
                     expensive part to recompute);
+    1b. MLP tiling along the sequence (`train.tile_mlp: N` tokens, 0 = off):
+         each block's MLP runs on N-token pieces of the row, each piece
+         recomputed in backward, so its hidden activations (3 x mlp_hidden
+         per token: 8 KiB per token at d_model 256) exist for N tokens at a
+         time instead of the whole row (Arctic Long Sequence Training's
+         TiledMLP, Mini-Sequence Transformer); exact, the MLP is per token;
     2. torch.compile per block (`train.compile`: true | false | null = auto,
        which is on for CUDA and off on CPU, where compile does not pay for the
        mixers' chunked loops);
@@ -43,10 +49,12 @@ def parallelize(model, cfg, env: Env):
     """Apply activation checkpointing, compile and the engine to `model` (a HybridLM
     on the CPU, unwrapped) as `cfg` (a RunConfig) says; returns the engine."""
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
+    apply_tile_mlp(model, cfg.train.tile_mlp)
     compile_blocks = cfg.train.compile if cfg.train.compile is not None else env.device.type == "cuda"
     if compile_blocks:
         apply_compile(model)
-    dist.log(f"activation checkpointing: {cfg.train.activation_checkpointing}; compile: "
+    dist.log(f"activation checkpointing: {cfg.train.activation_checkpointing}; "
+             + (f"tile_mlp: {cfg.train.tile_mlp} tokens; " if cfg.train.tile_mlp else "") + "compile: "
              f"{'on' if compile_blocks else 'off'}" + ("" if cfg.train.compile is not None else
                                                         f" (auto on {env.device.type})"))
     return build_engine(cfg.parallel.engine, model, cfg.optim, cfg.train.steps, env=env, cfg=cfg)
@@ -74,6 +82,29 @@ def apply_activation_checkpointing(model, mode: str) -> None:
             block.forward = _recomputed(block.forward)
         elif mode == "selective":
             block.mlp.forward = _recomputed(block.mlp.forward)
+
+
+def _tiled(forward, tile: int):
+    """`forward` of a per-token module (B, T, D) -> (B, T, D), run on `tile`-token pieces of T,
+    each recomputed in backward when it runs with gradients."""
+
+    @functools.wraps(forward)
+    def run(x):
+        if x.shape[1] <= tile:
+            return forward(x)
+        pieces = x.split(tile, dim=1)  # views; backward of split is one concatenation
+        if torch.is_grad_enabled():
+            return torch.cat([checkpoint(forward, p, use_reentrant=False) for p in pieces], dim=1)
+        return torch.cat([forward(p) for p in pieces], dim=1)
+
+    return run
+
+
+def apply_tile_mlp(model, tile: int) -> None:
+    """Run each block's MLP on `tile`-token pieces of the sequence (0: off)."""
+    if tile:
+        for block in model.blocks:
+            block.mlp.forward = _tiled(block.mlp.forward, tile)
 
 
 def apply_compile(model) -> None:

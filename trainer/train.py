@@ -46,6 +46,7 @@ from loom.trainer.longeval.spec import suite_during_training
 from loom.trainer.metrics import MetricsWriter
 from loom.trainer.parallel_check import check_cp_support
 from loom.trainer.parallelize import parallelize
+from loom.trainer.perf import StepProfiler, device_peak, mfu
 
 
 class TrainingError(RuntimeError):
@@ -183,6 +184,8 @@ def _train(cfg: RunConfig, env) -> int:
                   f"({', '.join(b.kind for b in model.blocks)}), "
                   f"{model.flops_per_token(cfg.data.seq_len) / 1e6:.1f} MFLOPs/token (train)")
     show_kernel_backends()
+    flops_per_token = model.flops_per_token(cfg.data.seq_len)
+    peak, peak_source = device_peak(env.device, cfg.train.peak_flops)
     engine = parallelize(model, cfg, env)
     batcher = StagedBatches(cfg.data, cfg.train.batch_size, tokenizer, cfg.seed, env.dp_rank, env.dp_size,
                             cfg.parallel.cp)
@@ -223,6 +226,7 @@ def _train(cfg: RunConfig, env) -> int:
         tmp.write_text(dump(cfg))
         os.replace(tmp, run_dir / "config.yaml")
         dist.log(model_line)
+        dist.log(f"perf: peak {peak / 1e12:.3g} TFLOP/s per device ({peak_source})" if peak else f"perf: {peak_source}")
 
     def save(at_step: int, background: bool = False):
         """A collective: None, or (kind, one-line message) on every rank, kind "nonfinite" or "write";
@@ -300,10 +304,12 @@ def _train(cfg: RunConfig, env) -> int:
     say = bar.write if not bar.disable else dist.log
     t_start = t_log = time.time()
     last_eval, start_step, tokens_since_log = None, step, 0
+    profiler = StepProfiler(run_dir, cfg.train.profile_steps, enabled=env.is_main)
     model.train()
     with StopFlag() as stop:
         while step < cfg.train.steps:
             losses, aux = [], []
+            profiler.begin(step + 1)
             for micro in range(cfg.train.grad_accum):
                 batch = env.shard_batch(batcher.next(step))
                 with engine.accumulating(micro == cfg.train.grad_accum - 1):
@@ -340,6 +346,7 @@ def _train(cfg: RunConfig, env) -> int:
                 continue
             tokens_per_step = batcher.tokens_per_step(step, cfg.train.grad_accum)
             step += 1
+            profiler.end(step)
             tokens += tokens_per_step
             tokens_since_log += tokens_per_step
             bar.update(1)
@@ -348,13 +355,15 @@ def _train(cfg: RunConfig, env) -> int:
                 rec = {"step": step, "loss": loss_value, "lr": engine.lr, "grad_norm": grad_norm, "tokens": tokens,
                        "tokens_per_s": tokens_since_log / max(now - t_log, 1e-9),
                        "elapsed_s": elapsed_before + now - t_start}
+                rec["mfu"] = mfu(rec["tokens_per_s"], flops_per_token, peak, env.world)
                 if any(a.item() != 0 for a in aux):
                     rec["aux_loss"] = float(torch.stack(aux).mean())
                 metrics.write(rec)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{engine.lr:.2e}")
+                mfu_text = "n/a" if rec["mfu"] is None else f"{rec['mfu']:.1%}"
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{engine.lr:.2e}", mfu=mfu_text)
                 if bar.disable:
                     say(f"step {step}/{cfg.train.steps} loss {loss_value:.4f} lr {engine.lr:.2e} "
-                        f"grad_norm {grad_norm:.3f} tok/s {rec['tokens_per_s']:.0f}")
+                        f"grad_norm {grad_norm:.3f} tok/s {rec['tokens_per_s']:.0f} mfu {mfu_text}")
                 t_log, tokens_since_log = now, 0
             if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
                 last_eval = evaluate(model, cfg, tokenizer, batcher.val_batches(step, cfg.train.batch_size),
@@ -370,12 +379,14 @@ def _train(cfg: RunConfig, env) -> int:
                 saved(step, final=step == cfg.train.steps or stopping)
             if stopping and step < cfg.train.steps:
                 bar.close()
+                profiler.close()
                 dist.log(f"stopped at step {step}; checkpoint saved in {run_dir}. "
                          "Run the same command to resume.")
                 metrics.close()
                 env.teardown()
                 return 0
     bar.close()
+    profiler.close()
     metrics.close()
     if last_eval is not None:
         dist.log("final: " + fmt_eval(step, last_eval))

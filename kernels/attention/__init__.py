@@ -11,8 +11,10 @@ attention(q, k, v, seq_ids=None, window=None, scale=None, impl="auto", return_ls
 
 impl: "auto" picks flash-attn on CUDA when it is installed and the dtype is
 fp16/bf16 and no lse is requested, else on CUDA "flex" (FlexAttention: documents and
-windows in one fused kernel, flex.py), else "sdpa" (PyTorch SDPA with the reference mask);
-"reference" runs reference.py as written.
+windows in one fused kernel, flex.py); off CUDA "tiled" (tiled.py: each group of
+packed documents gets only its own keys, fused causal SDPA inside a long
+document) when seq_ids holds several documents; else "sdpa" (PyTorch SDPA with
+the reference mask); "reference" runs reference.py as written.
 """
 from __future__ import annotations
 
@@ -22,11 +24,12 @@ import importlib.util
 import torch
 
 from loom.kernels.attention.reference import attention_reference, visibility_mask
+from loom.kernels.attention.tiled import is_packed, tiled_attention
 from loom.kernels.backends import have_flex, on_gpu
 from loom.kernels.dispatch import announce
 
 __all__ = ["attention", "check_shapes", "visibility_mask", "select_impl", "multi_document"]
-IMPLS = ("auto", "sdpa", "flash", "flex", "reference")
+IMPLS = ("auto", "sdpa", "tiled", "flash", "flex", "reference")
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,6 +105,8 @@ def attention(q, k, v, *, seq_ids=None, window=None, scale=None, impl="auto", re
     seq_ids = multi_document(seq_ids)
     if impl == "auto":
         impl = select_impl(q, return_lse)
+        if impl == "sdpa" and seq_ids is not None and not q.is_cuda and is_packed(seq_ids):
+            impl = "tiled"
     announce("attention", impl)
     if impl == "flash":
         if return_lse:
@@ -112,4 +117,8 @@ def attention(q, k, v, *, seq_ids=None, window=None, scale=None, impl="auto", re
     if impl == "flex":
         from loom.kernels.attention.flex import flex_attention_masked
         return flex_attention_masked(q, k, v, seq_ids=seq_ids, window=window, scale=scale, return_lse=return_lse)
+    if impl == "tiled" and seq_ids is not None:
+        if not is_packed(seq_ids):
+            raise ValueError("impl='tiled' needs document ids that never decrease along a row; use impl='sdpa'")
+        return tiled_attention(q, k, v, seq_ids=seq_ids, window=window, scale=scale, return_lse=return_lse)
     return attention_reference(q, k, v, seq_ids=seq_ids, window=window, scale=scale, return_lse=return_lse)

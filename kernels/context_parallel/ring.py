@@ -63,8 +63,14 @@ def _pair_mask(qa: int, qb: int, ka: int, kb: int, window: int | None, q_sid, k_
             mask = mask & (qpos - kpos <= window)
         mask = mask[None, None, None]
     if q_sid is not None:
-        same = (q_sid[:, :, None] == k_sid[:, None, :])[:, None, None]  # (B, 1, 1, t, s)
-        mask = same if mask is None else mask & same
+        # packed documents: a pair whose id ranges do not meet is skipped, and one
+        # inside a single document needs no document mask
+        q_lo, q_hi, k_lo, k_hi = (int(x) for x in torch.stack([q_sid.min(), q_sid.max(), k_sid.min(), k_sid.max()]))
+        if q_lo > k_hi or q_hi < k_lo:
+            return False, None
+        if not q_lo == q_hi == k_lo == k_hi:
+            same = (q_sid[:, :, None] == k_sid[:, None, :])[:, None, None]  # (B, 1, 1, t, s)
+            mask = same if mask is None else mask & same
     return True, mask
 
 

@@ -1,0 +1,65 @@
+"""MFU and profiler traces (trainer/perf.py): the logged mfu of a real run equals
+tokens/s x the model's FLOPs per token / the peak given by train.peak_flops;
+the measured CPU peak agrees with an independently timed GEMM; GPU names map
+to their bf16 peak and unknown ones say so; train.profile_steps writes a
+TensorBoard-readable trace; bad values are one-line config errors."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from loom.models import HybridLM
+from loom.trainer.cli import main
+from loom.trainer.config import load_config
+from loom.trainer.metrics import read_metrics
+from loom.trainer.perf import device_peak, measure_cpu_peak, mfu
+from loom.trainer.train import model_config_for
+from loom.trainer.data import load_tokenizer
+
+TINY = Path(__file__).resolve().parents[1] / "tiny.yaml"
+
+
+def test_mfu_in_metrics_and_trace_written(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [f"output_dir={out}", "train.steps=3", "train.log_every=1", "train.peak_flops=2e9",
+            "train.profile_steps=[2]"]
+    assert main(["train", str(TINY), *args]) == 0
+    assert "perf: peak 0.002 TFLOP/s per device (train.peak_flops)" in capsys.readouterr().out
+    cfg = load_config(str(TINY), args)
+    fpt = HybridLM(model_config_for(cfg, load_tokenizer(cfg.data.tokenizer).vocab_size)).flops_per_token(
+        cfg.data.seq_len)
+    lines = [r for r in read_metrics(out) if "split" not in r]
+    assert [r["step"] for r in lines] == [1, 2, 3]
+    for r in lines:
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * fpt / 2e9, rel=1e-9)
+    traces = list((out / "profile").glob("*.pt.trace.json"))
+    assert len(traces) == 1 and "step2" in traces[0].name
+    events = json.loads(traces[0].read_text())["traceEvents"]
+    assert any("aten::mm" in e.get("name", "") for e in events)
+
+
+def test_measured_cpu_peak_is_the_best_gemm(monkeypatch):
+    ticks = iter([0.0, 0.5, 1.0, 1.2, 2.0, 2.9])  # three timed GEMMs: 0.5 s, 0.2 s, 0.9 s
+    monkeypatch.setattr("loom.trainer.perf.time.perf_counter", lambda: next(ticks))
+    assert measure_cpu_peak(n=64, repeats=3) == pytest.approx(2 * 64 ** 3 / 0.2)
+
+
+def test_gpu_table_and_override(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100 80GB HBM3")
+    assert device_peak(torch.device("cuda", 0)) == (989e12, "bf16 peak of NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA A100-SXM4-40GB")
+    assert device_peak(torch.device("cuda", 0))[0] == 312e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Mystery GPU")
+    peak, why = device_peak(torch.device("cuda", 0))
+    assert peak is None and "train.peak_flops" in why
+    assert device_peak(torch.device("cpu"), 5e12) == (5e12, "train.peak_flops")
+    assert mfu(1000.0, 1e6, 4e9, 2) == pytest.approx(1000 * 1e6 / 2 / 4e9)
+    assert mfu(1000.0, 1e6, None, 1) is None
+
+
+@pytest.mark.parametrize("arg", ["train.peak_flops=0", "train.profile_steps=[0]", "train.tile_mlp=-1"])
+def test_bad_values_are_config_errors(arg, tmp_path, capsys):
+    assert main(["train", str(TINY), f"output_dir={tmp_path / 'x'}", arg]) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
