@@ -4,7 +4,7 @@
 model start from. PATH may be
 
     a run folder            config.yaml + checkpoints/ (the latest valid checkpoint)
-    a checkpoint folder     <run>/checkpoints/step-XXXXXXXX (its run's config.yaml)
+    a checkpoint folder     <run>/checkpoints/step-NNNNNNNN (its run's config.yaml)
     a converted folder      model.yaml + model.safetensors (+ tokenizer.json), from `loom convert hf`
 
 Checkpoints are verified against their manifest first (CheckpointError, one

@@ -5,7 +5,7 @@ suite during training (`eval.suite_tasks`).
               [--tasks passkey,niah_single] [--examples 8] [--no-generate] [--out DIR]
 
 Writes results.json, heatmap.png and loss_by_position.png into --out (default
-<run>/eval/step-XXXXXXXX/) and prints a table. Under `torchrun ... parallel.cp=N`
+<run>/eval/step-NNNNNNNN/) and prints a table. Under `torchrun ... parallel.cp=N`
 every forward is sharded over the cp ranks (loom.trainer.longeval.cp); rank 0 writes.
 Recipe keys (eval.*): suite_tasks, suite_lengths, suite_n, suite_depths,
 suite_fillers, suite_generate (see loom.trainer.config.EvalConfig).

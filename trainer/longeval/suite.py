@@ -28,11 +28,11 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from loom.models import HybridLM
 from loom.trainer.data import answer_span_correct, collate
 from loom.trainer.data.packing import pack_window
+from loom.trainer.evaluate import token_losses
 from loom.trainer.longeval.tasks import NIAH_TASKS, TASKS, SuiteTask
 
 GRID_TASKS = ("passkey", "niah_single")   # scored on the depth x length grid
@@ -77,18 +77,6 @@ class LocalRunner:
     def generate(self, model: HybridLM, ids: torch.Tensor, max_new_tokens: int, eos_id: Optional[int]):
         """Greedy continuation of ids (1, P) -> (1, P + new)."""
         return model.generate(ids, max_new_tokens, eos_id=eos_id)
-
-
-def token_losses(model: HybridLM, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 1024):
-    """Per-token loss (B, T) and argmax-correct (B, T), at most `chunk` rows of logits at a time."""
-    B, T, D = hidden.shape
-    h, y = hidden.reshape(-1, D), labels.reshape(-1)
-    losses, correct = [], []
-    for i in range(0, h.shape[0], chunk):
-        logits = model.logits(h[i:i + chunk])
-        losses.append(F.cross_entropy(logits, y[i:i + chunk], ignore_index=-100, reduction="none"))
-        correct.append(logits.argmax(-1) == y[i:i + chunk])
-    return torch.cat(losses).view(B, T), torch.cat(correct).view(B, T)
 
 
 def _batch(examples: list[dict]) -> dict:
