@@ -39,24 +39,27 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=h.device)
         dh = torch.empty_like(h) if want_dh else None
         dw = torch.zeros(w.shape, dtype=acc, device=w.device) if want_dw else None
-        w_acc = w.to(acc)
-        for a in range(0, N, chunk):
-            h_c, y_c = h[a:a + chunk], y[a:a + chunk]
-            z = h_c.to(acc) @ w_acc.t()  # (c, V)
-            keep = y_c != ignore_index
-            y_safe = torch.where(keep, y_c, torch.zeros_like(y_c))
-            lse = torch.logsumexp(z, dim=-1)
-            target = z.gather(1, y_safe[:, None]).squeeze(1)
-            total += torch.where(keep, lse - target, torch.zeros_like(lse)).sum()
-            if not grads:
-                continue
-            p = z.sub_(lse[:, None]).exp_()  # softmax, in place in the logits (c, V)
-            p[torch.arange(p.shape[0], device=p.device), y_safe] -= 1.0
-            p.mul_(keep[:, None])
-            if want_dh:
-                dh[a:a + chunk] = (p @ w_acc).to(h.dtype)
-            if want_dw:
-                dw.addmm_(p.t(), h_c.to(acc))
+        # the loss is computed in `acc` (>= fp32) whatever autocast is in force around it:
+        # autocast would run these matmuls in bf16 and then mix dtypes in the in-place updates
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            w_acc = w.to(acc)
+            for a in range(0, N, chunk):
+                h_c, y_c = h[a:a + chunk], y[a:a + chunk]
+                z = h_c.to(acc) @ w_acc.t()  # (c, V)
+                keep = y_c != ignore_index
+                y_safe = torch.where(keep, y_c, torch.zeros_like(y_c))
+                lse = torch.logsumexp(z, dim=-1)
+                target = z.gather(1, y_safe[:, None]).squeeze(1)
+                total += torch.where(keep, lse - target, torch.zeros_like(lse)).sum()
+                if not grads:
+                    continue
+                p = z.sub_(lse[:, None]).exp_()  # softmax, in place in the logits (c, V)
+                p[torch.arange(p.shape[0], device=p.device), y_safe] -= 1.0
+                p.mul_(keep[:, None])
+                if want_dh:
+                    dh[a:a + chunk] = (p @ w_acc).to(h.dtype)
+                if want_dw:
+                    dw.addmm_(p.t(), h_c.to(acc))
         count = (y != ignore_index).sum().clamp_min(1)
         scale = 1.0 if reduction == "sum" else 1.0 / count.to(acc)
         ctx.save_for_backward(dh, dw, torch.as_tensor(scale, dtype=acc, device=h.device))
