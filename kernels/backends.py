@@ -4,7 +4,7 @@ On a CUDA tensor, the ops pick (kernels/<op>/__init__.py):
     attention, swa    flash-attn when installed and the pattern fits it, else FlexAttention
     s2                FlexAttention with the per-head BlockMask (s2/flex.py)
     rat               Triton scan (rat/triton.py) + FlexAttention over chunk states (rat/flex.py)
-    memory            the chunked block with the Triton chunk-end update (memory/triton.py)
+    memory            the chunked block with the chunk update in Triton (memory/triton.py)
     linear            fla-core's chunk_simple_gla (linear/fla.py), when the `gpu` extra is installed
 On CPU every op keeps its PyTorch path. Each backend can be forced with `impl=` (tests); a
 forced backend that cannot run raises, naming what is missing (no silent fallback).

@@ -161,8 +161,10 @@ def neural_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torc
         impl: "auto" or "chunked" (the eager chunk-parallel form), or "compiled": the same
             code with each block through torch.compile (inductor), same results to
             rounding; opt-in, since the first call of each shape compiles for seconds.
-            "triton": the chunked form with memory/triton.py's fused chunk-end update
-            (auto on CUDA). "reference": reference.py's chunk loop with per-token gradients (tests).
+            "triton": the chunked form with memory/triton.py's kernels for the chunk update
+            (auto on CUDA): the gradient at the chunk start (depth 1 and 2; deeper memories keep
+            its PyTorch form) and the fused chunk-end update. "reference": reference.py's chunk
+            loop with per-token gradients (tests).
         cp: None, or a CPContext: every (B, T, ...) argument is this rank's shard;
             the memory state travels rank to rank in global chunk order
             (kernels/context_parallel/memory.py). No state in; the returned state is None.
@@ -196,7 +198,9 @@ def neural_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torc
     if impl == "auto":
         impl = "triton" if on_gpu(q) and have_triton() else "chunked"
     require(impl != "triton" or have_triton(), "neural_memory", impl, "triton is not installed")
-    announce("neural memory", impl)
+    # The Triton chunk-start gradient covers depth 1 and 2; deeper memories keep its PyTorch form, said here.
+    deep = impl == "triton" and len(init_weights) > 2
+    announce("neural memory", "triton (chunk-start gradient in PyTorch: depth > 2)" if deep else impl)
     # Float32 at least: the decay products and the fast weights accumulate over the whole sequence.
     dt = torch.promote_types(q.dtype, torch.float32)
     cast = lambda xs: tuple(x.to(dt) for x in xs)  # noqa: E731
@@ -208,10 +212,12 @@ def neural_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torc
     if impl == "reference":
         y, final = neural_memory_naive_chunks(*cast((q, k, v, theta, eta, alpha)), cast(init_weights), **opts)
     else:
-        end_update = None
+        hooks = {}
         if impl == "triton":
-            from loom.kernels.memory.triton import chunk_end_update as end_update
+            from loom.kernels.memory import triton as tri
+
+            hooks = dict(start_grad=None if deep else tri.chunk_start_grad, end_update=tri.chunk_end_update)
         y, final = neural_memory_chunked(*cast((q, k, v, theta, eta, alpha)), cast(init_weights),
-                                         compiled=impl == "compiled", end_update=end_update, **opts)
+                                         compiled=impl == "compiled", **hooks, **opts)
     y = y.to(q.dtype)
     return (y, final) if return_state else y

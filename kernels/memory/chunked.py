@@ -122,15 +122,16 @@ def chunk_end_update(x, d, end, p_end, beta_end, bS_end, S_l, W_l):
     return p_end * S_l - s_sum, beta_end * W_l + bS_end * S_l - w_sum
 
 
-def _block(q, k, v, co: dict, G: Weights, W: Weights, S: Weights, act, act_and_grad, retrieval: str,
-           norm_weight, end_update=None):
-    """One block for all (B, H). q, k, v (B, H, C, K); co this block's `_coefficients`; G, W, S
-    per layer (B or 1, H, D_in, D_out); norm_weight (H, K) or None; end_update the chunk-end
-    step of one layer (None: `chunk_end_update`; memory/triton.py's on CUDA).
+def chunk_start_grad(k, v, G: Weights, activation: str, norm_weight):
+    """The per-token loss gradient at the chunk-start weights G, by hand: keys through the
+    memory, the error against the values, and the backprop to every layer's output.
+    k, v (B, H, C, K); G[l] (B or 1, H, D_in, D_out); norm_weight (H, K) or None.
 
-    Returns y (B, H, C, K), W_end, S_end."""
+    Returns inputs, deltas: inputs[l] (B, H, C, D_in) the input of layer l at G (inputs[0] = k),
+    deltas[l] (B, H, C, D_out) d ||M_G(k) - v||^2 / d z_l, so that token c's gradient of layer l is
+    inputs[l][c]^T deltas[l][c]. (memory/triton.py fuses the same step at depth 1 and 2.)"""
+    act_and_grad = FAST_ACTIVATIONS[activation][1]
     depth = len(G)
-    # Keys through the memory at the chunk-start weights G, then the loss gradient by hand.
     inputs, slopes = [k], []                                # inputs[l]: (B, H, C, D_in) of layer l
     h = k
     for l, g in enumerate(G):
@@ -143,6 +144,20 @@ def _block(q, k, v, co: dict, G: Weights, W: Weights, S: Weights, act, act_and_g
     deltas = [err if norm_weight is None else _out_norm_backward(h, err, norm_weight)]
     for l in range(depth - 1, 0, -1):
         deltas.insert(0, (deltas[0] @ G[l].transpose(-1, -2)) * slopes[l - 1])
+    return inputs, deltas
+
+
+def _block(q, k, v, co: dict, G: Weights, W: Weights, S: Weights, activation: str, retrieval: str,
+           norm_weight, start_grad=None, end_update=None):
+    """One block for all (B, H). q, k, v (B, H, C, K); co this block's `_coefficients`; G, W, S
+    per layer (B or 1, H, D_in, D_out); norm_weight (H, K) or None; start_grad the gradient at
+    the chunk start and end_update the chunk-end step of one layer (None: `chunk_start_grad`,
+    `chunk_end_update`; memory/triton.py's on CUDA).
+
+    Returns y (B, H, C, K), W_end, S_end."""
+    act = FAST_ACTIVATIONS[activation][0]
+    depth = len(G)
+    inputs, deltas = (start_grad or chunk_start_grad)(k, v, G, activation, norm_weight)
 
     W_end, S_end = [], []
     for l in range(depth):
@@ -179,14 +194,15 @@ def neural_memory_chunked(q, k, v, theta, eta, alpha, init_weights: Weights, *, 
                           state: MemoryState | None = None, reset: torch.Tensor | None = None,
                           mask: torch.Tensor | None = None, activation: str = "gelu",
                           retrieval: str = "chunk", norm_weight: torch.Tensor | None = None,
-                          momentum_step: str = "token", compiled: bool = False, end_update=None):
+                          momentum_step: str = "token", compiled: bool = False, start_grad=None,
+                          end_update=None):
     """Chunk-parallel neural memory. Shapes and semantics as `loom.kernels.memory.neural_memory`;
-    `compiled` runs the gate coefficients and each block through torch.compile; `end_update`
-    replaces the per-layer chunk-end step (memory/triton.py's kernel).
+    `compiled` runs the gate coefficients and each block through torch.compile; `start_grad` and
+    `end_update` replace the gradient at the chunk start and the per-layer chunk-end step
+    (memory/triton.py's kernels).
 
     Returns (y (B, T, H, K), final MemoryState)."""
     block, coefficients = (_compiled(_block), _compiled(_coefficients)) if compiled else (_block, _coefficients)
-    act, act_and_grad = FAST_ACTIVATIONS[activation]
     B, T, H, K = q.shape
     if state is None:
         state = MemoryState.initial(init_weights, B)
@@ -218,7 +234,7 @@ def neural_memory_chunked(q, k, v, theta, eta, alpha, init_weights: Weights, *, 
             W = tuple(torch.where(r, w0, w) for w0, w in zip(W0, W))
             S = tuple(torch.where(r, 0.0, s) for s in S)
         y, W_end, S_end = block(qb[n], kb[n], vb[n], {name: c[n] for name, c in co.items()}, G, W, S,
-                                 act, act_and_grad, retrieval, norm_weight, end_update)
+                                 activation, retrieval, norm_weight, start_grad, end_update)
         ys.append(y)
         if all_real[n]:
             G_last, W, S = G, W_end, S_end
