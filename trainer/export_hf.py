@@ -68,6 +68,8 @@ def native_problem(cfg: ModelConfig, target: str) -> str | None:
         return f"model.mixers.attn.moh is true; {name} has no mixture-of-head routing"
     if opts.qk_norm:
         return f"model.mixers.attn.qk_norm is true; {name} has no query/key norm"
+    if opts.conv_size > 1:
+        return f"model.mixers.attn.conv_size is {opts.conv_size}; {name} has no short conv on q, k, v"
     if not opts.rope:
         return f"model.mixers.attn.rope is false; {name} always applies RoPE"
     if target == "llama" and opts.qkv_bias:

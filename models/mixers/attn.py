@@ -6,7 +6,17 @@ heads, G key/value heads, K head dim.
 Layout matches Llama/Qwen2 in transformers (q_proj, k_proj, v_proj, o_proj;
 rotate-half RoPE), so their checkpoints convert without permutation.
 Decoding state: {"k": (B, S, G, K) post-RoPE keys, "v": (B, S, G, K),
-"doc": (B, S) document index of each cached key}.
+"doc": (B, S) document index of each cached key}, plus "conv": (B, W-1, (H+2G)K)
+with `conv_size` W > 1.
+
+conv_size (default 0, off): a short causal depthwise conv over time on the q, k
+and v projections, before the norms and RoPE, document-aware (conv.py). Each
+key then carries its few previous tokens, so one layer can match "the token
+after the earlier occurrence of this context" (induction) without first
+learning a previous-token head in an earlier layer: Olsson et al.'s "smeared
+keys", the short convs of H3/Based and Canon layers. It starts as the identity
+(the layer is plain attention at initialisation). The attention family's
+subclasses (swa, s2) inherit it.
 """
 from __future__ import annotations
 
@@ -18,6 +28,7 @@ from torch import nn
 
 from loom.kernels.attention import attention
 from loom.models.mixers.base import Mixer, MixerDims, SeqContext, register
+from loom.models.mixers.conv import ShortConv, short_conv
 from loom.models.mixers.heads import HeadOptions, HeadOutput, sink_mass
 from loom.models.norms import RMSNorm
 from loom.models.rope import Rotary, apply_rotary
@@ -28,6 +39,7 @@ class AttnConfig(HeadOptions):
     qkv_bias: bool = False
     qk_norm: bool = False
     rope: bool = True
+    conv_size: int = 0  # causal depthwise conv taps on q, k, v (0 or 1: none)
 
 
 def continue_docs(state_doc: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -47,6 +59,8 @@ class Attention(Mixer):
         D, H, G, K = dims.d_model, dims.n_heads, dims.n_kv_heads, dims.head_dim
         if H % G:
             raise ValueError(f"n_heads ({H}) must be a multiple of n_kv_heads ({G})")
+        if cfg.conv_size < 0:
+            raise ValueError(f"conv_size must be >= 0, got {cfg.conv_size}")
         self.q_proj = nn.Linear(D, H * K, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(D, G * K, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(D, G * K, bias=cfg.qkv_bias)
@@ -54,25 +68,41 @@ class Attention(Mixer):
         self.q_norm = RMSNorm(K, 1e-6) if cfg.qk_norm else None
         self.k_norm = RMSNorm(K, 1e-6) if cfg.qk_norm else None
         self.rotary = Rotary(K, dims.rope) if cfg.rope else None
+        self.conv = ShortConv((H + 2 * G) * K, cfg.conv_size, init="identity") if cfg.conv_size > 1 else None
         self.heads = HeadOutput(D, H, K, cfg, dims.layer_idx)
 
-    def project(self, x: torch.Tensor, ctx: SeqContext):
-        """x (B, T, D) -> q (B, T, H, K), k and v (B, T, G, K), RoPE applied."""
+    def reset_parameters(self) -> None:
+        if self.conv is not None:
+            self.conv.reset_parameters()
+
+    def project(self, x: torch.Tensor, ctx: SeqContext, state=None):
+        """x (B, T, D) -> q (B, T, H, K), k and v (B, T, G, K), RoPE applied, and the
+        conv's new decoding cache (None without a conv)."""
         B, T, _ = x.shape
-        K = self.dims.head_dim
-        q = self.q_proj(x).view(B, T, -1, K)
-        k = self.k_proj(x).view(B, T, -1, K)
-        v = self.v_proj(x).view(B, T, -1, K)
+        H, G, K = self.dims.n_heads, self.dims.n_kv_heads, self.dims.head_dim
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        conv_cache = None
+        if self.conv is not None:
+            qkv, conv_cache = short_conv(self.conv, torch.cat([q, k, v], dim=-1), ctx.position_ids,
+                                         None if state is None else state["conv"], cp=ctx.sharding)
+            q, k, v = qkv.split([H * K, G * K, G * K], dim=-1)
+        q, k, v = q.reshape(B, T, -1, K), k.reshape(B, T, -1, K), v.reshape(B, T, -1, K)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
             cos, sin = self.rotary(ctx.position_ids)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return q, k, v
+        return q, k, v, conv_cache
+
+    def with_conv(self, new_state: dict, conv_cache) -> dict:
+        """The decoding state plus the conv's cache when the layer has a conv."""
+        if self.conv is not None:
+            new_state["conv"] = conv_cache
+        return new_state
 
     def forward(self, x: torch.Tensor, ctx: SeqContext, state=None):
         B, T, _ = x.shape
-        q, k, v = self.project(x, ctx)
+        q, k, v, conv_cache = self.project(x, ctx, state)
         doc = ctx.seq_ids
         if state is not None:  # continue the cached rows; a position 0 starts a new document
             doc = torch.cat([state["doc"], continue_docs(state["doc"], ctx.position_ids)], dim=1)
@@ -88,7 +118,7 @@ class Attention(Mixer):
         if ctx.want_state:
             if doc is None:
                 doc = torch.zeros(B, k.shape[1], dtype=torch.long, device=x.device)
-            new_state = {"k": k, "v": v, "doc": doc}
+            new_state = self.with_conv({"k": k, "v": v, "doc": doc}, conv_cache)
         return y, new_state
 
     def mixing_flops_per_token(self, seq_len: int) -> float:

@@ -51,8 +51,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.kernels.memory import init_memory_weights, neural_memory
-from loom.kernels.sequence import with_halo
 from loom.models.mixers.base import Mixer, MixerDims, SeqContext, register
+from loom.models.mixers.conv import ShortConv, short_conv
 from loom.models.norms import RMSNorm
 
 
@@ -88,40 +88,6 @@ class MemoryOptions:
         (heavy-ball momentum is stable up to (1 + eta) times that). Larger values diverged
         at initialisation in the CPU recipes."""
         return self.theta_max if self.theta_max is not None else 1.0 / (2 * self.chunk_size)
-
-
-class ShortConv(nn.Module):
-    """Causal depthwise conv over time that never reaches into an earlier document.
-
-    y_t = sum_{j < W, j <= pos_t} w_j * x_{t-j}; x (B, T, C), position_ids (B, T).
-    cache: (B, W-1, C) the inputs before x (or None); `lengths` (B,) marks how many
-    leading tokens of each row are real, so the new cache holds the last real ones."""
-
-    def __init__(self, channels: int, taps: int):
-        super().__init__()
-        self.taps = taps
-        self.weight = nn.Parameter(torch.empty(channels, taps))  # weight[:, j] multiplies x_{t-j}
-
-    def reset_parameters(self) -> None:
-        bound = 1.0 / math.sqrt(self.taps)  # nn.Conv1d's default for a depthwise filter
-        nn.init.uniform_(self.weight, -bound, bound)
-
-    def forward(self, x, position_ids, cache=None, lengths=None):
-        B, T, C = x.shape
-        W = self.taps
-        if cache is None:
-            cache = x.new_zeros(B, W - 1, C)
-        xx = torch.cat([cache.to(x.dtype), x], dim=1)  # (B, W-1+T, C)
-        y = x * self.weight[:, 0]
-        for j in range(1, W):
-            same_doc = (position_ids >= j)[..., None]
-            y = y + torch.where(same_doc, xx[:, W - 1 - j:W - 1 - j + T], 0.0) * self.weight[:, j]
-        if lengths is None:
-            new_cache = xx[:, T:]
-        else:  # the W-1 inputs before each row's first padding slot
-            idx = (lengths[:, None] + torch.arange(W - 1, device=x.device))[..., None].expand(B, W - 1, C)
-            new_cache = xx.gather(1, idx)
-        return y, new_cache
 
 
 class NeuralMemory(nn.Module):
@@ -170,7 +136,8 @@ class NeuralMemory(nn.Module):
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # (B, T, 3*H*K)
         conv_cache = None
         if self.conv is not None:
-            qkv, conv_cache = self._conv(qkv, position_ids, None if state is None else state["conv"], lengths, cp)
+            qkv, conv_cache = short_conv(self.conv, qkv, position_ids, None if state is None else state["conv"],
+                                          lengths, cp)
         q, k, v = F.silu(qkv).view(B, T, 3, H, K).unbind(2)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         g = torch.sigmoid(self.gate_proj(x).to(torch.promote_types(x.dtype, torch.float32))).view(B, T, 3, H)
@@ -184,23 +151,6 @@ class NeuralMemory(nn.Module):
                                norm_weight=self.norm_weight, momentum_step=self.opts.momentum_step,
                                return_state=True, impl=self.opts.impl, cp=cp)
         return y, {"conv": conv_cache, "memory": mem}
-
-    def _conv(self, qkv, position_ids, cache, lengths, cp):
-        """The short conv over (B, T, 3*H*K), piece by piece: one piece on one device
-        (its cache the decoding state's), each local chunk of a cp shard with the W-1
-        inputs before it, fetched from their owner, as its cache (none at the sequence
-        start, as on one process). Returns (y, the last piece's new cache)."""
-        W = self.conv.taps
-        pieces = with_halo(qkv, W - 1, cp)   # [(B, h + C, 3*H*K)], h <= W-1
-        C = qkv.shape[1] // len(pieces)
-        outs = []
-        for i, ext in enumerate(pieces):
-            h = ext.shape[1] - C
-            if h:
-                cache = F.pad(ext[:, :h], (0, 0, W - 1 - h, 0))  # (B, W-1, 3*H*K)
-            y, new_cache = self.conv(ext[:, h:], position_ids[:, i * C:(i + 1) * C], cache, lengths)
-            outs.append(y)
-        return torch.cat(outs, dim=1), new_cache
 
     def state_bytes(self, bytes_per_elem: int) -> int:
         n_weights = sum(w.numel() for w in self.w0)

@@ -72,7 +72,7 @@ class S2Attention(Attention):
     def forward(self, x: torch.Tensor, ctx: SeqContext, state=None):
         B, T, _ = x.shape
         c = self.cfg
-        q, k, v = self.project(x, ctx)
+        q, k, v, conv_cache = self.project(x, ctx, state)
         pos, doc = ctx.position_ids, ctx.seq_ids
         if state is not None:
             doc = torch.cat([state["doc"], continue_docs(state["doc"], pos)], dim=1)
@@ -96,7 +96,7 @@ class S2Attention(Attention):
         if ctx.want_state:
             if doc is None:
                 doc = torch.zeros_like(pos)
-            new_state = {"k": k, "v": v, "pos": pos, "doc": doc}
+            new_state = self.with_conv({"k": k, "v": v, "pos": pos, "doc": doc}, conv_cache)
         return y, new_state
 
     def _residues_per_kv_head(self) -> list[set[int]]:

@@ -49,7 +49,7 @@ class SlidingWindowAttention(Attention):
     def forward(self, x: torch.Tensor, ctx: SeqContext, state=None):
         B, T, _ = x.shape
         W = self.window
-        q, k, v = self.project(x, ctx)
+        q, k, v, conv_cache = self.project(x, ctx, state)
         doc = ctx.seq_ids
         if state is not None:
             doc = torch.cat([state["doc"], continue_docs(state["doc"], ctx.position_ids)], dim=1)[:, -(W + T):]
@@ -69,5 +69,5 @@ class SlidingWindowAttention(Attention):
             keep = min(k.shape[1], W)
             if doc is None:
                 doc = torch.zeros(B, k.shape[1], dtype=torch.long, device=x.device)
-            new_state = {"k": k[:, -keep:], "v": v[:, -keep:], "doc": doc[:, -keep:]}
+            new_state = self.with_conv({"k": k[:, -keep:], "v": v[:, -keep:], "doc": doc[:, -keep:]}, conv_cache)
         return y, new_state

@@ -54,7 +54,8 @@ from torch import nn
 from loom.kernels.sequence import stateful_scan
 from loom.kernels.memory import MemoryState, doc_chunks, memory_read
 from loom.models.mixers.base import Mixer, MixerDims, SeqContext, register
-from loom.models.mixers.memory import MemoryOptions, NeuralMemory, ShortConv
+from loom.models.mixers.conv import ShortConv
+from loom.models.mixers.memory import MemoryOptions, NeuralMemory
 from loom.models.mixers.titans_attention import PersistentKV, masked_attention
 from loom.models.norms import RMSNorm
 from loom.models.rope import Rotary, apply_rotary

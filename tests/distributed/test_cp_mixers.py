@@ -6,7 +6,7 @@ rank runs on the full sequence and on this rank's shard (x, position_ids,
 seq_ids sharded; ctx.cp set). Checked per rank: the output shard, the gradient of
 the input shard, and the parameter gradients summed over ranks (what the
 data-parallel reduction of a cp group sums) against the single-process ones, with
-a fixed random upstream gradient. Rows pack documents that cross every piece
+a fixed random upstream gradient. The attention family's short conv (conv_size) runs in an attn, a swa and an s2 case. Rows pack documents that cross every piece
 boundary at cp = 2 and 4, one-token and shorter-than-a-chunk documents, and a
 row that starts mid-document (position 7). One case is a whole HybridLM stacking
 rat, swa, linear and s2 (cp_impl=ulysses). RAT also runs with pieces that are
@@ -44,6 +44,8 @@ FIRST_POS = (0, 7)
 CASES = {
     "swa_w5_ring": ("swa", dict(window=5), 4, 2, 8, "ring", True),
     "swa_w13_ulysses": ("swa", dict(window=13, gate="headwise"), 4, 2, 8, "ulysses", True),
+    "attn_conv3_ring": ("attn", dict(conv_size=3), 4, 2, 8, "ring", True),
+    "swa_w5_conv3_ring": ("swa", dict(window=5, conv_size=3), 4, 2, 8, "ring", True),
     "linear_docs": ("linear", dict(block=4), 4, 4, 8, "ring", True),
     "linear_one_doc": ("linear", dict(block=5, output_gate="full"), 4, 4, 8, "ulysses", False),
     "rat_L4_docs": ("rat", dict(chunk=4, groups=2), 4, 4, 8, "ring", True),
@@ -52,6 +54,7 @@ CASES = {
     "s2_kv4_docs": ("s2", dict(block=2, local_blocks=2, vert_stride=4), 4, 4, 8, "ulysses", True),
     "s2_gqa_docs": ("s2", dict(block=3, local_blocks=2, vert_stride=4, head_shift=1), 4, 2, 8, "ulysses", True),
     "s2_one_doc": ("s2", dict(block=2, local_blocks=3, vert_stride=2), 4, 2, 8, "ulysses", False),
+    "s2_conv4_docs": ("s2", dict(block=2, local_blocks=2, vert_stride=4, conv_size=4), 4, 4, 8, "ulysses", True),
     # the contiguous layout (rank r holds one piece of T / cp)
     "linear_docs_contiguous": ("linear", dict(block=4), 4, 4, 8, "ring", True),
     "rat_L4_docs_contiguous": ("rat", dict(chunk=4, groups=2), 4, 4, 8, "ring", True),
@@ -89,6 +92,9 @@ def _build(kind, opts, H, G, K):
         for p in mixer.parameters():
             p.normal_(0, 0.3)
     mixer.reset_parameters()
+    if getattr(mixer, "conv", None) is not None:  # the attention conv starts as the identity: make it mix
+        with torch.no_grad():
+            mixer.conv.weight.normal_(0, 0.5)
     return mixer.double()
 
 

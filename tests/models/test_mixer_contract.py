@@ -20,21 +20,31 @@ SMALL = {
     "titans_mac": {"chunk_size": 4, "segment": 8},
 }
 KINDS = sorted(MIXERS)
+# Every kind, plus the attention family with its short conv on q, k, v ("kind+conv").
+VARIANTS = KINDS + ["attn+conv", "swa+conv", "s2+conv"]
 
 
 def tiny(kind: str, **opts) -> HybridLM:
+    kind, _, variant = kind.partition("+")
+    if variant == "conv":
+        opts = {"conv_size": 3, **opts}
     mixers = {kind: {k: v for k, v in {**SMALL.get(kind, {}), **opts}.items()
                      if k in MIXERS[kind].Config.__dataclass_fields__}}
     cfg = ModelConfig(vocab_size=64, d_model=64, n_heads=4, n_kv_heads=2, layers=[kind, "x2"], mixers=mixers)
     torch.manual_seed(0)
-    return HybridLM(cfg).double().eval()
+    model = HybridLM(cfg).double().eval()
+    if variant == "conv":  # the conv starts as the identity; make it mix neighbours
+        with torch.no_grad():
+            for block in model.blocks:
+                block.mixer.conv.weight.normal_(0.0, 0.5)
+    return model
 
 
 def hidden(model, ids, **kw):
     return model(ids, **kw).hidden
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", VARIANTS)
 def test_causal(kind):
     model = tiny(kind)
     ids = torch.randint(0, 64, (2, 37))
@@ -47,7 +57,7 @@ def test_causal(kind):
         assert not torch.allclose(out[:, t:], base[:, t:]), "the perturbed token changed nothing"
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", VARIANTS)
 def test_packed_documents_equal_separate(kind):
     model = tiny(kind)
     lens = [13, 22, 6]
@@ -63,7 +73,7 @@ def test_packed_documents_equal_separate(kind):
         start += n
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", VARIANTS)
 def test_state_carry_equals_whole(kind):
     model = tiny(kind)
     ids = torch.randint(0, 64, (2, 40))
@@ -73,7 +83,7 @@ def test_state_carry_equals_whole(kind):
     torch.testing.assert_close(torch.cat([first.hidden, second.hidden], 1), whole, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", VARIANTS)
 def test_decode_equals_forward(kind):
     model = tiny(kind)
     ids = torch.randint(0, 64, (2, 21))
@@ -88,7 +98,7 @@ def test_decode_equals_forward(kind):
     torch.testing.assert_close(torch.cat(steps, 1), whole, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", VARIANTS)
 def test_backward_reaches_every_parameter(kind):
     model = tiny(kind).train()
     ids = torch.randint(0, 64, (2, 24))
@@ -98,7 +108,7 @@ def test_backward_reaches_every_parameter(kind):
     assert not missing, f"parameters without gradient: {missing}"
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", VARIANTS)
 def test_continuation_that_starts_a_new_document_sees_nothing_cached(kind):
     """A row continued with the state, whose new tokens start a new document
     (position 0), must equal that document run alone."""
@@ -107,3 +117,23 @@ def test_continuation_that_starts_a_new_document_sees_nothing_cached(kind):
     state = model(first, want_state=True).state
     cont = model(second, position_ids=torch.arange(11)[None], state=state).hidden
     torch.testing.assert_close(cont, hidden(model, second), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["attn", "swa", "s2"])
+def test_attention_conv_starts_as_the_identity(kind):
+    """conv_size adds a short conv on q, k, v that starts as the identity: a freshly
+    initialised layer with it computes what the layer without it computes."""
+    plain = tiny(kind)
+    conv = ModelConfig(**{**plain.cfg.__dict__, "mixers": {kind: {**SMALL.get(kind, {}), "conv_size": 4}}})
+    torch.manual_seed(0)
+    with_conv = HybridLM(conv).double().eval()
+    missing, unexpected = with_conv.load_state_dict(plain.state_dict(), strict=False)
+    assert unexpected == [] and missing and all(n.endswith("conv.weight") for n in missing)
+    with torch.no_grad():  # load_state_dict left the convs as built: reset them
+        for block in with_conv.blocks:
+            block.mixer.reset_parameters()
+    ids = torch.randint(0, 64, (2, 19))
+    torch.testing.assert_close(hidden(with_conv, ids), hidden(plain, ids), rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        with_conv.blocks[0].mixer.conv.weight[:, 1] = 0.5
+    assert not torch.allclose(hidden(with_conv, ids), hidden(plain, ids)), "the conv changed nothing"

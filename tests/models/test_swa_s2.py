@@ -155,7 +155,7 @@ def test_sink_mass_counts_only_visible_first_tokens(kind):
     x = torch.randn(1, 49, D, dtype=torch.float64)
     m(x, ctx)
     got = ctx.stats["sink_mass/layer0"]
-    q, k, _ = m.project(x, ctx)
+    q, k, _, _ = m.project(x, ctx)
     if kind == "swa":
         from loom.kernels.attention.reference import visibility_mask
         mask = visibility_mask(49, 49, seq, m.window, None).expand(1, H, 49, 49)

@@ -21,7 +21,7 @@ from loom.trainer.train import build_model
 
 HYBRID = {"d_model": 32, "n_heads": 4, "layers": ["attn", "swa", "rat", "s2", "linear", "memory", "titans_mag",
                                                   "titans_mac"],
-          "mixers": {"attn": {"gate": "headwise"}, "swa": {"window": 16},
+          "mixers": {"attn": {"gate": "headwise"}, "swa": {"window": 16, "conv_size": 3},
                      "rat": {"chunk": 8, "moh": True, "moh_shared": 2, "moh_topk": 1},
                      "s2": {"block": 8, "local_blocks": 2, "vert_stride": 2}, "memory": {"chunk_size": 8},
                      "titans_mag": {"chunk_size": 8, "window": 16}, "titans_mac": {"chunk_size": 8, "segment": 16}}}

@@ -214,6 +214,7 @@ def test_checkpoint_folder_exports_that_step(tmp_path, make_run):
     ({**ATTN, "mixers": {"attn": {"qkv_bias": True}}}, "llama", "qkv_bias is true", "qwen2"),
     ({**ATTN, "rope": {"scaling": "ntk", "factor": 2.0}}, "qwen2", "'ntk'", "remote"),
     ({**ATTN, "mixers": {"attn": {"qk_norm": True}}}, "qwen2", "qk_norm", "remote"),
+    ({**ATTN, "mixers": {"attn": {"conv_size": 4}}}, "llama", "conv_size is 4", "remote"),
 ])
 def test_inexpressible_model_is_refused_in_one_line(tmp_path, make_run, hybrid_model, capsys, model, target, match,
                                                     auto):
