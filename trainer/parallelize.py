@@ -208,12 +208,13 @@ def _block_fn(block):
 def _sequence_tiled_block(block, tile: int, reach: int):
     """block.forward run by sequence tiles with halo (step 1c of the module docstring);
     calls with a decoding state, state output or diagnostics take the block's own forward."""
-    plain, fn, params = block.forward, _block_fn(block), list(block.parameters())
+    plain, fn = block.forward, _block_fn(block)
 
     @functools.wraps(plain)
     def run(x, ctx: SeqContext, state=None):
         if state is not None or ctx.want_state or ctx.stats is not None:
             return plain(x, ctx, state)
+        params = list(block.parameters())  # at call time: an engine may have swapped them (FSDP)
         cp = ctx.sharding
         if cp is None:
             if x.shape[1] <= tile:
@@ -233,7 +234,7 @@ def _sequence_tiled_block(block, tile: int, reach: int):
 
 def _tiled_norm(norm, tile: int):
     """The final norm (per token) on `tile`-token pieces, through _SequenceTiles."""
-    plain, params = norm.forward, list(norm.parameters())
+    plain = norm.forward
 
     def fn(x_in, pos, sid):
         return plain(x_in)
@@ -243,7 +244,7 @@ def _tiled_norm(norm, tile: int):
         if x.shape[1] <= tile:
             return plain(x)
         pos = torch.zeros(1, 1, dtype=torch.long, device=x.device).expand(x.shape[0], x.shape[1])
-        return sequence_tiles(fn, params, x, pos, None, 0, tile, 0)
+        return sequence_tiles(fn, list(norm.parameters()), x, pos, None, 0, tile, 0)
 
     return run
 
