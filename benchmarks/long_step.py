@@ -6,7 +6,7 @@ checkpointing, MLP tiling and block tiling (loom.trainer.parallelize), and runs
 forward, the fused chunked cross-entropy and backward on one row of random
 tokens as one document. Each length runs in fresh subprocesses so that each
 peak resident memory is its own. With `--cp N` the row is sharded over N gloo
-ranks on this machine (zigzag layout); `--tokens` is then the whole row.
+ranks on this machine (`--cp-layout`, default zigzag); `--tokens` is then the whole row.
 
     python benchmarks/long_step.py --layers swa swa swa swa --tile-blocks 16384 --tokens 1048576
     python benchmarks/long_step.py --layers swa swa swa swa --tile-blocks 16384 --tokens 2097152 --cp 2
@@ -33,7 +33,7 @@ MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(33554432), "MALLOC_TRIM_THRESHOLD_": str
 
 
 def measure(layers: list[str], T: int, checkpointing: str, tile_mlp: int, tile_blocks: int, threads: int,
-            mixers: dict, cp_world: int = 1, rank: int = 0, store: str = "") -> dict:
+            mixers: dict, cp_world: int = 1, rank: int = 0, store: str = "", cp_layout: str = "zigzag") -> dict:
     import torch
 
     from loom.models import HybridLM, ModelConfig
@@ -48,7 +48,7 @@ def measure(layers: list[str], T: int, checkpointing: str, tile_mlp: int, tile_b
         from loom.kernels.context_parallel import CPContext
 
         dist.init_process_group("gloo", store=dist.FileStore(store, cp_world), rank=rank, world_size=cp_world)
-        cp = CPContext.from_group(None, impl="ring", layout="zigzag")
+        cp = CPContext.from_group(None, impl="ring", layout=cp_layout)
     model = HybridLM(ModelConfig(vocab_size=256, d_model=256, n_heads=4, layers=layers, mixers=mixers).resolved())
     apply_activation_checkpointing(model, checkpointing)
     apply_tile_mlp(model, tile_mlp)
@@ -74,7 +74,8 @@ def measure(layers: list[str], T: int, checkpointing: str, tile_mlp: int, tile_b
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if cp is not None:
         torch.distributed.destroy_process_group()
-    return {"layers": layers, "tokens": T, "cp": cp_world, "checkpointing": checkpointing, "tile_mlp": tile_mlp,
+    return {"layers": layers, "tokens": T, "cp": cp_world, **({"cp_layout": cp_layout} if cp is not None else {}),
+            "checkpointing": checkpointing, "tile_mlp": tile_mlp,
             "tile_blocks": tile_blocks, "threads": threads, "seconds": round(seconds, 1),
             "forward_seconds": round(t_fwd, 1), "peak_rss_gib": round(peak / 2**30, 2),
             "bytes_per_token": round((peak - base) / inputs.shape[1]), "loss": round(float(loss), 4)}
@@ -89,6 +90,7 @@ def main() -> None:
     ap.add_argument("--tile-blocks", type=int, default=16384, help="train.tile_blocks (0: off)")
     ap.add_argument("--threads", type=int, default=2, help="per process")
     ap.add_argument("--cp", type=int, default=1, help="context-parallel ranks (gloo, this machine)")
+    ap.add_argument("--cp-layout", default="zigzag", choices=["zigzag", "contiguous"])
     ap.add_argument("--mixers", default='{"swa": {"window": 512}, "memory": {"chunk_size": 64}}',
                     help="model.mixers as JSON")
     ap.add_argument("--child", nargs=2, type=int, metavar=("RANK", "WORLD"), help=argparse.SUPPRESS)
@@ -96,7 +98,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.child:
         print(json.dumps(measure(a.layers, a.tokens[0], a.checkpointing, a.tile_mlp, a.tile_blocks, a.threads,
-                                 json.loads(a.mixers), a.child[1], a.child[0], a.store)))
+                                 json.loads(a.mixers), a.child[1], a.child[0], a.store, a.cp_layout)))
         return
     RESULTS.mkdir(exist_ok=True)
     for T in a.tokens:
@@ -105,8 +107,9 @@ def main() -> None:
                 [sys.executable, __file__, "--child", str(r), str(a.cp), "--store", os.path.join(tmp, "store"),
                  "--tokens", str(T), "--layers", *a.layers, "--checkpointing", a.checkpointing,
                  "--tile-mlp", str(a.tile_mlp), "--tile-blocks", str(a.tile_blocks), "--threads", str(a.threads),
-                 "--mixers", a.mixers], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                env={**os.environ, **MALLOC}) for r in range(a.cp)]
+                 "--cp-layout", a.cp_layout, "--mixers", a.mixers],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **MALLOC})
+                for r in range(a.cp)]
             outs = [p.communicate() for p in procs]
         if any(p.returncode for p in procs):
             err = next(e for p, (_, e) in zip(procs, outs) if p.returncode)

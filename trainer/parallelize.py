@@ -226,8 +226,9 @@ def _sequence_tiled_block(block, tile: int, reach: int):
         poss = halo_extend(ctx.position_ids.contiguous(), cp, reach)
         sids = [None] * len(xs) if ctx.seq_ids is None else halo_extend(ctx.seq_ids.contiguous(), cp, reach)
         C = x.shape[1] // len(xs)
-        return torch.cat([sequence_tiles(fn, params, xe, pe, se, xe.shape[1] - C, tile, reach)
-                          for xe, pe, se in zip(xs, poss, sids)], dim=1), None
+        ys = [sequence_tiles(fn, params, xe, pe, se, xe.shape[1] - C, tile, reach)
+              for xe, pe, se in zip(xs, poss, sids)]
+        return (ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)), None
 
     return run
 
