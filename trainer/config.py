@@ -56,6 +56,7 @@ class TrainConfig:
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     compile: bool | None = None  # torch.compile per block; None: on for CUDA, off on CPU
     tile_mlp: int = 0  # tokens per MLP tile along the sequence (memory of long rows); 0: whole rows
+    tile_blocks: int = 0  # tokens per tile of the bounded-reach (swa) blocks, with halo; 0: whole rows
     peak_flops: float | None = None  # FLOP/s per device for MFU; None: measured GEMM (CPU), bf16 table (GPU)
     profile_steps: list[int] = field(default_factory=list)  # steps traced by torch.profiler into <run>/profile
 
@@ -178,9 +179,11 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
     if cfg.data.seq_len < 1:
         raise ConfigError(f"data.seq_len must be >= 1, got {cfg.data.seq_len}")
-    if t.tile_mlp < 0 or (t.peak_flops is not None and t.peak_flops <= 0) or any(s < 1 for s in t.profile_steps):
-        raise ConfigError("train.tile_mlp must be >= 0, train.peak_flops > 0 and train.profile_steps >= 1; got "
-                          f"{t.tile_mlp}, {t.peak_flops}, {t.profile_steps}")
+    if (t.tile_mlp < 0 or t.tile_blocks < 0 or (t.peak_flops is not None and t.peak_flops <= 0)
+            or any(s < 1 for s in t.profile_steps)):
+        raise ConfigError("train.tile_mlp and train.tile_blocks must be >= 0, train.peak_flops > 0 and "
+                          f"train.profile_steps >= 1; got {t.tile_mlp}, {t.tile_blocks}, {t.peak_flops}, "
+                          f"{t.profile_steps}")
     if p.cp < 1:
         raise ConfigError(f"parallel.cp must be >= 1, got {p.cp}")
     if p.cp > 1 and cfg.data.seq_len % (2 * p.cp):

@@ -39,7 +39,7 @@ import torch
 from loom.kernels.attention import attention
 from loom.kernels.context_parallel.comm import CommBytes, comm_bytes
 from loom.kernels.context_parallel.gather import all_gather
-from loom.kernels.context_parallel.halo import halo_attention
+from loom.kernels.context_parallel.halo import halo_attention, halo_extend
 from loom.kernels.context_parallel.layout import (CPContext, check_seq_len, chunk_ranges, gather_sequence,
                                              shard_positions, shard_sequence)
 from loom.kernels.context_parallel.memory import cp_neural_memory, sequence_halo
@@ -52,7 +52,7 @@ from loom.kernels.context_parallel.ulysses import ulysses_attention
 from loom.kernels.dispatch import announce
 
 __all__ = ["CPContext", "shard_sequence", "gather_sequence", "shard_positions", "chunk_ranges",
-           "check_seq_len", "cp_attention", "ring_attention", "ulysses_attention", "halo_attention",
+           "check_seq_len", "cp_attention", "ring_attention", "ulysses_attention", "halo_attention", "halo_extend",
            "comm_bytes", "CommBytes", "cp_neural_memory", "sequence_halo",
            "cp_recurrent", "cp_linear_attention", "cp_rat", "rat_comm_bytes", "cp_s2_attention", "all_gather"]
 

@@ -34,7 +34,7 @@ from loom.kernels.attention import attention
 from loom.kernels.context_parallel.layout import CPContext, check_seq_len, chunk_ranges, one_document_or_ids
 from loom.kernels.context_parallel.p2p import exchange, wait
 
-__all__ = ["halo_attention", "halo_plan", "HaloPiece"]
+__all__ = ["halo_attention", "halo_extend", "halo_plan", "HaloPiece"]
 
 
 @dataclass(frozen=True)
@@ -147,3 +147,24 @@ def halo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: CPCont
     outs = [attention(q[:, i * C:(i + 1) * C], kv[:, :, 0], kv[:, :, 1], seq_ids=sid, window=window, scale=scale)
             for i, (kv, sid) in enumerate(zip(kv_ext, sid_ext))]
     return torch.cat(outs, dim=1)
+
+
+def halo_extend(x: torch.Tensor, cp: CPContext, window: int) -> list[torch.Tensor]:
+    """This rank's shard with each local chunk's halo prepended: the building
+    block for running any op of bounded reach (a whole sliding-window block, say)
+    locally on each chunk.
+
+    x: (B, L, ...) this rank's shard (L = T / cp) of any dtype.
+    window: W >= 0; chunk i gets the h_i = min(W, chunk start) positions before it.
+    Returns per local chunk (one contiguous, two zigzag) a tensor (B, h_i + C, ...)
+    in position order, its first h_i rows from whichever ranks hold them.
+    Differentiable for floating x: each halo's gradient goes back to its owner.
+    Must be called by every rank of cp.group.
+    """
+    T = x.shape[1] * cp.world_size
+    check_seq_len(T, cp)
+    C = T // cp.n_chunks
+    plan = halo_plan(T, cp.world_size, cp.layout, window)
+    if x.is_floating_point() and torch.is_grad_enabled() and x.requires_grad:
+        return list(_HaloExchange.apply(x, plan, cp, C))
+    return _extend(x, plan, cp, C)

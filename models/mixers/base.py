@@ -113,6 +113,15 @@ class Mixer(nn.Module):
     def reset_parameters(self) -> None:
         """Initialise this mixer's parameters (called once by HybridLM.init_weights)."""
 
+    def reach(self) -> int | None:
+        """How far back this mixer looks: the output at token t depends on its
+        inputs at tokens t - reach .. t only (a sliding window), or None when it
+        may depend on any earlier token (attention, recurrences: the default).
+        A bounded reach lets the trainer run the block on sequence tiles with
+        `reach` tokens of halo each (trainer/parallelize.py, train.tile_blocks);
+        a mixer that appends row-level auxiliary losses must return None."""
+        return None
+
     def cp_chunk_tokens(self) -> int:
         """Under context parallelism, how many consecutive tokens must stay on one
         rank (e.g. RAT's chunk length when chunks may not straddle ranks): each

@@ -46,6 +46,10 @@ class SlidingWindowAttention(Attention):
         super().__init__(dims, cfg)
         self.window = cfg.window
 
+    def reach(self) -> int | None:
+        # MoH's load-balancing loss is a mean over the whole row: not tileable
+        return None if self.cfg.moh else self.window
+
     def forward(self, x: torch.Tensor, ctx: SeqContext, state=None):
         B, T, _ = x.shape
         W = self.window

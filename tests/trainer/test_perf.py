@@ -58,7 +58,8 @@ def test_gpu_table_and_override(monkeypatch):
     assert mfu(1000.0, 1e6, None, 1) is None
 
 
-@pytest.mark.parametrize("arg", ["train.peak_flops=0", "train.profile_steps=[0]", "train.tile_mlp=-1"])
+@pytest.mark.parametrize("arg", ["train.peak_flops=0", "train.profile_steps=[0]", "train.tile_mlp=-1",
+                                 "train.tile_blocks=-1"])
 def test_bad_values_are_config_errors(arg, tmp_path, capsys):
     assert main(["train", str(TINY), f"output_dir={tmp_path / 'x'}", arg]) != 0
     err = capsys.readouterr().err
