@@ -81,6 +81,26 @@ def test_tile_shorter_than_window_is_refused():
         apply_tile_blocks(_model(window=8), 7)
 
 
+@pytest.mark.parametrize("tile", [7, 16])
+def test_tiled_blocks_with_a_conv_are_exact(tile):
+    """swa with conv_size: a tile's halo covers the window plus the conv's taps (reach)."""
+    def model():
+        m = _model(conv_size=3)
+        with torch.no_grad():  # the conv starts as the identity: make it reach back
+            for block in m.blocks:
+                if getattr(block.mixer, "conv", None) is not None:
+                    block.mixer.conv.weight.copy_(torch.linspace(-1, 1, block.mixer.conv.weight.numel())
+                                                  .view_as(block.mixer.conv.weight))
+        return m
+
+    ids, pos = _batch()
+    ref = _step(model(), ids, pos)
+    tiled = model()
+    assert tiled.blocks[0].mixer.reach() == 5 + 2
+    apply_tile_blocks(tiled, tile)
+    _assert_same(_step(tiled, ids, pos), ref)
+
+
 def test_moh_swa_is_left_whole():
     model = _model(moh=True, moh_shared=1)
     apply_tile_blocks(model, 5)
