@@ -56,7 +56,7 @@ class TrainConfig:
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     compile: bool | None = None  # torch.compile per block; None: on for CUDA, off on CPU
     tile_mlp: int = 0  # tokens per MLP tile along the sequence (memory of long rows); 0: whole rows
-    tile_blocks: int = 0  # tokens per tile of the bounded-reach (swa) blocks, with halo; 0: whole rows
+    tile_blocks: int = 0  # tokens per tile of every block (swa: with halo; others: state carried); 0: whole rows
     peak_flops: float | None = None  # FLOP/s per device for MFU; None: measured GEMM (CPU), bf16 table (GPU)
     profile_steps: list[int] = field(default_factory=list)  # steps traced by torch.profiler into <run>/profile
 

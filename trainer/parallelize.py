@@ -18,17 +18,25 @@ pattern):
          time instead of the whole row (Arctic Long Sequence Training's
          TiledMLP, Mini-Sequence Transformer); exact, the MLP is per token;
     1c. block tiling along the sequence (`train.tile_blocks: N` tokens, 0 = off):
-         each block whose mixer has a bounded reach (swa: its window, see
-         Mixer.reach) runs whole (norms, mixer, MLP) on N-token tiles of the
-         row, each tile with `reach` tokens of halo before it (recomputed, their
-         outputs dropped) and recomputed in backward. Such a block keeps only its
-         input, like full checkpointing, and its transient memory is one tile's
-         instead of the row's (q, k, v, the kernel's buffers, RoPE tables, the
-         MLP). Under context parallelism the halo of each local chunk comes from
-         the rank that holds it (kernels/context_parallel halo_extend) and the
-         tiles run with no further communication. Exact: a token's output
-         depends on nothing outside its tile plus halo. The final norm is tiled
-         the same way (per token, no halo);
+         every block runs whole (norms, mixer, MLP) on N-token tiles of the row,
+         recomputed in backward. Such a block keeps only its input, like full
+         checkpointing, and its transient memory is one tile's instead of the
+         row's (q, k, v, the kernel's buffers, RoPE tables, the MLP). Two kinds:
+         - a mixer of bounded reach (swa: its window, see Mixer.reach): each tile
+           gets `reach` tokens of halo before it (recomputed, their outputs
+           dropped). Under context parallelism the halo of each local chunk comes
+           from the rank that holds it (kernels/context_parallel halo_extend) and
+           the tiles run with no further communication. Exact: a token's output
+           depends on nothing outside its tile plus halo;
+         - any other mixer (attention, RAT, Titans, linear attention): each tile
+           continues from the mixer's state at the end of the tile before (its
+           decoding state, differentiable), and backward runs the tiles in reverse,
+           handing each tile's start-state gradient to the tile before. Exact by
+           the Mixer contract (pieces with the state carried equal the whole).
+           Under context parallelism the state goes from rank to rank in the
+           sequence's order: these blocks then run one rank after another;
+         MoH blocks (a load-balancing loss over the whole row) are left whole.
+         The final norm is tiled too (per token, no halo);
     2. torch.compile per block (`train.compile`: true | false | null = auto,
        which is on for CUDA and off on CPU, where compile does not pay for the
        mixers' chunked loops);
@@ -46,6 +54,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
 from loom.models.config import ConfigError, nearest
@@ -233,6 +242,194 @@ def _sequence_tiled_block(block, tile: int, reach: int):
     return run
 
 
+def _tensor_leaves(state) -> list:
+    """The leaves of a mixer state (a pytree of tensors, ints, None) in a fixed order."""
+    return tree_flatten(state)[0]
+
+
+def _state_input(state):
+    """A detached copy of `state` whose floating-point tensors require grad (a tile's
+    recomputation differentiates with respect to its start state)."""
+    flat, spec = tree_flatten(state)
+    for t in flat:
+        if not isinstance(t, (torch.Tensor, int, float, bool, str, type(None))):
+            raise TypeError(f"a mixer state holds a {type(t).__name__}, which is not a pytree node: register it "
+                            "(torch.utils._pytree.register_dataclass) so that its tensors carry gradients")
+    flat = [t.detach().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t for t in flat]
+    return tree_unflatten(flat, spec)
+
+
+class _Chain:
+    """The order in which a row's pieces continue one another, and the messages between
+    ranks that hold consecutive pieces (train.tile_blocks with blocks of unbounded reach).
+
+    pieces: (first local row, end row, rank of the previous piece or None, rank of the
+    next piece or None) of each piece this rank holds, in the order of the sequence.
+    Without cp: one piece, the whole row. Under cp the sequence's chunks are dealt by
+    `cp.layout` (zigzag: rank r holds chunks r and 2 cp - 1 - r), so a piece's neighbour
+    may be on this rank (the state is simply carried) or on another (it is sent).
+    """
+
+    def __init__(self, L: int, cp=None):
+        self.cp = cp
+        if cp is None:
+            self.rank, self.pieces = 0, [(0, L, None, None)]
+            return
+        from loom.kernels.context_parallel.layout import chunk_ranges
+
+        T, self.rank = L * cp.world_size, cp.rank
+        C = T // cp.n_chunks
+        owner = {}  # global chunk -> (rank, local chunk)
+        for r in range(cp.world_size):
+            for j, (a, _) in enumerate(chunk_ranges(T, cp.world_size, r, cp.layout)):
+                owner[a // C] = (r, j)
+        n = cp.n_chunks
+        self.pieces = [(owner[c][1] * C, (owner[c][1] + 1) * C, owner[c - 1][0] if c else None,
+                        owner[c + 1][0] if c + 1 < n else None) for c in range(n) if owner[c][0] == cp.rank]
+
+    def remote(self, peer) -> bool:
+        return peer is not None and peer != self.rank
+
+    def send(self, obj, peer: int) -> None:
+        torch.distributed.send_object_list([obj], dst=self.cp.global_rank(peer), group=self.cp.group)
+
+    def recv(self, peer: int, device):
+        box = [None]
+        torch.distributed.recv_object_list(box, src=self.cp.global_rank(peer), group=self.cp.group)
+        return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, box[0])
+
+
+def _run_carried(fn, x, pos, sid, tile: int, chain: _Chain, starts: list | None = None) -> torch.Tensor:
+    """fn's output for the row x, tile after tile with the state carried, without a graph;
+    appends the state at each tile's start to `starts` when given."""
+    y = torch.empty_like(x)
+    state = None
+    with torch.no_grad():
+        for lo, hi, prev, nxt in chain.pieces:
+            state = chain.recv(prev, x.device) if chain.remote(prev) else (state if prev is not None else None)
+            for a in range(lo, hi, tile):
+                b = min(hi, a + tile)
+                if starts is not None:
+                    starts.append(state)
+                y[:, a:b], state = fn(x[:, a:b], pos[:, a:b], None if sid is None else sid[:, a:b], state)
+            if chain.remote(nxt):
+                chain.send(state, nxt)
+    return y
+
+
+class _CarriedTiles(torch.autograd.Function):
+    """y = fn(x) for a block of unbounded reach (attention, RAT, Titans memory, linear
+    attention), run on tiles with the mixer's state carried from tile to tile.
+
+    fn(x_in, pos, sid, state) -> (y_in, new_state) runs the block on rows that continue
+    the ones `state` summarises (None: the row's start). Feeding a row in pieces with the
+    state carried equals feeding it whole, and the state is differentiable: the Mixer
+    contract, tested for every kind (tests/models/test_mixer_contract.py,
+    tests/trainer/test_tile_blocks.py). x (B, L, D) is this process's row; `chain` cuts it
+    into pieces in the sequence's order (one without cp), each cut into `tile`-row tiles.
+
+    Forward runs without a graph and keeps x and the state at each tile's start.
+    Backward walks the tiles in reverse: it recomputes a tile from its start state with
+    a graph and takes, with torch.autograd.grad, the gradients of (the tile's output,
+    its end state) with respect to (its input, its start state, the parameters), given
+    dy and the end state's gradient from the tile after it; the start state's gradient
+    then seeds the tile before. Transient memory is one tile's graph, plus the start
+    states: a fixed size for linear attention and Titans memory, a summary per chunk
+    for RAT, the keys and values so far for attention (which therefore grows with the
+    number of tiles times the row).
+
+    Under context parallelism a piece continues the one before it on another rank: its
+    start state is received from that rank, its end state sent to the next, and backward
+    sends the start state's gradient back. The pieces run in the sequence's order, one
+    rank after the other: exact, with 1/cp of the row's memory per rank, but not faster
+    than one rank for these blocks.
+    """
+
+    @staticmethod
+    def forward(ctx, x, pos, sid, fn, tile: int, chain: _Chain, *params):
+        ctx.fn, ctx.tile, ctx.chain, ctx.params = fn, tile, chain, params
+        ctx.save_for_backward(x, pos, sid)
+        ctx.starts = []
+        return _run_carried(fn, x, pos, sid, tile, chain, ctx.starts)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, pos, sid = ctx.saved_tensors
+        chain, tile, starts = ctx.chain, ctx.tile, ctx.starts
+        want_dx = ctx.needs_input_grad[0]
+        wanted = [i for i, need in enumerate(ctx.needs_input_grad[6:]) if need]
+        dx = torch.zeros_like(x) if want_dx else None
+        dparams = [None] * len(ctx.params)
+        k, dstate = len(starts), None  # dstate: gradient of the current tile's end state (leaf list)
+        for lo, hi, prev, nxt in reversed(chain.pieces):
+            if chain.remote(nxt):
+                dstate = chain.recv(nxt, x.device)
+            elif nxt is None:
+                dstate = None
+            for a in reversed(range(lo, hi, tile)):
+                b, k = min(hi, a + tile), k - 1
+                s0 = _state_input(starts[k])
+                x_t = x[:, a:b].detach().requires_grad_(want_dx)
+                with torch.enable_grad():
+                    y_t, s1 = ctx.fn(x_t, pos[:, a:b], None if sid is None else sid[:, a:b], s0)
+                outs, gouts = [y_t], [dy[:, a:b]]
+                for t, g in zip(_tensor_leaves(s1), dstate or ()):
+                    if g is not None and isinstance(t, torch.Tensor) and t.requires_grad:
+                        outs.append(t)
+                        gouts.append(g)
+                s0_leaves = _tensor_leaves(s0)
+                s0_diff = [i for i, t in enumerate(s0_leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
+                wrt = ([x_t] if want_dx else []) + [s0_leaves[i] for i in s0_diff] + [ctx.params[i] for i in wanted]
+                grads = list(torch.autograd.grad(outs, wrt, gouts, allow_unused=True))
+                if want_dx:
+                    dx[:, a:b] = grads.pop(0)
+                dstate = [None] * len(s0_leaves)
+                for i in s0_diff:
+                    dstate[i] = grads.pop(0)
+                for i, g in zip(wanted, grads):
+                    if g is not None:
+                        dparams[i] = g if dparams[i] is None else dparams[i].add_(g)
+            if chain.remote(prev):
+                chain.send(dstate, prev)
+        ctx.starts = None
+        return (dx, None, None, None, None, None, *dparams)
+
+
+def _carry_fn(block):
+    """The plain block as fn(x_in, pos, sid, state) -> (y_in, new_state), continuing a row."""
+
+    def fn(x_in, pos, sid, state):
+        if sid is not None:
+            sid = sid - sid[:, :1]
+        sub = SeqContext(position_ids=pos, seq_ids=sid, want_state=True)
+        y, new_state = type(block).forward(block, x_in, sub, state)
+        if sub.aux_losses:
+            raise RuntimeError(f"{type(block.mixer).__name__} adds an auxiliary loss but does not declare "
+                               "row_losses(), so it was run on sequence tiles")
+        return y, new_state
+
+    return fn
+
+
+def _carried_block(block, tile: int):
+    """block.forward run on sequence tiles with its mixer's state carried (step 1c of the
+    module docstring); calls with a decoding state, state output or diagnostics, and rows
+    of at most one tile, take the block's own forward (under cp: its own cp op)."""
+    plain, fn = block.forward, _carry_fn(block)
+
+    @functools.wraps(plain)
+    def run(x, ctx: SeqContext, state=None):
+        if state is not None or ctx.want_state or ctx.stats is not None or x.shape[1] <= tile:
+            return plain(x, ctx, state)
+        chain = _Chain(x.shape[1], ctx.sharding)
+        if not torch.is_grad_enabled():
+            return _run_carried(fn, x, ctx.position_ids, ctx.seq_ids, tile, chain), None
+        params = list(block.parameters())
+        return _CarriedTiles.apply(x, ctx.position_ids, ctx.seq_ids, fn, tile, chain, *params), None
+
+    return run
+
+
 def _tiled_norm(norm, tile: int):
     """The final norm (per token) on `tile`-token pieces, through _SequenceTiles."""
     plain = norm.forward
@@ -251,14 +448,18 @@ def _tiled_norm(norm, tile: int):
 
 
 def apply_tile_blocks(model, tile: int) -> None:
-    """Run each block whose mixer has a bounded reach on `tile`-token sequence tiles with
-    halo, and the final norm on `tile`-token pieces (0: off). Blocks of unbounded reach
-    (attention, recurrences, memory) are left as they are."""
+    """Run each block on `tile`-token sequence tiles: with a halo of `reach` tokens when its
+    mixer has a bounded reach, else with the mixer's state carried from tile to tile; and
+    the final norm on `tile`-token pieces (0: off). A mixer with row-level auxiliary
+    losses (MoH) is left whole."""
     if not tile:
         return
     for i, block in enumerate(model.blocks):
+        if block.mixer.row_losses():
+            continue
         reach = block.mixer.reach()
         if reach is None:
+            block.forward = _carried_block(block, tile)
             continue
         if tile < reach:
             raise ConfigError(f"train.tile_blocks ({tile}) must be >= the reach of layer {i} "

@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.utils._pytree
 
 Weights = tuple[torch.Tensor, ...]
 NORM_EPS = 1e-6
@@ -129,3 +130,8 @@ class MemoryState:
         """The state of a subset of batch rows (e.g. beam or request reordering)."""
         s = lambda ws: tuple(w[rows] for w in ws)  # noqa: E731
         return MemoryState(s(self.weights), s(self.momentum), s(self.base), self.offset[rows])
+
+
+# A pytree node, so that code walking a mixer's state (the trainer's tiles that carry it,
+# train.tile_blocks) sees its tensors.
+torch.utils._pytree.register_dataclass(MemoryState)

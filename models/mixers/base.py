@@ -122,6 +122,12 @@ class Mixer(nn.Module):
         a mixer that appends row-level auxiliary losses must return None."""
         return None
 
+    def row_losses(self) -> bool:
+        """True when forward appends an auxiliary loss computed over the whole row
+        (MoH's load balance is a mean over all its tokens). Such a mixer cannot run on
+        sequence tiles (train.tile_blocks): the tiles' losses would be means over tiles."""
+        return False
+
     def cp_chunk_tokens(self) -> int:
         """Under context parallelism, how many consecutive tokens must stay on one
         rank (e.g. RAT's chunk length when chunks may not straddle ranks): each

@@ -49,7 +49,7 @@ class SlidingWindowAttention(Attention):
     def reach(self) -> int | None:
         # MoH's load-balancing loss is a mean over the whole row: not tileable
         # (with a conv, a key also reads the conv_size - 1 inputs before it)
-        return None if self.cfg.moh else self.window + (self.conv.taps - 1 if self.conv is not None else 0)
+        return None if self.row_losses() else self.window + (self.conv.taps - 1 if self.conv is not None else 0)
 
     def forward(self, x: torch.Tensor, ctx: SeqContext, state=None):
         B, T, _ = x.shape

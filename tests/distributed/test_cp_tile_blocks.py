@@ -1,7 +1,9 @@
 """train.tile_blocks under context parallelism (two gloo ranks): a HybridLM whose swa
 blocks run on sequence tiles, each local chunk's halo fetched from the rank that holds
-it (kernels/context_parallel halo_extend), equals the untiled single process (output
-and parameter gradients; packed documents crossing the shard boundaries; both layouts)."""
+it (kernels/context_parallel halo_extend), and whose other blocks carry their mixer's
+state from tile to tile and from rank to rank in the sequence's order, equals the
+untiled single process (output and parameter gradients; packed documents crossing the
+shard boundaries; both layouts)."""
 from __future__ import annotations
 
 import sys
@@ -26,6 +28,9 @@ CASES = {
     "swa_rat_zigzag": ("zigzag", ["swa", "rat", "swa"], 5, 5),
     "swa_contiguous": ("contiguous", ["swa", "swa"], 7, 6),
     "swa_window_past_chunk": ("zigzag", ["swa", "swa"], 13, 13),  # the halo spans more than a zigzag piece
+    # blocks of unbounded reach carry their state tile to tile and rank to rank, in sequence order
+    "carried_zigzag": ("zigzag", ["rat", "memory", "swa", "attn"], 5, 5),
+    "carried_contiguous": ("contiguous", ["linear", "titans_mag", "rat"], 7, 5),
 }
 
 
@@ -40,7 +45,8 @@ def _rows():
 def _model(layers, window):
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=VOCAB, d_model=16, n_heads=2, layers=layers,
-                      mixers={"swa": {"window": window}, "rat": {"chunk": 3}})
+                      mixers={"swa": {"window": window}, "rat": {"chunk": 3}, "memory": {"chunk_size": 4},
+                              "linear": {"block": 4}, "titans_mag": {"chunk_size": 4, "window": 6}})
     return HybridLM(cfg).double()
 
 

@@ -1,15 +1,23 @@
-"""train.tile_blocks (trainer/parallelize.py): swa blocks run on sequence tiles with
-a halo of `window` tokens, each tile recomputed in backward, give the loss and
-gradients of the untiled model (float64; packed documents; tiles that do not
-divide T; a hybrid whose rat layer stays whole; with full checkpointing and MLP
-tiling), evaluation and decoding are unchanged, a tile shorter than the window
-is refused, and a tiled swa block keeps fewer saved activations."""
+"""train.tile_blocks (trainer/parallelize.py): every block runs on sequence tiles, each
+tile recomputed in backward: swa blocks with a halo of `window` tokens, blocks of
+unbounded reach (attention, RAT, Titans, linear attention) with their mixer's state
+carried from tile to tile. Both give the loss and gradients of the untiled model
+(float64; packed documents; tiles that do not divide T; every mixer kind; with full
+checkpointing and MLP tiling), evaluation and decoding are unchanged, a tile shorter
+than the window is refused, MoH (a row-level loss) stays whole, and tiled blocks keep
+fewer saved activations."""
 import pytest
 import torch
 
 from loom.models import HybridLM, ModelConfig
 from loom.models.config import ConfigError
+from loom.models.mixers import MIXERS
 from loom.trainer.parallelize import apply_activation_checkpointing, apply_tile_blocks, apply_tile_mlp
+
+# Structure (chunks, windows, blocks) smaller than the tiles, so both are crossed.
+SMALL = {"swa": {"window": 5}, "rat": {"chunk": 4}, "s2": {"block": 4, "local_blocks": 2, "vert_stride": 2},
+         "linear": {"block": 8}, "memory": {"chunk_size": 4}, "titans_mag": {"chunk_size": 4, "window": 7},
+         "titans_mac": {"chunk_size": 4, "segment": 8}}
 
 
 def _model(layers=("swa", "rat", "swa"), window=5, **swa) -> HybridLM:
@@ -101,8 +109,60 @@ def test_tiled_blocks_with_a_conv_are_exact(tile):
     _assert_same(_step(tiled, ids, pos), ref)
 
 
-def test_moh_swa_is_left_whole():
-    model = _model(moh=True, moh_shared=1)
+def _kind_model(kind: str, conv: bool) -> HybridLM:
+    """[kind, swa, kind] at d_model 32, its structure smaller than the tiles; with `conv` the
+    attention family's short conv (made to mix neighbours: it starts as the identity)."""
+    opts = {**SMALL.get(kind, {}), **({"conv_size": 3} if conv else {})}
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_heads=2, layers=[kind, "swa", kind],
+                      mixers={kind: opts, **({} if kind == "swa" else {"swa": SMALL["swa"]})})
+    model = HybridLM(cfg).double()
+    with torch.no_grad():
+        for block in model.blocks:
+            if conv and getattr(block.mixer, "conv", None) is not None:
+                block.mixer.conv.weight.normal_(0.0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("kind", sorted(MIXERS) + ["attn+conv", "s2+conv"])
+@pytest.mark.parametrize("tile", [8, 13])
+def test_state_carrying_tiles_are_exact(kind, tile):
+    """Blocks of unbounded reach run tile by tile with their state carried: the same loss and
+    gradients as untiled, with packed documents that cross the tiles' boundaries."""
+    kind, _, conv = kind.partition("+")
+    ids, pos = _batch()
+    seq = torch.cat([torch.zeros(17), torch.ones(3), torch.full((ids.shape[1] - 20,), 2)]).long().expand(2, -1)
+
+    def step(model):
+        out = model(ids, position_ids=pos, seq_ids=seq)
+        loss = model.loss(out.hidden, ids.roll(-1, 1)) + out.aux_loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref = step(_kind_model(kind, bool(conv)))
+    model = _kind_model(kind, bool(conv))
+    apply_tile_blocks(model, tile)
+    assert "forward" in vars(model.blocks[0])  # the block is tiled, not left whole
+    _assert_same(step(model), ref)
+
+
+def test_carried_state_must_be_a_pytree():
+    from loom.trainer.parallelize import _state_input
+
+    class Opaque:
+        pass
+
+    with pytest.raises(TypeError, match="pytree"):
+        _state_input({"k": torch.zeros(1), "other": Opaque()})
+
+
+@pytest.mark.parametrize("layers", [("swa",), ("attn",)])
+def test_moh_is_left_whole(layers):
+    """MoH's load-balancing loss is a mean over the whole row: its blocks are not tiled."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_heads=4, layers=list(layers) * 2,
+                      mixers={layers[0]: {"moh": True, "moh_shared": 1, **SMALL.get(layers[0], {})}})
+    model = HybridLM(cfg).double()
     apply_tile_blocks(model, 5)
     assert all("forward" not in vars(b) for b in model.blocks)  # only the final norm is tiled
 
@@ -120,11 +180,33 @@ def _saved_elements(model, ids) -> int:
     return count[0]
 
 
-def test_tiled_blocks_save_less():
+@pytest.mark.parametrize("layers", [("swa",) * 2, ("rat", "swa")])
+def test_tiled_blocks_save_less(layers):
     ids, _ = _batch(96)
-    plain = _model(("swa",) * 2)
+    plain = _model(layers)
     apply_activation_checkpointing(plain, "full")
-    tiled = _model(("swa",) * 2)
+    tiled = _model(layers)
     apply_tile_blocks(tiled, 16)
     # both keep each block's input; the tiled final norm keeps no output of its own
     assert _saved_elements(tiled, ids) < _saved_elements(plain, ids)
+
+
+def test_tile_blocks_through_the_cli(tmp_path):
+    """A hybrid ([rat, swa], packed stdlib documents, 96-token rows) trained through the real
+    CLI with train.tile_blocks=32 logs the losses and gradient norms of the untiled run."""
+    from pathlib import Path
+
+    from loom.trainer.cli import main
+    from loom.trainer.metrics import read_metrics
+
+    tiny = Path(__file__).resolve().parents[1] / "tiny.yaml"
+    logs = []
+    for tile in (0, 32):
+        out = tmp_path / f"tile{tile}"
+        assert main(["train", str(tiny), f"output_dir={out}", "train.steps=3", "train.eval_every=100",
+                     "model.layers=[rat,swa]", "model.mixers.swa.window=16", "model.mixers.rat.chunk=8",
+                     f"train.tile_blocks={tile}"]) == 0
+        logs.append([(r["loss"], r["grad_norm"]) for r in read_metrics(out) if "split" not in r])
+    assert len(logs[0]) == 3
+    for (loss, norm), (loss_t, norm_t) in zip(*logs):
+        assert loss_t == pytest.approx(loss, rel=1e-5) and norm_t == pytest.approx(norm, rel=1e-4)
