@@ -1,4 +1,10 @@
-"""Fixtures for the export and lm-eval tests: a run folder fabricated without training.
+"""Fixtures for the trainer tests.
+
+`loss_and_grads(model, ids, pos=None, seq=None)` runs one forward with the next-token
+loss and backward, and returns (loss, {name: gradient}): the comparison that the
+checkpointing and tiling tests make between a transformed model and the plain one.
+
+For the export and lm-eval tests, a run folder fabricated without training:
 
 `make_run(folder, model={...}, tokenizer="byte")` writes what `loom train`
 leaves behind (config.yaml, checkpoints/step-00000005 with manifest) for a
@@ -18,6 +24,18 @@ from loom.trainer.checkpoint import CheckpointManager
 from loom.trainer.config import config_from_dict, dump
 from loom.trainer.data import load_tokenizer
 from loom.trainer.train import build_model
+
+def _loss_and_grads(model, ids, pos=None, seq=None):
+    out = model(ids, position_ids=pos, seq_ids=seq)
+    loss = model.loss(out.hidden, ids.roll(-1, 1)) + out.aux_loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.fixture
+def loss_and_grads():
+    return _loss_and_grads
+
 
 HYBRID = {"d_model": 32, "n_heads": 4, "layers": ["attn", "swa", "rat", "s2", "linear", "memory", "titans_mag",
                                                   "titans_mac"],

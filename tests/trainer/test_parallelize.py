@@ -27,13 +27,6 @@ def _model(seed: int = 0) -> HybridLM:
     return HybridLM(cfg).double()
 
 
-def _loss_and_grads(model, ids, pos):
-    out = model(ids, position_ids=pos)
-    loss = model.loss(out.hidden, ids.roll(-1, 1)) + out.aux_loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
 def _batch():
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 64, (2, 24), generator=g)
@@ -42,13 +35,13 @@ def _batch():
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
-def test_checkpointing_is_exact(mode):
+def test_checkpointing_is_exact(mode, loss_and_grads):
     ids, pos = _batch()
-    ref_loss, ref_grads = _loss_and_grads(_model(), ids, pos)
+    ref_loss, ref_grads = loss_and_grads(_model(), ids, pos)
     model = _model()
     names = list(model.state_dict())
     apply_activation_checkpointing(model, mode)
-    loss, grads = _loss_and_grads(model, ids, pos)
+    loss, grads = loss_and_grads(model, ids, pos)
     assert list(model.state_dict()) == names
     assert torch.equal(loss, ref_loss)
     for name, g in ref_grads.items():
@@ -102,12 +95,12 @@ def test_parallelize_reports_its_policy(capsys, tmp_path):
 
 
 @pytest.mark.slow
-def test_compile_per_block_equals_eager():
+def test_compile_per_block_equals_eager(loss_and_grads):
     ids, pos = _batch()
-    ref_loss, ref_grads = _loss_and_grads(_model().float(), ids, pos)
+    ref_loss, ref_grads = loss_and_grads(_model().float(), ids, pos)
     model = _model().float()
     apply_compile(model)
-    loss, grads = _loss_and_grads(model, ids, pos)
+    loss, grads = loss_and_grads(model, ids, pos)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     for name, g in ref_grads.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-5, msg=name)

@@ -27,13 +27,6 @@ def _model(layers=("swa", "rat", "swa"), window=5, **swa) -> HybridLM:
     return HybridLM(cfg).double()
 
 
-def _step(model, ids, pos):
-    out = model(ids, position_ids=pos)
-    loss = model.loss(out.hidden, ids.roll(-1, 1)) + out.aux_loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
 def _batch(T=41):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 64, (2, T), generator=g)
@@ -53,24 +46,24 @@ def _assert_same(a, b):
 
 @pytest.mark.parametrize("tile", [5, 7, 16, 64])
 @pytest.mark.parametrize("packed", [False, True])
-def test_tiled_blocks_are_exact(tile, packed):
+def test_tiled_blocks_are_exact(tile, packed, loss_and_grads):
     ids, pos = _batch()
     pos = pos if packed else None
-    ref = _step(_model(), ids, pos)
+    ref = loss_and_grads(_model(), ids, pos)
     model = _model()
     apply_tile_blocks(model, tile)
-    _assert_same(_step(model, ids, pos), ref)
+    _assert_same(loss_and_grads(model, ids, pos), ref)
 
 
 @pytest.mark.parametrize("layers", [("swa",) * 4, ("swa", "rat", "swa")])
-def test_tiled_blocks_with_checkpointing_and_tile_mlp(layers):
+def test_tiled_blocks_with_checkpointing_and_tile_mlp(layers, loss_and_grads):
     ids, pos = _batch()
-    ref = _step(_model(layers), ids, pos)
+    ref = loss_and_grads(_model(layers), ids, pos)
     model = _model(layers)
     apply_activation_checkpointing(model, "full")
     apply_tile_mlp(model, 4)
     apply_tile_blocks(model, 9)
-    _assert_same(_step(model, ids, pos), ref)
+    _assert_same(loss_and_grads(model, ids, pos), ref)
 
 
 def test_evaluation_and_decoding_unchanged():
@@ -90,7 +83,7 @@ def test_tile_shorter_than_window_is_refused():
 
 
 @pytest.mark.parametrize("tile", [7, 16])
-def test_tiled_blocks_with_a_conv_are_exact(tile):
+def test_tiled_blocks_with_a_conv_are_exact(tile, loss_and_grads):
     """swa with conv_size: a tile's halo covers the window plus the conv's taps (reach)."""
     def model():
         m = _model(conv_size=3)
@@ -102,11 +95,11 @@ def test_tiled_blocks_with_a_conv_are_exact(tile):
         return m
 
     ids, pos = _batch()
-    ref = _step(model(), ids, pos)
+    ref = loss_and_grads(model(), ids, pos)
     tiled = model()
     assert tiled.blocks[0].mixer.reach() == 5 + 2
     apply_tile_blocks(tiled, tile)
-    _assert_same(_step(tiled, ids, pos), ref)
+    _assert_same(loss_and_grads(tiled, ids, pos), ref)
 
 
 def _kind_model(kind: str, conv: bool) -> HybridLM:
@@ -126,24 +119,17 @@ def _kind_model(kind: str, conv: bool) -> HybridLM:
 
 @pytest.mark.parametrize("kind", sorted(MIXERS) + ["attn+conv", "s2+conv"])
 @pytest.mark.parametrize("tile", [8, 13])
-def test_state_carrying_tiles_are_exact(kind, tile):
+def test_state_carrying_tiles_are_exact(kind, tile, loss_and_grads):
     """Blocks of unbounded reach run tile by tile with their state carried: the same loss and
     gradients as untiled, with packed documents that cross the tiles' boundaries."""
     kind, _, conv = kind.partition("+")
     ids, pos = _batch()
     seq = torch.cat([torch.zeros(17), torch.ones(3), torch.full((ids.shape[1] - 20,), 2)]).long().expand(2, -1)
-
-    def step(model):
-        out = model(ids, position_ids=pos, seq_ids=seq)
-        loss = model.loss(out.hidden, ids.roll(-1, 1)) + out.aux_loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    ref = step(_kind_model(kind, bool(conv)))
+    ref = loss_and_grads(_kind_model(kind, bool(conv)), ids, pos, seq)
     model = _kind_model(kind, bool(conv))
     apply_tile_blocks(model, tile)
     assert "forward" in vars(model.blocks[0])  # the block is tiled, not left whole
-    _assert_same(step(model), ref)
+    _assert_same(loss_and_grads(model, ids, pos, seq), ref)
 
 
 def test_carried_state_must_be_a_pytree():

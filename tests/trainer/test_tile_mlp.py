@@ -17,13 +17,6 @@ def _model() -> HybridLM:
     return HybridLM(cfg).double()
 
 
-def _step(model, ids, pos):
-    out = model(ids, position_ids=pos)
-    loss = model.loss(out.hidden, ids.roll(-1, 1)) + out.aux_loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
 def _batch():
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 64, (2, 40), generator=g)
@@ -32,13 +25,13 @@ def _batch():
 
 
 @pytest.mark.parametrize("checkpointing", ["none", "full"])
-def test_tiled_mlp_is_exact(checkpointing):
+def test_tiled_mlp_is_exact(checkpointing, loss_and_grads):
     ids, pos = _batch()
-    ref_loss, ref_grads = _step(_model(), ids, pos)
+    ref_loss, ref_grads = loss_and_grads(_model(), ids, pos)
     model = _model()
     apply_activation_checkpointing(model, checkpointing)
     apply_tile_mlp(model, 7)
-    loss, grads = _step(model, ids, pos)
+    loss, grads = loss_and_grads(model, ids, pos)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
     for name, g in ref_grads.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-12, atol=1e-12, msg=name)
