@@ -94,6 +94,14 @@ _NORM_EPS = tl.constexpr(NORM_EPS)
 
 
 @triton.jit
+def _tile(ptr, n, o_r, o_c, m_r, m_c, R, S):
+    """The tile at rows o_r and columns o_c (0 outside the masks m_r, m_c) of the n-th row-major
+    R x S matrix stored from ptr, in fp32."""
+    return tl.load(ptr + n * R * S + o_r[:, None] * S + o_c[None, :], mask=m_r[:, None] & m_c[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _act(z, GELU: tl.constexpr):
     """(act(z), act'(z), act''(z)): common.act_derivatives, exact-erf GELU or SiLU."""
     if GELU:
@@ -125,13 +133,11 @@ def _start_fwd_kernel(k_ptr, v_ptr, w1_ptr, wl_ptr, nw_ptr, h_ptr, d1_ptr, d_ptr
         o_p = p0 + tl.arange(0, BLOCK_P)
         m_p = o_p < P
         p_cp, m_cp = n * C * P + o_c[:, None] * P + o_p[None, :], m_c[:, None] & m_p[None, :]
-        b_wl = tl.load(wl_ptr + n * P * K + o_p[:, None] * K + o_k[None, :], mask=m_p[:, None] & m_k[None, :],
-                       other=0.0)                                                    # (BLOCK_P, BLOCK_K)
+        b_wl = _tile(wl_ptr, n, o_p, o_k, m_p, m_k, P, K)  # (BLOCK_P, BLOCK_K)
         if DEPTH == 1:  # x = k, tiled along the contraction
             b_x = tl.load(k_ptr + p_cp, mask=m_cp, other=0.0)
         else:           # x = h = act(k G1), one tile of the hidden width
-            b_w1 = tl.load(w1_ptr + n * K * P + o_k[:, None] * P + o_p[None, :], mask=m_k[:, None] & m_p[None, :],
-                           other=0.0)                                                # (BLOCK_K, BLOCK_P)
+            b_w1 = _tile(w1_ptr, n, o_k, o_p, m_k, m_p, K, P)  # (BLOCK_K, BLOCK_P)
             b_x, _, _ = _act(tl.dot(b_k, b_w1, input_precision="ieee"), GELU)
             tl.store(h_ptr + p_cp, b_x, mask=m_cp)
         b_z += tl.dot(b_x, b_wl, input_precision="ieee")
@@ -149,10 +155,8 @@ def _start_fwd_kernel(k_ptr, v_ptr, w1_ptr, wl_ptr, nw_ptr, h_ptr, d1_ptr, d_ptr
         for p0 in range(0, P, BLOCK_P):
             o_p = p0 + tl.arange(0, BLOCK_P)
             m_p = o_p < P
-            b_wl = tl.load(wl_ptr + n * P * K + o_p[:, None] * K + o_k[None, :], mask=m_p[:, None] & m_k[None, :],
-                           other=0.0)
-            b_w1 = tl.load(w1_ptr + n * K * P + o_k[:, None] * P + o_p[None, :], mask=m_k[:, None] & m_p[None, :],
-                           other=0.0)
+            b_wl = _tile(wl_ptr, n, o_p, o_k, m_p, m_k, P, K)
+            b_w1 = _tile(w1_ptr, n, o_k, o_p, m_k, m_p, K, P)
             _, b_s, _ = _act(tl.dot(b_k, b_w1, input_precision="ieee"), GELU)
             b_d1 = tl.dot(b_d, tl.trans(b_wl), input_precision="ieee") * b_s
             tl.store(d1_ptr + n * C * P + o_c[:, None] * P + o_p[None, :], b_d1, mask=m_c[:, None] & m_p[None, :])
@@ -177,10 +181,8 @@ def _start_bwd_kernel(k_ptr, v_ptr, w1_ptr, wl_ptr, nw_ptr, z_ptr, d_ptr, gh_ptr
             o_p = p0 + tl.arange(0, BLOCK_P)
             m_p = o_p < P
             p_cp, m_cp = n * C * P + o_c[:, None] * P + o_p[None, :], m_c[:, None] & m_p[None, :]
-            b_wl = tl.load(wl_ptr + n * P * K + o_p[:, None] * K + o_k[None, :], mask=m_p[:, None] & m_k[None, :],
-                           other=0.0)
-            b_w1 = tl.load(w1_ptr + n * K * P + o_k[:, None] * P + o_p[None, :], mask=m_k[:, None] & m_p[None, :],
-                           other=0.0)
+            b_wl = _tile(wl_ptr, n, o_p, o_k, m_p, m_k, P, K)
+            b_w1 = _tile(w1_ptr, n, o_k, o_p, m_k, m_p, K, P)
             _, b_s, _ = _act(tl.dot(b_k, b_w1, input_precision="ieee"), GELU)
             b_gm = tl.load(gd1_ptr + p_cp, mask=m_cp, other=0.0) * b_s
             tl.store(gm_ptr + p_cp, b_gm, mask=m_cp)
@@ -213,8 +215,7 @@ def _start_bwd_kernel(k_ptr, v_ptr, w1_ptr, wl_ptr, nw_ptr, z_ptr, d_ptr, gh_ptr
         for p0 in range(0, P, BLOCK_P):
             o_p = p0 + tl.arange(0, BLOCK_P)
             m_p = o_p < P
-            b_wl = tl.load(wl_ptr + n * P * K + o_p[:, None] * K + o_k[None, :], mask=m_p[:, None] & m_k[None, :],
-                           other=0.0)
+            b_wl = _tile(wl_ptr, n, o_p, o_k, m_p, m_k, P, K)
             tl.store(gk_ptr + n * C * K + o_c[:, None] * K + o_p[None, :],
                      tl.dot(b_gz, tl.trans(b_wl), input_precision="ieee"), mask=m_c[:, None] & m_p[None, :])
     else:  # gz1 = (gh + gz G2^T) act'(z1) + gd1 m act''(z1),  gk = gz1 G1^T
@@ -224,10 +225,8 @@ def _start_bwd_kernel(k_ptr, v_ptr, w1_ptr, wl_ptr, nw_ptr, z_ptr, d_ptr, gh_ptr
             o_p = p0 + tl.arange(0, BLOCK_P)
             m_p = o_p < P
             p_cp, m_cp = n * C * P + o_c[:, None] * P + o_p[None, :], m_c[:, None] & m_p[None, :]
-            b_wl = tl.load(wl_ptr + n * P * K + o_p[:, None] * K + o_k[None, :], mask=m_p[:, None] & m_k[None, :],
-                           other=0.0)
-            b_w1 = tl.load(w1_ptr + n * K * P + o_k[:, None] * P + o_p[None, :], mask=m_k[:, None] & m_p[None, :],
-                           other=0.0)
+            b_wl = _tile(wl_ptr, n, o_p, o_k, m_p, m_k, P, K)
+            b_w1 = _tile(w1_ptr, n, o_k, o_p, m_k, m_p, K, P)
             _, b_s, b_s2 = _act(tl.dot(b_k, b_w1, input_precision="ieee"), GELU)
             b_gh = tl.load(gh_ptr + p_cp, mask=m_cp, other=0.0) + tl.dot(b_gz, tl.trans(b_wl), input_precision="ieee")
             b_m = tl.dot(b_d, tl.trans(b_wl), input_precision="ieee")
@@ -363,10 +362,8 @@ def _fwd_kernel(x_ptr, d_ptr, cs_ptr, cw_ptr, ps_ptr, bw_ptr, bs_ptr, s_ptr, w_p
     for c0 in range(0, C, BLOCK_C):
         o_c = c0 + tl.arange(0, BLOCK_C)
         m_c = o_c < C
-        b_x = tl.load(x_ptr + n * C * I + o_c[:, None] * I + o_i[None, :], mask=m_c[:, None] & m_i[None, :],
-                      other=0.0).to(tl.float32)                                  # (BLOCK_C, BLOCK_I)
-        b_d = tl.load(d_ptr + n * C * J + o_c[:, None] * J + o_j[None, :], mask=m_c[:, None] & m_j[None, :],
-                      other=0.0).to(tl.float32)                                  # (BLOCK_C, BLOCK_J)
+        b_x = _tile(x_ptr, n, o_c, o_i, m_c, m_i, C, I)  # (BLOCK_C, BLOCK_I)
+        b_d = _tile(d_ptr, n, o_c, o_j, m_c, m_j, C, J)  # (BLOCK_C, BLOCK_J)
         b_cs = tl.load(cs_ptr + n * C + o_c, mask=m_c, other=0.0).to(tl.float32)
         b_cw = tl.load(cw_ptr + n * C + o_c, mask=m_c, other=0.0).to(tl.float32)
         b_acc_s += tl.dot(tl.trans(b_x * b_cs[:, None]), b_d, input_precision="ieee")
@@ -394,8 +391,7 @@ def _bwd_dx_kernel(d_ptr, cs_ptr, cw_ptr, gs_ptr, gw_ptr, dx_ptr, C, I, J,
     for j0 in range(0, J, BLOCK_J):
         o_j = j0 + tl.arange(0, BLOCK_J)
         m_j = o_j < J
-        b_d = tl.load(d_ptr + n * C * J + o_c[:, None] * J + o_j[None, :], mask=m_c[:, None] & m_j[None, :],
-                      other=0.0).to(tl.float32)                                  # (BLOCK_C, BLOCK_J)
+        b_d = _tile(d_ptr, n, o_c, o_j, m_c, m_j, C, J)  # (BLOCK_C, BLOCK_J)
         p_g = n * I * J + o_i[None, :] * J + o_j[:, None]                        # (BLOCK_J, BLOCK_I): g^T
         m_g = m_j[:, None] & m_i[None, :]
         b_gs = tl.load(gs_ptr + p_g, mask=m_g, other=0.0).to(tl.float32)
@@ -423,16 +419,14 @@ def _bwd_dd_kernel(x_ptr, d_ptr, cs_ptr, cw_ptr, gs_ptr, gw_ptr, dd_ptr, dcs_ptr
     for i0 in range(0, I, BLOCK_I):
         o_i = i0 + tl.arange(0, BLOCK_I)
         m_i = o_i < I
-        b_x = tl.load(x_ptr + n * C * I + o_c[:, None] * I + o_i[None, :], mask=m_c[:, None] & m_i[None, :],
-                      other=0.0).to(tl.float32)                                  # (BLOCK_C, BLOCK_I)
+        b_x = _tile(x_ptr, n, o_c, o_i, m_c, m_i, C, I)  # (BLOCK_C, BLOCK_I)
         p_g = n * I * J + o_i[:, None] * J + o_j[None, :]                        # (BLOCK_I, BLOCK_J)
         m_g = m_i[:, None] & m_j[None, :]
         b_gs = tl.load(gs_ptr + p_g, mask=m_g, other=0.0).to(tl.float32)
         b_gw = tl.load(gw_ptr + p_g, mask=m_g, other=0.0).to(tl.float32)
         b_xs += tl.dot(b_x, b_gs, input_precision="ieee")
         b_xw += tl.dot(b_x, b_gw, input_precision="ieee")
-    b_d = tl.load(d_ptr + n * C * J + o_c[:, None] * J + o_j[None, :], mask=m_c[:, None] & m_j[None, :],
-                  other=0.0).to(tl.float32)
+    b_d = _tile(d_ptr, n, o_c, o_j, m_c, m_j, C, J)
     b_cs = tl.load(cs_ptr + n * C + o_c, mask=m_c, other=0.0).to(tl.float32)
     b_cw = tl.load(cw_ptr + n * C + o_c, mask=m_c, other=0.0).to(tl.float32)
     b_dd = -(b_cs[:, None] * b_xs + b_cw[:, None] * b_xw)
