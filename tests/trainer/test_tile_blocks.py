@@ -132,6 +132,31 @@ def test_state_carrying_tiles_are_exact(kind, tile, loss_and_grads):
     _assert_same(loss_and_grads(model, ids, pos, seq), ref)
 
 
+def test_kept_states_are_bounded_and_the_rest_regenerated(loss_and_grads):
+    """With many tiles, attention's states (the keys and values so far) outgrow the block's
+    input: only every 2^k-th tile's start state is kept (k up to log2 sqrt(tiles)), and
+    backward regenerates the others from the last kept one. Still exact."""
+    from loom.trainer.parallelize import _Chain, _carry_fn, _run_carried
+
+    def model():
+        torch.manual_seed(0)
+        return HybridLM(ModelConfig(vocab_size=64, d_model=32, n_heads=2, layers=["attn", "rat", "attn"],
+                                    mixers={"rat": SMALL["rat"]})).double()
+
+    ids, pos = _batch()
+    seq = torch.cat([torch.zeros(17), torch.ones(3), torch.full((ids.shape[1] - 20,), 2)]).long().expand(2, -1)
+    m = model()
+    keep = {}
+    with torch.no_grad():
+        x = m.embed(ids)
+        _run_carried(_carry_fn(m.blocks[0]), x, pos, seq, 3, _Chain(x.shape[1]), keep)
+    assert sorted(keep) == [0, 4, 8, 12]  # 14 tiles: every 4th (the power of two >= sqrt(14))
+    ref = loss_and_grads(model(), ids, pos, seq)
+    tiled = model()
+    apply_tile_blocks(tiled, 3)
+    _assert_same(loss_and_grads(tiled, ids, pos, seq), ref)
+
+
 def test_carried_state_must_be_a_pytree():
     from loom.trainer.parallelize import _state_input
 
