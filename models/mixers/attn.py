@@ -75,9 +75,6 @@ class Attention(Mixer):
         if self.conv is not None:
             self.conv.reset_parameters()
 
-    def row_losses(self) -> bool:
-        return self.cfg.moh
-
     def project(self, x: torch.Tensor, ctx: SeqContext, state=None):
         """x (B, T, D) -> q (B, T, H, K), k and v (B, T, G, K), RoPE applied, and the
         conv's new decoding cache (None without a conv)."""

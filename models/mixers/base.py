@@ -125,8 +125,10 @@ class Mixer(nn.Module):
     def row_losses(self) -> bool:
         """True when forward appends an auxiliary loss computed over the whole row
         (MoH's load balance is a mean over all its tokens). Such a mixer cannot run on
-        sequence tiles (train.tile_blocks): the tiles' losses would be means over tiles."""
-        return False
+        sequence tiles (train.tile_blocks): the tiles' losses would be means over tiles.
+        Default: whether any submodule says so through its own `row_losses` attribute
+        (heads.HeadOutput with MoH, in attn, swa, s2 and rat)."""
+        return any(getattr(m, "row_losses", False) is True for m in self.modules() if m is not self)
 
     def cp_chunk_tokens(self) -> int:
         """Under context parallelism, how many consecutive tokens must stay on one

@@ -66,6 +66,11 @@ class HeadOutput(nn.Module):
     def enabled(self) -> bool:
         return self.gate_proj is not None or self.opts.moh
 
+    @property
+    def row_losses(self) -> bool:
+        """MoH appends a load-balancing loss over the whole row (Mixer.row_losses)."""
+        return self.opts.moh
+
     def moh_weights(self, x: torch.Tensor, ctx: SeqContext | None) -> torch.Tensor:
         """(B, T, H) per-head weights; appends the balance loss to ctx.aux_losses."""
         o = self.opts

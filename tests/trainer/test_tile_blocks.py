@@ -167,7 +167,7 @@ def test_carried_state_must_be_a_pytree():
         _state_input({"k": torch.zeros(1), "other": Opaque()})
 
 
-@pytest.mark.parametrize("layers", [("swa",), ("attn",)])
+@pytest.mark.parametrize("layers", [("swa",), ("attn",), ("rat",)])
 def test_moh_is_left_whole(layers):
     """MoH's load-balancing loss is a mean over the whole row: its blocks are not tiled."""
     torch.manual_seed(0)
