@@ -23,8 +23,8 @@ Sections (each prints a markdown table and is recorded in benchmarks/results/spe
              pattern at d_model 256, 4 layers, batch 1, `--recipe-lengths`
              tokens, each in a fresh process (benchmarks/long_step.py) for its
              own peak RSS; windows and chunks scaled to long context
-             (LONG_MIXERS); a cell whose time, extrapolated from the shorter
-             ones, exceeds `--cap-seconds` is skipped with its estimate;
+             (LONG_MIXERS); a cell whose time, extrapolated from the two
+             shorter ones, exceeds `--cap-seconds` is skipped with its estimate;
     longest  the longest trainable context at `--budget-gib`, without and with
              full checkpointing: peak RSS at `--fit-lengths`, a least-squares
              line through it (residual reported), T_max = (budget - a) / b
@@ -200,13 +200,10 @@ def train_step(layers: list[str], mixers: dict, T: int, checkpointing: str, thre
 
 
 def extrapolate_seconds(points: list[tuple[int, float]], T: int) -> float:
-    """Seconds of a step at T from measured (tokens, seconds): the power law through the last
-    two points, its exponent clamped to [1, 2]; from a single point, quadratic (attention)."""
-    T1, s1 = points[-1]
-    p = 2.0
-    if len(points) > 1:
-        T0, s0 = points[-2]
-        p = min(2.0, max(1.0, math.log(s1 / s0) / math.log(T1 / T0)))
+    """Seconds of a step at T from measured (tokens, seconds), at least two: the power law
+    through the last two points, its exponent clamped to [1, 2]."""
+    (T0, s0), (T1, s1) = points[-2:]
+    p = min(2.0, max(1.0, math.log(s1 / s0) / math.log(T1 / T0)))
     return s1 * (T / T1) ** p
 
 
@@ -234,7 +231,7 @@ def recipes(names, lengths, threads, cap_seconds):
         done = []
         for T in lengths:
             row = {"recipe": name, "layers": layers, "mixers": mixers, "T": T}
-            est = extrapolate_seconds(done, T) if done else 0.0
+            est = extrapolate_seconds(done, T) if len(done) > 1 else 0.0
             if est > cap_seconds:
                 row["skipped"] = f"est. {est:.0f} s"
             else:

@@ -27,7 +27,6 @@ def test_round_down_tokens(T, expected):
 
 
 def test_extrapolate_seconds_follows_the_measured_exponent_clamped():
-    assert speed.extrapolate_seconds([(4096, 2.0)], 8192) == pytest.approx(8.0)  # one point: quadratic
     assert speed.extrapolate_seconds([(4096, 2.0), (16384, 8.0)], 65536) == pytest.approx(32.0)  # linear
     assert speed.extrapolate_seconds([(4096, 2.0), (8192, 2.0)], 16384) == pytest.approx(4.0)  # at least linear
     assert speed.extrapolate_seconds([(4096, 1.0), (8192, 8.0)], 16384) == pytest.approx(32.0)  # at most quadratic
