@@ -30,7 +30,8 @@ Sections (each prints a markdown table and is recorded in benchmarks/results/spe
              line through it (residual reported), T_max = (budget - a) / b
              rounded down to 2^k or 3 x 2^k x 1024 tokens; `--verify` recipes
              then run one step at T_max, or at the largest step that the
-             `--verify-seconds` and `--verify-gib` caps allow.
+             `--verify-seconds` and `--verify-gib` caps allow, and the slope
+             from the longest fitted length to that step gives a second T_max.
 
     python benchmarks/speed.py                                   # packed, loss, model: minutes
     python benchmarks/speed.py --sections packed --lengths 8192 32768
@@ -224,6 +225,18 @@ def round_down_tokens(T: float) -> int:
     return best
 
 
+def long_slope(row: dict, budget_gib: float) -> None:
+    """Adds to a `longest` row whose verifying step ran the slope of the peak from the longest
+    fitted length to the verified one (KiB per token) and the T_max that this slope gives from
+    the verified peak: the short lengths' line over-counts where the peak grows sublinearly."""
+    v, last = row.get("verify", {}), row["fit"][-1]
+    if "peak_rss_gib" not in v or "peak_rss_gib" not in last:
+        return
+    b = (v["peak_rss_gib"] - last["peak_rss_gib"]) / (v["T"] - last["tokens"])
+    row["b_long_kib_per_token"] = round(b * 2**20, 2)
+    row["T_max_long_slope"] = round_down_tokens(v["T"] + (budget_gib - v["peak_rss_gib"]) / b)
+
+
 def recipes(names, lengths, threads, cap_seconds):
     rows = []
     for name in names:
@@ -274,6 +287,7 @@ def longest(names, fit_lengths, budget_gib, threads, verify, verify_seconds, ver
                     rec = train_step(layers, mixers, T, checkpointing, threads)
                     row["verify"] = {"T": T, "at_T_max": T == t_max, "predicted_gib": round(a + b * T, 2),
                                      **{k: rec[k] for k in ("seconds", "peak_rss_gib", "failed") if k in rec}}
+                    long_slope(row, budget_gib)
             rows.append(row)
             print(row, flush=True)
     return rows

@@ -19,6 +19,15 @@ def test_linear_fit_recovers_a_line_and_reports_the_residual():
     assert (a, b) == pytest.approx((-1 / 3, 0.5)) and resid == pytest.approx(1 / 3)
 
 
+def test_long_slope_extrapolates_from_the_verified_step():
+    row = {"fit": [{"tokens": 16384, "peak_rss_gib": 2.0}], "verify": {"T": 65536, "peak_rss_gib": 5.0}}
+    speed.long_slope(row, 24)  # 3 GiB over 48K tokens = 64 KiB / token; 19 GiB more = 311,296 tokens
+    assert row["b_long_kib_per_token"] == 64 and row["T_max_long_slope"] == speed.round_down_tokens(65536 + 311296)
+    failed = {"fit": [{"tokens": 16384, "peak_rss_gib": 2.0}], "verify": {"T": 65536, "failed": "exit code -9"}}
+    speed.long_slope(failed, 24)
+    assert "T_max_long_slope" not in failed
+
+
 @pytest.mark.parametrize("T, expected", [(0, 0), (1023, 0), (1024, 1024), (2047.9, 1024), (3071, 2048),
                                          (3072, 3072), (4095, 3072), (1_200_000, 1_048_576),
                                          (1_572_864, 1_572_864), (2_097_151, 1_572_864)])
