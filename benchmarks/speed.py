@@ -26,7 +26,7 @@ Sections (each prints a markdown table and is recorded in benchmarks/results/spe
              (LONG_MIXERS); a cell whose time, extrapolated from the two
              shorter ones, exceeds `--cap-seconds` is skipped with its estimate;
     longest  the longest trainable context at `--budget-gib`, without and with
-             full checkpointing: peak RSS at `--fit-lengths`, a least-squares
+             full checkpointing (`--checkpointing`): peak RSS at `--fit-lengths`, a least-squares
              line through it (residual reported), T_max = (budget - a) / b
              rounded down to 2^k or 3 x 2^k x 1024 tokens; `--verify` recipes
              then run one step at T_max, or at the largest step that the
@@ -260,11 +260,11 @@ def recipes(names, lengths, threads, cap_seconds):
     return rows
 
 
-def longest(names, fit_lengths, budget_gib, threads, verify, verify_seconds, verify_gib):
+def longest(names, modes, fit_lengths, budget_gib, threads, verify, verify_seconds, verify_gib):
     rows = []
     for name in names:
         layers, mixers = recipe_model(name)
-        for checkpointing in ("none", "full"):
+        for checkpointing in modes:
             recs = [train_step(layers, mixers, T, checkpointing, threads) for T in fit_lengths]
             row = {"recipe": name, "layers": layers, "checkpointing": checkpointing,
                    "fit": [{k: r[k] for k in ("tokens", "seconds", "peak_rss_gib", "failed") if k in r} for r in recs]}
@@ -308,6 +308,7 @@ def main() -> None:
     ap.add_argument("--cap-seconds", type=float, default=300, help="recipes: skip a longer step")
     ap.add_argument("--longest-recipes", nargs="+", default=["quickstart", "swa", "rat-swa", "linear-attn",
                                                              "titans-mal"])
+    ap.add_argument("--checkpointing", nargs="+", default=["none", "full"], help="longest: activation checkpointing")
     ap.add_argument("--fit-lengths", nargs="+", type=int, default=[4096, 8192, 16384])
     ap.add_argument("--budget-gib", type=float, default=24)
     ap.add_argument("--verify", nargs="+", default=["swa", "rat-swa", "linear-attn", "titans-mal"],
@@ -330,7 +331,7 @@ def main() -> None:
         res["recipes"] = recipes(a.recipes, a.recipe_lengths, a.threads, a.cap_seconds)
         out.write_text(json.dumps(res, indent=1) + "\n")
     if "longest" in a.sections:
-        res["longest"] = longest(a.longest_recipes, a.fit_lengths, a.budget_gib, a.threads, a.verify,
+        res["longest"] = longest(a.longest_recipes, a.checkpointing, a.fit_lengths, a.budget_gib, a.threads, a.verify,
                                  a.verify_seconds, a.verify_gib)
     out.write_text(json.dumps(res, indent=1) + "\n")
 
