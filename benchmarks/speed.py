@@ -5,7 +5,7 @@ Everything is timed in ONE process with the candidates interleaved (A, B, A, B,
 meaningful on a shared machine whose absolute speed drifts. fp32, CPU,
 `--threads` threads (default 2).
 
-Sections (each prints a markdown table and is recorded in benchmarks/results/speed.json):
+Sections (each prints its rows and is recorded in `--out`, default benchmarks/results/speed.json):
     packed   attention op, forward+backward, d 256 (4 heads x 64), batch 1:
              one document per row (the fused causal SDPA) vs the same row as
              `--docs` packed documents through the tiled path (impl="auto") and
