@@ -81,6 +81,37 @@ def measure(layers: list[str], T: int, checkpointing: str, tile_mlp: int, tile_b
             "bytes_per_token": round((peak - base) / inputs.shape[1]), "loss": round(float(loss), 4)}
 
 
+def run_step(layers: list[str], T: int, checkpointing: str, tile_mlp: int, tile_blocks: int, threads: int,
+             mixers: str, cp: int = 1, cp_layout: str = "zigzag") -> dict:
+    """`measure` in `cp` fresh processes (one per rank), so that the peak RSS is this step's own.
+
+    `mixers` is model.mixers as JSON. Returns the record of the rank with the largest peak (with
+    cp: the slowest rank's seconds, the ranks' summed peak and losses), or {..., "failed": the
+    last line of the failing rank's stderr} (e.g. killed for memory).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [subprocess.Popen(
+            [sys.executable, __file__, "--child", str(r), str(cp), "--store", os.path.join(tmp, "store"),
+             "--tokens", str(T), "--layers", *layers, "--checkpointing", checkpointing,
+             "--tile-mlp", str(tile_mlp), "--tile-blocks", str(tile_blocks), "--threads", str(threads),
+             "--cp-layout", cp_layout, "--mixers", mixers],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **MALLOC})
+            for r in range(cp)]
+        outs = [p.communicate() for p in procs]
+    if any(p.returncode for p in procs):
+        p, (_, err) = next((p, o) for p, o in zip(procs, outs) if p.returncode)
+        return {"layers": layers, "tokens": T, "cp": cp, "checkpointing": checkpointing,
+                "tile_mlp": tile_mlp, "tile_blocks": tile_blocks,
+                "failed": (err.strip().splitlines() or [f"exit code {p.returncode}"])[-1]}
+    ranks = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
+    rec = max(ranks, key=lambda r: r["peak_rss_gib"])
+    rec["seconds"] = max(r["seconds"] for r in ranks)
+    if cp > 1:
+        rec["peak_rss_gib_all_ranks"] = round(sum(r["peak_rss_gib"] for r in ranks), 2)
+        rec["loss"] = [r["loss"] for r in ranks]
+    return rec
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", nargs="+", default=["memory", "swa", "memory", "swa"])
@@ -102,27 +133,7 @@ def main() -> None:
         return
     RESULTS.mkdir(exist_ok=True)
     for T in a.tokens:
-        with tempfile.TemporaryDirectory() as tmp:
-            procs = [subprocess.Popen(
-                [sys.executable, __file__, "--child", str(r), str(a.cp), "--store", os.path.join(tmp, "store"),
-                 "--tokens", str(T), "--layers", *a.layers, "--checkpointing", a.checkpointing,
-                 "--tile-mlp", str(a.tile_mlp), "--tile-blocks", str(a.tile_blocks), "--threads", str(a.threads),
-                 "--cp-layout", a.cp_layout, "--mixers", a.mixers],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **MALLOC})
-                for r in range(a.cp)]
-            outs = [p.communicate() for p in procs]
-        if any(p.returncode for p in procs):
-            err = next(e for p, (_, e) in zip(procs, outs) if p.returncode)
-            rec = {"layers": a.layers, "tokens": T, "cp": a.cp, "checkpointing": a.checkpointing,
-                   "tile_mlp": a.tile_mlp, "tile_blocks": a.tile_blocks,
-                   "failed": (err.strip().splitlines() or ["nonzero exit"])[-1]}
-        else:
-            ranks = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
-            rec = max(ranks, key=lambda r: r["peak_rss_gib"])
-            rec["seconds"] = max(r["seconds"] for r in ranks)
-            if a.cp > 1:
-                rec["peak_rss_gib_all_ranks"] = round(sum(r["peak_rss_gib"] for r in ranks), 2)
-                rec["loss"] = [r["loss"] for r in ranks]
+        rec = run_step(a.layers, T, a.checkpointing, a.tile_mlp, a.tile_blocks, a.threads, a.mixers, a.cp, a.cp_layout)
         print(json.dumps(rec), flush=True)
         with (RESULTS / "long_step.json").open("a") as f:
             f.write(json.dumps(rec) + "\n")
