@@ -18,6 +18,8 @@ Sections (each prints its rows and is recorded in `--out`, default benchmarks/re
              transformers' LlamaForCausalLM, vocab 256 and 32K, packed and
              unpacked rows; tok/s and MFU against the best fp32 GEMM measured in the
              run (before the first and after every length);
+    profile  torch.profiler of one step of each of those two models at the first of
+             `--lengths` and `--vocabs`: self CPU time per aten op (where the time goes);
     recipes  one training step (forward, fused loss, backward; full activation
              checkpointing, the trainer's own) of every small recipe's layer
              pattern at d_model 256, 4 layers, batch 1, `--recipe-lengths`
@@ -36,6 +38,7 @@ Sections (each prints its rows and is recorded in `--out`, default benchmarks/re
     python benchmarks/speed.py                                   # packed, loss, model: minutes
     python benchmarks/speed.py --sections packed --lengths 8192 32768
     python benchmarks/speed.py --sections recipes longest --threads 1 --out results/speed_recipes.json
+    python benchmarks/speed.py --sections profile --lengths 2048 --vocabs 256 --threads 1 --out results/profile.json
 """
 from __future__ import annotations
 
@@ -131,21 +134,60 @@ def loss(vocabs, N, repeats):
     return rows
 
 
-def model(lengths, vocabs, docs, repeats):
+def loom_and_hf(V: int, max_len: int):
+    """The compared pair: Loom's HybridLM and transformers' LlamaForCausalLM, 4 attention layers
+    at d_model 256 (SwiGLU 683 vs 688 hidden: the same parameter count within 1%), tied."""
     import transformers
 
     from loom.models import HybridLM, ModelConfig
+
+    torch.manual_seed(0)
+    loom = HybridLM(ModelConfig(vocab_size=V, d_model=256, n_heads=4, layers=["attn"] * 4).resolved())
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=V, hidden_size=256, num_attention_heads=4, num_key_value_heads=4, intermediate_size=688,
+        num_hidden_layers=4, tie_word_embeddings=True, max_position_embeddings=max_len,
+        attn_implementation="sdpa"))
+    return loom, hf
+
+
+def profile(T: int, V: int, top: int = 12) -> dict:
+    """Where one training step of each model spends its time (torch.profiler, self CPU time
+    per aten op, after two warm-up steps): {model: {"total_ms", "ops": [(name, ms, share)]}}."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    loom, hf = loom_and_hf(V, T)
+    ids = torch.randint(0, V, (1, T + 1))
+
+    def loom_step():
+        out = loom(ids[:, :-1])
+        (loom.loss(out.hidden, ids[:, 1:]) + out.aux_loss).backward()
+
+    def hf_step():
+        hf(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss.backward()
+
+    res = {}
+    for name, step in (("loom", loom_step), ("hf", hf_step)):
+        step(), step()
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in events)
+        res[name] = {"total_ms": round(total / 1e3, 1),
+                     "ops": [(e.key, round(e.self_cpu_time_total / 1e3, 1), round(e.self_cpu_time_total / total, 3))
+                             for e in events[:top]]}
+        print(name, res[name]["total_ms"], "ms", *(f"\n  {k:50s} {ms:9.1f} ms {sh:6.1%}" for k, ms, sh in
+                                                      res[name]["ops"]), flush=True)
+    return {"T": T, "V": V, **res}
+
+
+def model(lengths, vocabs, docs, repeats):
     from loom.trainer.perf import measure_cpu_peak
 
     peaks = [measure_cpu_peak()]
     rows = []
     for V in vocabs:
-        torch.manual_seed(0)
-        loom = HybridLM(ModelConfig(vocab_size=V, d_model=256, n_heads=4, layers=["attn"] * 4).resolved())
-        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            vocab_size=V, hidden_size=256, num_attention_heads=4, num_key_value_heads=4, intermediate_size=688,
-            num_hidden_layers=4, tie_word_embeddings=True, max_position_embeddings=max(lengths),
-            attn_implementation="sdpa"))
+        loom, hf = loom_and_hf(V, max(lengths))
         for T in lengths:
             ids = torch.randint(0, V, (1, T + 1))
             sid = doc_ids(T, docs)
@@ -327,6 +369,8 @@ def main() -> None:
         res["model"] = model(a.lengths, a.vocabs, a.docs, a.repeats)
     out = Path(a.out)
     out.parent.mkdir(exist_ok=True)
+    if "profile" in a.sections:
+        res["profile"] = profile(a.lengths[0], a.vocabs[0])
     if "recipes" in a.sections:
         res["recipes"] = recipes(a.recipes, a.recipe_lengths, a.threads, a.cap_seconds)
         out.write_text(json.dumps(res, indent=1) + "\n")
