@@ -165,7 +165,7 @@ class _SequenceTiles(torch.autograd.Function):
         for lo, a, b in _tile_rows(h0, x_ext.shape[1], ctx.tile, ctx.reach):
             x_t = x_ext[:, lo:b].detach().requires_grad_(want_dx)
             with torch.enable_grad():
-                y_t = ctx.fn(x_t, pos_ext[:, lo:b], None if sid_ext is None else sid_ext[:, lo:b])[:, a - lo:]
+                y_t = ctx.fn(x_t, pos_ext[:, lo:b], _rows(sid_ext, lo, b))[:, a - lo:]
             wrt = ([x_t] if want_dx else []) + [ctx.params[i] for i in wanted]
             grads = list(torch.autograd.grad(y_t, wrt, dy[:, a - h0:b - h0], allow_unused=True))
             if want_dx:
@@ -174,6 +174,11 @@ class _SequenceTiles(torch.autograd.Function):
                 if g is not None:
                     dparams[i] = g if dparams[i] is None else dparams[i].add_(g)
         return (dx, None, None, None, None, None, None, *dparams)
+
+
+def _rows(t, a: int, b: int):
+    """Rows a..b (dim 1) of an optional per-token tensor (document ids may be None)."""
+    return None if t is None else t[:, a:b]
 
 
 def _tile_rows(h0: int, S: int, tile: int, reach: int):
@@ -187,7 +192,7 @@ def _run_tiles(fn, x_ext, pos_ext, sid_ext, h0: int, tile: int, reach: int) -> t
     y = None
     with torch.no_grad():
         for lo, a, b in _tile_rows(h0, x_ext.shape[1], tile, reach):
-            y_t = fn(x_ext[:, lo:b], pos_ext[:, lo:b], None if sid_ext is None else sid_ext[:, lo:b])[:, a - lo:]
+            y_t = fn(x_ext[:, lo:b], pos_ext[:, lo:b], _rows(sid_ext, lo, b))[:, a - lo:]
             if y is None:
                 y = y_t.new_empty(x_ext.shape[0], x_ext.shape[1] - h0, *y_t.shape[2:])
             y[:, a - h0:b - h0] = y_t
@@ -313,8 +318,9 @@ def _tile_plan(chain: _Chain, tile: int) -> list[list[tuple[int, int, int]]]:
     return plan
 
 
-def _run_carried(fn, x, pos, sid, tile: int, chain: _Chain, keep: dict | None = None) -> torch.Tensor:
-    """fn's output for the row x, tile after tile with the state carried, without a graph.
+def _run_carried(fn, x, pos, sid, plan: list, chain: _Chain, keep: dict | None = None) -> torch.Tensor:
+    """fn's output for the row x, tile after tile (`plan`: _tile_plan) with the state carried,
+    without a graph.
 
     With `keep` (a dict), also keeps tile start states in it ({tile index: state}): every
     tile's while they fit in the memory of x itself, else those of every 2nd, 4th, ...
@@ -323,7 +329,6 @@ def _run_carried(fn, x, pos, sid, tile: int, chain: _Chain, keep: dict | None = 
     backward regenerates between two kept ones). A piece's first tile is always kept: its
     state may come from another rank."""
     y = torch.empty_like(x)
-    plan = _tile_plan(chain, tile)
     n = plan[-1][-1][0] + 1
     state, stride, kept, budget = None, 1, 0, x.numel() * x.element_size()
     max_stride = 1 << max(0, math.ceil(math.log2(math.sqrt(n))))
@@ -339,7 +344,7 @@ def _run_carried(fn, x, pos, sid, tile: int, chain: _Chain, keep: dict | None = 
                         stride *= 2
                         for j in [j for j in keep if j % stride and j not in firsts]:
                             kept -= _state_bytes(keep.pop(j))
-                y[:, a:b], state = fn(x[:, a:b], pos[:, a:b], None if sid is None else sid[:, a:b], state)
+                y[:, a:b], state = fn(x[:, a:b], pos[:, a:b], _rows(sid, a, b), state)
             if chain.remote(nxt):
                 chain.send(state, nxt)
     return y
@@ -378,22 +383,21 @@ class _CarriedTiles(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, pos, sid, fn, tile: int, chain: _Chain, *params):
-        ctx.fn, ctx.tile, ctx.chain, ctx.params = fn, tile, chain, params
+        ctx.fn, ctx.chain, ctx.params = fn, chain, params
         ctx.save_for_backward(x, pos, sid)
-        ctx.keep = {}
-        return _run_carried(fn, x, pos, sid, tile, chain, ctx.keep)
+        ctx.keep, ctx.plan = {}, _tile_plan(chain, tile)
+        return _run_carried(fn, x, pos, sid, ctx.plan, chain, ctx.keep)
 
     @staticmethod
     def backward(ctx, dy):
         x, pos, sid = ctx.saved_tensors
         chain, keep = ctx.chain, ctx.keep
-        rows = lambda t, a, b: None if t is None else t[:, a:b]  # noqa: E731
         want_dx = ctx.needs_input_grad[0]
         wanted = [i for i, need in enumerate(ctx.needs_input_grad[6:]) if need]
         dx = torch.zeros_like(x) if want_dx else None
         dparams = [None] * len(ctx.params)
         dstate = None  # gradient of the current tile's end state (a list aligned with its leaves)
-        for (lo, hi, prev, nxt), tiles in reversed(list(zip(chain.pieces, _tile_plan(chain, ctx.tile)))):
+        for (lo, hi, prev, nxt), tiles in reversed(list(zip(chain.pieces, ctx.plan))):
             if chain.remote(nxt):
                 dstate = chain.recv(nxt, x.device)
             elif nxt is None:
@@ -405,12 +409,12 @@ class _CarriedTiles(torch.autograd.Function):
                     state = keep[j]
                     with torch.no_grad():
                         for t, ta, tb in tiles[j - first:i - first]:
-                            _, state = ctx.fn(x[:, ta:tb], pos[:, ta:tb], rows(sid, ta, tb), state)
+                            _, state = ctx.fn(x[:, ta:tb], pos[:, ta:tb], _rows(sid, ta, tb), state)
                             keep[t + 1] = state
                 s0 = _state_input(keep.pop(i))
                 x_t = x[:, a:b].detach().requires_grad_(want_dx)
                 with torch.enable_grad():
-                    y_t, s1 = ctx.fn(x_t, pos[:, a:b], rows(sid, a, b), s0)
+                    y_t, s1 = ctx.fn(x_t, pos[:, a:b], _rows(sid, a, b), s0)
                 outs, gouts = [y_t], [dy[:, a:b]]
                 for t, g in zip(_tensor_leaves(s1), dstate or ()):
                     if g is not None and isinstance(t, torch.Tensor) and t.requires_grad:
@@ -430,7 +434,7 @@ class _CarriedTiles(torch.autograd.Function):
                         dparams[k] = g if dparams[k] is None else dparams[k].add_(g)
             if chain.remote(prev):
                 chain.send(dstate, prev)
-        ctx.keep = None
+        ctx.keep = ctx.plan = None
         return (dx, None, None, None, None, None, *dparams)
 
 
@@ -462,7 +466,7 @@ def _carried_block(block, tile: int):
             return plain(x, ctx, state)
         chain = _Chain(x.shape[1], ctx.sharding)
         if not torch.is_grad_enabled():
-            return _run_carried(fn, x, ctx.position_ids, ctx.seq_ids, tile, chain), None
+            return _run_carried(fn, x, ctx.position_ids, ctx.seq_ids, _tile_plan(chain, tile), chain), None
         params = list(block.parameters())
         return _CarriedTiles.apply(x, ctx.position_ids, ctx.seq_ids, fn, tile, chain, *params), None
 
