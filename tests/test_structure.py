@@ -6,7 +6,7 @@ import cycles in the trainer, no context-parallel branches in the mixers.
   other top-level name (~15 s: one `pip wheel`);
 - imports (module level and inside functions, read from the source): no cycle
   among loom.trainer modules; models/ and kernels/ never import the trainer;
-  models/ never imports torch.distributed; loom.trainer.dist imports only torch;
+  models/ never imports torch.distributed; loom.trainer.distributed.dist imports only torch;
 - models/mixers never import kernels.context_parallel nor test `ctx.sharding`:
   they pass it to their op, which decides.
 """
@@ -130,7 +130,7 @@ def test_layers_import_one_way():
         if name.startswith("loom.models"):
             assert not any(i.startswith(("torch.distributed", "loom.kernels.context_parallel")) for i in imported), \
                 f"{name} imports torch.distributed or the context-parallel ops"
-        if name == "loom.trainer.dist":
+        if name == "loom.trainer.distributed.dist":
             assert {i.split(".")[0] for i in imported} <= {"torch", "sys", "dataclasses", "typing", "__future__"}, \
                 imported
 

@@ -1,4 +1,4 @@
-"""MFU and profiler traces (trainer/perf.py): the logged mfu of a real run equals
+"""MFU and profiler traces (trainer/observe/perf.py): the logged mfu of a real run equals
 tokens/s x the model's FLOPs per token / the peak given by train.peak_flops;
 the measured CPU peak agrees with an independently timed GEMM; GPU names map
 to their bf16 peak and unknown ones say so; train.profile_steps writes a
@@ -12,8 +12,8 @@ import torch
 from loom.models import HybridLM
 from loom.trainer.cli import main
 from loom.trainer.config import load_config
-from loom.trainer.metrics import read_metrics
-from loom.trainer.perf import device_peak, measure_cpu_peak, mfu
+from loom.trainer.observe.metrics import read_metrics
+from loom.trainer.observe.perf import device_peak, measure_cpu_peak, mfu
 from loom.trainer.train import model_config_for
 from loom.trainer.data import load_tokenizer
 
@@ -41,7 +41,7 @@ def test_mfu_in_metrics_and_trace_written(tmp_path, capsys):
 
 def test_measured_cpu_peak_is_the_best_gemm(monkeypatch):
     ticks = iter([0.0, 0.5, 1.0, 1.2, 2.0, 2.9])  # three timed GEMMs: 0.5 s, 0.2 s, 0.9 s
-    monkeypatch.setattr("loom.trainer.perf.time.perf_counter", lambda: next(ticks))
+    monkeypatch.setattr("loom.trainer.observe.perf.time.perf_counter", lambda: next(ticks))
     assert measure_cpu_peak(n=64, repeats=3) == pytest.approx(2 * 64 ** 3 / 0.2)
 
 
