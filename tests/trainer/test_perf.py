@@ -1,4 +1,4 @@
-"""MFU and profiler traces (trainer/perf.py): the logged mfu of a real run equals
+"""MFU and profiler traces (trainer/observe/perf.py): the logged mfu of a real run equals
 tokens/s x the model's FLOPs per token / the peak given by train.peak_flops;
 the measured CPU GEMM rate is the best timed GEMM; the CPU peak is cores x clock x
 FLOPs/cycle of the ISA (raised to the GEMM rate when that is higher), so a real run's
@@ -13,8 +13,8 @@ import torch
 from loom.models import HybridLM
 from loom.trainer.cli import main
 from loom.trainer.config import load_config
-from loom.trainer.metrics import read_metrics
-from loom.trainer.perf import cpu_theoretical_peak, device_peak, measure_cpu_peak, mfu
+from loom.trainer.observe.metrics import read_metrics
+from loom.trainer.observe.perf import cpu_theoretical_peak, device_peak, measure_cpu_peak, mfu
 from loom.trainer.train import model_config_for
 from loom.trainer.data import load_tokenizer
 
@@ -42,7 +42,7 @@ def test_mfu_in_metrics_and_trace_written(tmp_path, capsys):
 
 def test_measured_cpu_peak_is_the_best_gemm(monkeypatch):
     ticks = iter([0.0, 0.5, 1.0, 1.2, 2.0, 2.9])  # three timed GEMMs: 0.5 s, 0.2 s, 0.9 s
-    monkeypatch.setattr("loom.trainer.perf.time.perf_counter", lambda: next(ticks))
+    monkeypatch.setattr("loom.trainer.observe.perf.time.perf_counter", lambda: next(ticks))
     assert measure_cpu_peak(n=64, repeats=3) == pytest.approx(2 * 64 ** 3 / 0.2)
 
 
@@ -82,15 +82,15 @@ def test_cpu_theoretical_peak_from_isa_and_clock():
 
 
 def test_cpu_peak_is_theoretical_and_names_the_gemm(monkeypatch):
-    monkeypatch.setattr("loom.trainer.perf.measure_cpu_peak", lambda: 1e9)
-    monkeypatch.setattr("loom.trainer.perf.cpu_theoretical_peak", lambda threads: (5e9, "how"))
+    monkeypatch.setattr("loom.trainer.observe.perf.measure_cpu_peak", lambda: 1e9)
+    monkeypatch.setattr("loom.trainer.observe.perf.cpu_theoretical_peak", lambda threads: (5e9, "how"))
     assert device_peak(torch.device("cpu")) == (5e9, f"how; measured fp32 GEMM 0.001 TFLOP/s on "
                                                      f"{torch.get_num_threads()} threads")
     # a GEMM faster than the estimate (a clock reported below the real one) raises the peak to it
-    monkeypatch.setattr("loom.trainer.perf.measure_cpu_peak", lambda: 9e9)
+    monkeypatch.setattr("loom.trainer.observe.perf.measure_cpu_peak", lambda: 9e9)
     peak, why = device_peak(torch.device("cpu"))
     assert peak == 9e9 and "faster than reported" in why
-    monkeypatch.setattr("loom.trainer.perf.cpu_theoretical_peak", lambda threads: None)
+    monkeypatch.setattr("loom.trainer.observe.perf.cpu_theoretical_peak", lambda threads: None)
     peak, why = device_peak(torch.device("cpu"))
     assert peak == 9e9 and "set train.peak_flops" in why
 
