@@ -132,6 +132,11 @@ def _train_args(tmp_path, prepared: Path, *extra):
             f"data.sources=[{{kind: prepared, path: '{prepared}'}}]", *extra]
 
 
+def _metrics(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def _error_line(capsys, argv) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -170,12 +175,38 @@ def test_bad_prepared_data_is_one_line_and_damages_nothing(tmp_path, capsys):
                                str(tmp_path / "p16"), "--source", f"{{kind: files, path: '{tmp_path / 'raw'}'}}"])
     assert "70000 ids does not fit uint16" in err and not (tmp_path / "p16").exists()
 
-    data = bytearray(shard.read_bytes())
-    data[10] ^= 0xFF                                                          # same size, one byte changed
-    shard.write_bytes(bytes(data))
+    damaged = sorted((prep_dir / "train").glob("*.tokens"))  # every train shard: whichever a window reads first
+    for path in damaged:
+        st = path.stat()
+        data = bytearray(path.read_bytes())
+        data[10] ^= 0xFF                                      # bit rot: same size, same mtime, one byte changed
+        path.write_bytes(bytes(data))
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     err = _error_line(capsys, _train_args(tmp_path, prep_dir))
-    assert str(shard) in err and "sha256" in err and "loom data prepare" in err
+    assert any(str(p) in err for p in damaged) and "crc32" in err and "documents 0-" in err
+    assert "loom data prepare" in err
     assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not [r for r in _metrics(tmp_path / "run") if "loss" in r]       # no step was taken on it
+    err = _error_line(capsys, ["data", "verify", str(prep_dir)])
+    assert str(shard) in err and "sha256" in err
+    manifest = json.loads((prep_dir / "manifest.json").read_text())          # a folder older than block crcs:
+    legacy = tmp_path / "legacy"                                             # sha256 whole at every open
+    legacy.mkdir()
+    for sub in ("train", "val"):
+        os.symlink(prep_dir / sub, legacy / sub)
+    (legacy / "manifest.json").write_text(json.dumps(
+        {**manifest, "shards": [{k: v for k, v in e.items() if k not in ("block_crc32", "index_crc32")}
+                                for e in manifest["shards"]]}))
+    err = _error_line(capsys, _train_args(tmp_path, legacy))
+    assert str(legacy / "train" / shard.name) in err and "sha256" in err
+    index = shard.with_suffix(".index")
+    good_index = index.read_bytes()
+    index.write_bytes(good_index[:-1] + bytes([good_index[-1] ^ 1]))         # a damaged index: caught at open
+    err = _error_line(capsys, _train_args(tmp_path, prep_dir))
+    assert str(index) in err and "crc32" in err
+    index.write_bytes(good_index)
+    for path in damaged[1:]:
+        path.unlink()
     shard.unlink()                                                            # what the message says to do
     assert main(["data", "prepare", "--out", str(prep_dir), "--source",
                  f"{{kind: files, path: '{tmp_path / 'raw'}'}}"]) == 0

@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import time
+import zlib
 from dataclasses import asdict
 from typing import Callable, Optional
 
@@ -48,7 +49,8 @@ import numpy as np
 
 from loom.trainer.data.config import SourceConfig
 from loom.trainer.data.prepared import (FORMAT, FORMAT_VERSION, INDEX_DTYPE, SPLITS, ManifestError, Prepared,
-                                        VerifiedRecord, open_prepared, token_dtype, tokenizer_identity, write_json_atomic)
+                                        block_crc32, open_prepared, token_dtype, tokenizer_identity,
+                                        write_json_atomic)
 from loom.trainer.data.sources import (Unit, datatrove_documents, datatrove_token_size, in_val, source_identity,
                                       source_units, unit_documents)
 from loom.trainer.data.tokenizer import load_tokenizer
@@ -163,12 +165,14 @@ class _ShardWriter:
             f.write(ends.tobytes())
             f.flush()
             os.fsync(f.fileno())
+        crcs = block_crc32(self.tmp, self.dtype, ends)
         os.replace(self.tmp, os.path.join(self.dir, f"{self.name}.tokens"))
         os.replace(idx_tmp, os.path.join(self.dir, f"{self.name}.index"))
         self.done.append({"split": self.split, "tokens_file": f"{self.split}/{self.name}.tokens",
                           "index_file": f"{self.split}/{self.name}.index", "documents": len(ends),
                           "tokens": self._n, "sha256": self._hash.hexdigest(),
-                          "index_sha256": hashlib.sha256(ends.tobytes()).hexdigest()})
+                          "index_sha256": hashlib.sha256(ends.tobytes()).hexdigest(),
+                          "block_crc32": crcs, "index_crc32": zlib.crc32(ends.tobytes())})
         self._k += 1
 
     def finish(self) -> list[dict]:
@@ -321,11 +325,6 @@ def _write_manifest(out_dir: str, ident: dict, markers: list[dict], tokenizer) -
                          f"no text in field {ident['source']['text_field']!r}); nothing was prepared in {out_dir}")
     manifest = {**ident, "units": len(markers), "shards": shards, "totals": totals}
     write_json_atomic(os.path.join(out_dir, "manifest.json"), manifest)
-    record = VerifiedRecord(out_dir)         # hashed while written: first use need not hash again
-    for s in shards:
-        for rel, sha in ((s["tokens_file"], s["sha256"]), (s["index_file"], s["index_sha256"])):
-            record.add(rel, os.stat(os.path.join(out_dir, rel)), sha)
-    record.save()
     return open_prepared(out_dir, tokenizer)
 
 

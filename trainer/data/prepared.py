@@ -17,20 +17,26 @@ Files are written under temporary names and renamed, and every byte is a
 function of (source, tokenizer, format), so an interrupted preparation
 re-run with the same command ends byte-identical to an uninterrupted one.
 
-Checks at open (`open_prepared`), each one ManifestError line naming the
-file and what to do: missing or unreadable manifest, an older format
-version, a tokenizer other than the recipe's, a vocabulary too large for the
-stored dtype, a shard of the wrong size, and a shard whose sha256 does not
-verify. Hashing is O(corpus), so a verified shard is recorded with its size
-and mtime in DIR/.verified.json (written by the preparation, which hashes
-while writing) and hashed again only when those change (a modified file
-has a new mtime); `loom data verify DIR` hashes everything.
+Checks, each one ManifestError line naming the file and what to do. At open
+(`open_prepared`): missing or unreadable manifest, an older format version,
+a tokenizer other than the recipe's, a vocabulary too large for the stored
+dtype, a shard of the wrong size, an index whose crc32 does not verify (the
+reader reads every index whole at start-up anyway). While reading: the
+manifest holds a crc32 of every block of CRC_DOCS consecutive documents of a
+shard's tokens (`block_crc32`), and the reader checks a block the first time
+a window touches it (`check_block`), before any of its tokens reach a batch.
+So damage that keeps a file's size and modification time (bit rot, a
+restored backup) stops the run with one line before a step is taken on it,
+at the cost of one crc32 pass (GB/s) over the tokens a run reads. A folder
+prepared before block checksums existed has none: its shards are verified
+by sha256 whole at every open. `loom data verify DIR` checks every sha256.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +46,7 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 INDEX_DTYPE = np.dtype("<u8")
 HASH_BLOCK = 1 << 22
+CRC_DOCS = 1024  # documents per checksummed block of a shard's tokens (the reader's block size)
 
 
 class ManifestError(ValueError):
@@ -80,6 +87,25 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def block_ranges(ends: np.ndarray, per: int = CRC_DOCS) -> list[tuple[int, int]]:
+    """Token ranges [start, end) of the blocks of `per` consecutive documents, from the index `ends` (D,)."""
+    out = []
+    for lo in range(0, len(ends), per):
+        hi = min(lo + per, len(ends))
+        out.append((int(ends[lo - 1]) if lo else 0, int(ends[hi - 1])))
+    return out
+
+
+def block_crc32(tokens_file: str, dtype: np.dtype, ends: np.ndarray, per: int = CRC_DOCS) -> list[int]:
+    """crc32 of each block of `per` documents' token bytes (the manifest's `block_crc32`)."""
+    if len(ends) == 0 or int(ends[-1]) == 0:
+        return [0] * len(block_ranges(ends, per))
+    toks = np.memmap(tokens_file, dtype=dtype, mode="r")
+    crcs = [zlib.crc32(toks[a:b]) for a, b in block_ranges(ends, per)]
+    del toks
+    return crcs
+
+
 def write_json_atomic(path: str, obj) -> None:
     """Write JSON (sorted keys, so equal content gives equal bytes) under a temporary name, then rename."""
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -102,6 +128,8 @@ class Shard:
     n_tokens: int
     sha256: str
     index_sha256: str
+    block_crc32: tuple[int, ...] | None = None   # per CRC_DOCS documents; None in folders older than them
+    index_crc32: int | None = None
 
 
 @dataclass
@@ -165,55 +193,45 @@ def check_tokenizer(manifest: dict, mpath: str, tokenizer) -> None:
                     "again with this tokenizer into another folder")
 
 
-class VerifiedRecord:
-    """sha256 checks already done: {relative file: [size, mtime_ns, sha256]}, kept next to the data."""
-
-    def __init__(self, path: str):
-        self.file = os.path.join(path, ".verified.json")
-        try:
-            with open(self.file) as f:
-                self.done = json.load(f)
-        except (OSError, json.JSONDecodeError):
-            self.done = {}
-        self.changed = False
-
-    def ok(self, rel: str, st: os.stat_result, sha: str) -> bool:
-        return self.done.get(rel) == [st.st_size, st.st_mtime_ns, sha]
-
-    def add(self, rel: str, st: os.stat_result, sha: str) -> None:
-        self.done[rel] = [st.st_size, st.st_mtime_ns, sha]
-        self.changed = True
-
-    def save(self) -> None:
-        if self.changed:
-            try:
-                write_json_atomic(self.file, self.done)
-            except OSError:  # a read-only folder: verify again next time
-                pass
+def _sha256_check(file: str, sha: str) -> None:
+    if file_sha256(file) != sha:
+        raise _fail(f"prepared shard {file} fails its sha256 check (damaged or modified); delete it and run "
+                    "`loom data prepare` with the same arguments to rebuild it")
 
 
 def verify_shards(prep: "Prepared", full: bool = False) -> None:
-    """Check sizes always and sha256 of files not verified before (all with full=True)."""
-    record = VerifiedRecord(prep.path)
+    """Check every file's size, and each index's crc32 (or, for a folder without block checksums,
+    the sha256 of every file); with full=True the sha256 of every file."""
     itemsize = prep.dtype.itemsize
     for s in prep.shards:
-        for file, nbytes, sha in ((s.tokens, s.n_tokens * itemsize, s.sha256),
-                                  (s.index, s.documents * INDEX_DTYPE.itemsize, s.index_sha256)):
+        for file, nbytes in ((s.tokens, s.n_tokens * itemsize), (s.index, s.documents * INDEX_DTYPE.itemsize)):
             if not os.path.isfile(file):
                 raise _fail(f"prepared shard {file} is missing; run `loom data prepare` with the same arguments "
                             "to rebuild it")
-            st = os.stat(file)
-            if st.st_size != nbytes:
-                raise _fail(f"prepared shard {file} has {st.st_size} bytes, the manifest says {nbytes}; delete it "
+            size = os.stat(file).st_size
+            if size != nbytes:
+                raise _fail(f"prepared shard {file} has {size} bytes, the manifest says {nbytes}; delete it "
                             "and run `loom data prepare` with the same arguments to rebuild it")
-            rel = os.path.relpath(file, prep.path)
-            if not full and record.ok(rel, st, sha):
-                continue
-            if file_sha256(file) != sha:
-                raise _fail(f"prepared shard {file} fails its sha256 check (damaged or modified); delete it and run "
-                            "`loom data prepare` with the same arguments to rebuild it")
-            record.add(rel, st, sha)
-    record.save()
+        if full or s.block_crc32 is None or s.index_crc32 is None:
+            _sha256_check(s.tokens, s.sha256)
+            _sha256_check(s.index, s.index_sha256)
+            continue
+        with open(s.index, "rb") as f:
+            if zlib.crc32(f.read()) != s.index_crc32:
+                raise _fail(f"prepared shard {s.index} fails its crc32 check (damaged since it was prepared); "
+                            "delete it and run `loom data prepare` with the same arguments to rebuild it")
+
+
+def check_block(shard: Shard, block: int, tokens: np.ndarray, span: tuple[int, int]) -> None:
+    """Raise ManifestError unless tokens[span] (block `block` of `shard`) matches its crc32."""
+    if shard.block_crc32 is None:
+        return  # verified whole by sha256 at open
+    a, b = span
+    if zlib.crc32(tokens[a:b]) != shard.block_crc32[block]:
+        lo = block * CRC_DOCS
+        raise _fail(f"prepared shard {shard.tokens} fails its crc32 check in documents {lo}-"
+                    f"{min(lo + CRC_DOCS, shard.documents) - 1} (damaged since it was prepared); no step was "
+                    "taken on it: delete the shard and run `loom data prepare` with the same arguments to rebuild it")
 
 
 def open_prepared(path: str, tokenizer=None, verify: bool = True) -> Prepared:
@@ -224,7 +242,9 @@ def open_prepared(path: str, tokenizer=None, verify: bool = True) -> Prepared:
     if tokenizer is not None:
         check_tokenizer(manifest, mpath, tokenizer)
     shards = [Shard(e["split"], os.path.join(path, e["tokens_file"]), os.path.join(path, e["index_file"]),
-                    int(e["documents"]), int(e["tokens"]), e["sha256"], e["index_sha256"])
+                    int(e["documents"]), int(e["tokens"]), e["sha256"], e["index_sha256"],
+                    None if e.get("block_crc32") is None else tuple(int(c) for c in e["block_crc32"]),
+                    e.get("index_crc32"))
               for e in manifest["shards"]]
     prep = Prepared(path, manifest, np.dtype(manifest["dtype"]), shards)
     if verify:

@@ -16,7 +16,8 @@ a seeded permutation of the blocks followed, inside a block, by a seeded
 permutation of its documents; a block's order is computed when a window
 first touches it (LRU-cached), so start-up does one vectorised pass over the
 document index (8 bytes per document, read by memory map) and nothing per
-token.
+token. The first touch also checks the block's tokens against their crc32 in
+the manifest (prepared.check_block), so no window is built from damaged data.
 
 Length engineering (per source, at read time, so one prepared folder serves
 many mixtures):
@@ -37,7 +38,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from loom.trainer.data.packing import seeded_rng
-from loom.trainer.data.prepared import Shard, shard_lengths
+from loom.trainer.data.prepared import CRC_DOCS, Shard, check_block, shard_lengths
 
 BLOCK_DOCS = 1024
 _BLOCK_CACHE = 64
@@ -113,6 +114,7 @@ class PreparedStream:
         self._maps: dict[int, np.memmap] = {}
         self._epochs: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._blocks: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
+        self._checked: set[tuple[int, int]] = set()   # (shard, crc block) verified in this process
 
     def _counts(self, lengths: np.ndarray, shard: int, first: int = 0) -> np.ndarray:
         """Copies per epoch of documents first.. of a shard with these lengths (0 = filtered out)."""
@@ -133,6 +135,15 @@ class PreparedStream:
             self._maps[shard] = np.memmap(self.shards[shard].tokens, dtype=self.dtype, mode="r")
         return self._maps[shard]
 
+    def _check(self, si: int, lo: int, hi: int, ends: np.ndarray) -> None:
+        """crc32 of the checksummed blocks covering documents [lo, hi) of shard si, once each."""
+        for c in range(lo // CRC_DOCS, (hi - 1) // CRC_DOCS + 1):
+            if (si, c) not in self._checked:
+                first = c * CRC_DOCS
+                span = (int(ends[first - 1]) if first else 0, int(ends[min(first + CRC_DOCS, len(ends)) - 1]))
+                check_block(self.shards[si], c, self._tokens(si), span)
+                self._checked.add((si, c))
+
     def _epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
         """(order (NB,), starts (NB+1,)): block order of epoch e and their stream offsets."""
         if e not in self._epochs:
@@ -151,6 +162,7 @@ class PreparedStream:
         if key not in self._blocks:
             si, lo, hi = int(self.block_shard[b]), int(self.block_lo[b]), int(self.block_hi[b])
             ends = np.memmap(self.shards[si].index, dtype="<u8", mode="r")
+            self._check(si, lo, hi, ends)
             ends_b = ends[max(lo - 1, 0):hi].astype(np.int64)
             del ends
             first = ends_b[0] if lo > 0 else 0
