@@ -334,3 +334,58 @@ def test_datatrove_output_is_prepared_like_our_own(tmp_path):
 
 def _small_tokenizer(tmp_path):
     return load_tokenizer(str(_wordlevel_tokenizer(tmp_path / "tiny-vocab", 50)))
+
+
+def _compressed_cases(folder: Path) -> dict[str, Path]:
+    """A jsonl corpus compressed each way, truncated or with bytes flipped mid-stream; a parquet cut short."""
+    import bz2
+    import gzip
+    import lzma
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    rows = "".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(2000)).encode()
+    cases = {}
+    for ext, compress in (("gz", gzip.compress), ("bz2", bz2.compress), ("xz", lzma.compress),
+                          ("zst", zstandard.ZstdCompressor(write_checksum=True).compress)):  # as the zstd CLI writes
+        data = compress(rows)
+        bad = bytearray(data)
+        for i in range(len(bad) // 2, len(bad) // 2 + 40):
+            bad[i] ^= 0x5A
+        for kind, payload in (("truncated", data[:len(data) // 2]), ("corrupt", bytes(bad))):
+            (folder / f"{kind}-{ext}").mkdir(parents=True)
+            cases[f"{kind}-{ext}"] = folder / f"{kind}-{ext}" / f"a.jsonl.{ext}"
+            cases[f"{kind}-{ext}"].write_bytes(payload)
+    pq.write_table(pa.table({"text": [f"doc {i} " * 30 for i in range(3000)]}), folder / "full.parquet")
+    (folder / "truncated-parquet").mkdir()
+    cases["truncated-parquet"] = folder / "truncated-parquet" / "a.parquet"
+    whole = (folder / "full.parquet").read_bytes()
+    cases["truncated-parquet"].write_bytes(whole[:len(whole) * 2 // 3])
+    return cases
+
+
+def test_damaged_compressed_inputs_are_one_line_naming_the_file(tmp_path, capsys):
+    cases = _compressed_cases(tmp_path / "raw")
+    for name, path in cases.items():
+        out = tmp_path / f"out-{name}"
+        err = _error_line(capsys, ["data", "prepare", "--out", str(out), "--source",
+                                   f"{{kind: files, path: '{path.parent}'}}"])
+        assert str(path) in err, (name, err)
+        assert not (out / "manifest.json").exists()
+
+
+def test_zst_frames_read_whole(tmp_path):
+    import zstandard
+
+    from loom.trainer.data.sources import file_documents
+
+    docs = [f"row {i} " * 9 for i in range(500)]
+    lines = "".join(json.dumps({"text": d}) + "\n" for d in docs).encode()
+    z = zstandard.ZstdCompressor()
+    half = lines.index(b"\n", len(lines) // 2) + 1           # two frames, one after the other
+    (tmp_path / "two.jsonl.zst").write_bytes(z.compress(lines[:half]) + z.compress(lines[half:]))
+    assert list(file_documents(str(tmp_path / "two.jsonl.zst"))) == docs
+    (tmp_path / "empty.jsonl.zst").write_bytes(b"")
+    assert list(file_documents(str(tmp_path / "empty.jsonl.zst"))) == []

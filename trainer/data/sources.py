@@ -47,6 +47,7 @@ import json
 import lzma
 import os
 import sysconfig
+import zlib
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -150,9 +151,55 @@ def _open_text(path: str) -> io.TextIOBase:
         except ImportError:
             raise ValueError(f"{path}: reading .zst files needs the zstandard package "
                              "(pip install zstandard)") from None
-        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"))
-        return io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
+        return io.TextIOWrapper(io.BufferedReader(_ZstdFrames(path, zstandard)), encoding="utf-8",
+                                errors="replace")
     return open(path, encoding="utf-8", errors="replace")
+
+
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of a .zst file's frames; EOFError when the last frame is cut short
+    (zstandard's stream_reader ends quietly there, so a truncated file would read as a shorter one)."""
+
+    def __init__(self, path: str, zstandard):
+        self._raw, self._z = open(path, "rb"), zstandard
+        self._d, self._out = zstandard.ZstdDecompressor().decompressobj(), b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        while not self._out:
+            chunk = self._raw.read(1 << 16)
+            if not chunk:
+                if not self._d.eof and self._started:
+                    raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+                return 0
+            self._out = self._d.decompress(chunk)
+            while self._d.eof and self._d.unused_data:  # the next frame
+                rest, self._d = self._d.unused_data, self._z.ZstdDecompressor().decompressobj()
+                self._out += self._d.decompress(rest)
+        n = min(len(buf), len(self._out))
+        buf[:n], self._out = self._out[:n], self._out[n:]
+        return n
+
+    @property
+    def _started(self) -> bool:
+        return self._raw.tell() > 0
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def _decoder_errors() -> tuple[type[BaseException], ...]:
+    """What the decompressors and pyarrow raise on damaged input (a truncated or corrupt file)."""
+    errors: list[type[BaseException]] = [EOFError, OSError, lzma.LZMAError, zlib.error]
+    for module, name in (("zstandard", "ZstdError"), ("pyarrow", "ArrowException")):
+        try:
+            errors.append(getattr(__import__(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
 
 
 def _text_of(row, text_field: str, where: str) -> Optional[str]:
@@ -216,7 +263,8 @@ def _txt_documents(path: str, sample_by: str) -> Iterator[str]:
 
 
 def file_documents(path: str, text_field: str = "text", sample_by: str = "line") -> Iterator[str]:
-    """Non-empty documents of one local file, in row order."""
+    """Non-empty documents of one local file, in row order. A damaged file (truncated or corrupt
+    compression, a parquet file cut short) is a ValueError naming it."""
     kind = file_type(path)
     if kind == "txt":
         texts = _txt_documents(path, sample_by)
@@ -224,9 +272,16 @@ def file_documents(path: str, text_field: str = "text", sample_by: str = "line")
         texts = _parquet_texts(path, text_field)
     else:
         texts = (_text_of(row, text_field, path) for row in _json_rows(path))
-    for t in texts:
-        if t:
-            yield t
+    try:
+        for t in texts:
+            if t:
+                yield t
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except _decoder_errors() as e:
+        what = (_strip_compression(path)[1] or "." + kind)[1:]
+        raise ValueError(f"{path}: damaged or truncated {what} file ({str(e).strip() or type(e).__name__}); "
+                         "replace it or leave it out of the source") from None
 
 
 def files_documents(paths: list[str], text_field: str = "text", sample_by: str = "line") -> list[str]:

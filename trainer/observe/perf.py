@@ -92,7 +92,8 @@ def cpu_theoretical_peak(threads: int, cpuinfo: tuple[set[str], float | None] | 
     for need, per_cycle, isa in CPU_FP32_FLOPS_PER_CYCLE:
         if all(f in flags for f in need):
             cores = _cores(threads)
-            return cores * hz * per_cycle, f"{cores} core{'s' * (cores > 1)} x {hz / 1e9:.3g} GHz x {per_cycle} fp32 FLOPs/cycle ({isa})"
+            how = f"{cores} core{'s' * (cores > 1)} x {hz / 1e9:.3g} GHz x {per_cycle} fp32 FLOPs/cycle ({isa})"
+            return cores * hz * per_cycle, how
     return None
 
 
@@ -127,7 +128,8 @@ def device_peak(device: torch.device, override: float | None = None) -> tuple[fl
     measured = f"measured fp32 GEMM {gemm / 1e12:.3g} TFLOP/s on {threads} threads"
     theory = cpu_theoretical_peak(threads)
     if theory is None:
-        return gemm, f"{measured}; the clock or vector ISA of this CPU is unknown, so MFU may exceed 1: set train.peak_flops"
+        return gemm, (f"{measured}; the clock or vector ISA of this CPU is unknown, so MFU may exceed 1: "
+                      "set train.peak_flops")
     peak, how = theory
     if gemm > peak:
         return gemm, f"{how} = {peak / 1e12:.3g} TFLOP/s is below the {measured}: the cores run faster than reported"
