@@ -389,3 +389,50 @@ def test_zst_frames_read_whole(tmp_path):
     assert list(file_documents(str(tmp_path / "two.jsonl.zst"))) == docs
     (tmp_path / "empty.jsonl.zst").write_bytes(b"")
     assert list(file_documents(str(tmp_path / "empty.jsonl.zst"))) == []
+
+
+_MANIFEST_EDITS = {
+    "missing shard field": lambda m: m["shards"][0].pop("documents"),
+    "unknown dtype": lambda m: m.update(dtype="float99"),
+    "no tokenizer": lambda m: m.pop("tokenizer"),
+    "count as text": lambda m: m["shards"][0].update(tokens="many"),
+    "shards not a list": lambda m: m.update(shards="x"),
+    "no shards": lambda m: m.pop("shards"),
+    "wrong split": lambda m: m["shards"][0].update(split="test"),
+    "short crc list": lambda m: m["shards"][0].update(block_crc32=[]),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(_MANIFEST_EDITS))
+def test_hand_edited_manifest_is_one_line_in_every_command(edit, tmp_path, capsys):
+    _write_corpus(tmp_path / "raw", 2, 50)
+    prep = tmp_path / "prep"
+    assert main(["data", "prepare", "--out", str(prep), "--source",
+                 f"{{kind: files, path: '{tmp_path / 'raw'}'}}"]) == 0
+    manifest = json.loads((prep / "manifest.json").read_text())
+    _MANIFEST_EDITS[edit](manifest)
+    (prep / "manifest.json").write_text(json.dumps(manifest))
+    for argv in (["data", "stats", str(prep)], ["data", "verify", str(prep)], _train_args(tmp_path, prep)):
+        err = _error_line(capsys, argv)
+        assert str(prep / "manifest.json") in err and "loom data prepare" in err, (argv[:2], err)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_truncated_index_is_named_by_stats(tmp_path, capsys):
+    _write_corpus(tmp_path / "raw", 1, 50)
+    prep = tmp_path / "prep"
+    assert main(["data", "prepare", "--out", str(prep), "--source",
+                 f"{{kind: files, path: '{tmp_path / 'raw'}'}}"]) == 0
+    index = next((prep / "train").glob("*.index"))
+    index.write_bytes(index.read_bytes()[:-5])
+    assert str(index) in _error_line(capsys, ["data", "stats", str(prep)])
+
+
+@pytest.mark.parametrize("content", ["{not json", "junk", ""])
+def test_junk_tokenizer_file_is_one_line(content, tmp_path, capsys):
+    _write_corpus(tmp_path / "raw", 1, 10)
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text(content)
+    err = _error_line(capsys, ["data", "prepare", "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "p"),
+                               "--source", f"{{kind: files, path: '{tmp_path / 'raw'}'}}"])
+    assert "tokenizer.json" in err and not (tmp_path / "p").exists()

@@ -180,6 +180,45 @@ def read_manifest(path: str) -> dict:
     return manifest
 
 
+_SHARD_FIELDS = {"split": str, "tokens_file": str, "index_file": str, "documents": int, "tokens": int,
+                 "sha256": str, "index_sha256": str}
+_TOKENIZER_FIELDS = {"spec": str, "fingerprint": str, "vocab_size": int}
+
+
+def check_manifest_fields(manifest: dict, mpath: str) -> None:
+    """ManifestError naming the first missing or ill-typed field of a hand-edited or incomplete manifest."""
+    def bad(what: str):
+        return _fail(f"{mpath}: {what}; the manifest is incomplete or was edited by hand: prepare the folder "
+                     "again with `loom data prepare`")
+
+    def typed(obj: dict, fields: dict, where: str) -> None:
+        for key, kind in fields.items():
+            value = obj.get(key)
+            if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+                raise bad(f"{where}{key} is {'missing' if key not in obj else repr(value)}, expected "
+                          + ("an integer >= 0" if kind is int else "text"))
+
+    if manifest.get("dtype") not in ("uint16", "uint32"):
+        raise bad(f"dtype is {manifest.get('dtype')!r}, expected 'uint16' or 'uint32'")
+    if not isinstance(manifest.get("tokenizer"), dict):
+        raise bad("tokenizer is missing or not a mapping")
+    typed(manifest["tokenizer"], _TOKENIZER_FIELDS, "tokenizer.")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(e, dict) for e in shards):
+        raise bad("shards is missing or not a list of shard entries")
+    for i, e in enumerate(shards):
+        typed(e, _SHARD_FIELDS, f"shards[{i}].")
+        if e["split"] not in SPLITS:
+            raise bad(f"shards[{i}].split is {e['split']!r}, expected one of {', '.join(SPLITS)}")
+        crcs = e.get("block_crc32")
+        blocks = -(-e["documents"] // CRC_DOCS)
+        if crcs is not None and (not isinstance(crcs, list) or len(crcs) != blocks
+                                 or not all(isinstance(c, int) for c in crcs)):
+            raise bad(f"shards[{i}].block_crc32 must list {blocks} integers (one per {CRC_DOCS} documents)")
+        if e.get("index_crc32") is not None and not isinstance(e["index_crc32"], int):
+            raise bad(f"shards[{i}].index_crc32 is {e['index_crc32']!r}, expected an integer")
+
+
 def check_tokenizer(manifest: dict, mpath: str, tokenizer) -> None:
     """Raise ManifestError when `tokenizer` is not the one the data was prepared with."""
     recorded = manifest["tokenizer"]
@@ -199,9 +238,8 @@ def _sha256_check(file: str, sha: str) -> None:
                     "`loom data prepare` with the same arguments to rebuild it")
 
 
-def verify_shards(prep: "Prepared", full: bool = False) -> None:
-    """Check every file's size, and each index's crc32 (or, for a folder without block checksums,
-    the sha256 of every file); with full=True the sha256 of every file."""
+def check_sizes(prep: "Prepared") -> None:
+    """ManifestError for a shard file that is missing or whose size is not the manifest's."""
     itemsize = prep.dtype.itemsize
     for s in prep.shards:
         for file, nbytes in ((s.tokens, s.n_tokens * itemsize), (s.index, s.documents * INDEX_DTYPE.itemsize)):
@@ -212,6 +250,13 @@ def verify_shards(prep: "Prepared", full: bool = False) -> None:
             if size != nbytes:
                 raise _fail(f"prepared shard {file} has {size} bytes, the manifest says {nbytes}; delete it "
                             "and run `loom data prepare` with the same arguments to rebuild it")
+
+
+def verify_shards(prep: "Prepared", full: bool = False) -> None:
+    """Check every file's size, and each index's crc32 (or, for a folder without block checksums,
+    the sha256 of every file); with full=True the sha256 of every file."""
+    check_sizes(prep)
+    for s in prep.shards:
         if full or s.block_crc32 is None or s.index_crc32 is None:
             _sha256_check(s.tokens, s.sha256)
             _sha256_check(s.index, s.index_sha256)
@@ -235,10 +280,12 @@ def check_block(shard: Shard, block: int, tokens: np.ndarray, span: tuple[int, i
 
 
 def open_prepared(path: str, tokenizer=None, verify: bool = True) -> Prepared:
-    """Open and check a prepared folder (see the module docstring). Raises ManifestError."""
+    """Open and check a prepared folder (see the module docstring): its manifest's fields and every
+    shard's size always, the checksums of verify_shards when `verify`. Raises ManifestError."""
     path = os.path.abspath(os.path.expanduser(path))
     manifest = read_manifest(path)
     mpath = os.path.join(path, "manifest.json")
+    check_manifest_fields(manifest, mpath)
     if tokenizer is not None:
         check_tokenizer(manifest, mpath, tokenizer)
     shards = [Shard(e["split"], os.path.join(path, e["tokens_file"]), os.path.join(path, e["index_file"]),
@@ -249,6 +296,8 @@ def open_prepared(path: str, tokenizer=None, verify: bool = True) -> Prepared:
     prep = Prepared(path, manifest, np.dtype(manifest["dtype"]), shards)
     if verify:
         verify_shards(prep)
+    else:
+        check_sizes(prep)
     return prep
 
 

@@ -96,7 +96,11 @@ class HFTokenizer:
 
         path = _resolve_tokenizer_file(path)
         self.path = path
-        self._tok = _RustTokenizer.from_file(path)
+        try:
+            self._tok = _RustTokenizer.from_file(path)
+        except Exception as e:  # the tokenizers library raises a bare Exception for a junk file
+            raise ValueError(f"tokenizer file {path} cannot be read as a Hugging Face tokenizer.json "
+                             f"({str(e).strip() or type(e).__name__})") from None
         with open(path, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()[:16]
 
