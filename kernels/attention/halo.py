@@ -28,12 +28,17 @@ def halo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: CPCont
                    seq_ids: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
     """Sliding-window causal attention over a sequence sharded by `cp` (either layout).
 
-    q: (B, L, H, K); k, v: (B, L, G, K) this rank's shards, H % G == 0.
-    window: W >= 0; keys at most W positions behind a query are visible. Any W
-        works; the halo moved per chunk is min(W, chunk start) keys.
-    seq_ids: (B, L) int64 global document ids of this rank's tokens, or None.
-    Returns o: (B, L, H, K), equal to the single-process `attention(..., window=W)` shard.
-    Must be called by every rank of cp.group.
+    Args:
+        q: (B, L, H, K); k, v: (B, L, G, K) this rank's shards, H % G == 0.
+        cp: the CPContext of the group.
+        scale: softmax scale, default K ** -0.5.
+        window: W >= 0; keys at most W positions behind a query are visible. Any W
+            works; the halo moved per chunk is min(W, chunk start) keys.
+        seq_ids: (B, L) int64 global document ids of this rank's tokens, or None.
+
+    Returns:
+        o (B, L, H, K), equal to the single-process `attention(..., window=W)` shard.
+        Must be called by every rank of cp.group.
     """
     B, L, H, K = q.shape
     if k.shape != v.shape or k.shape[:2] != (B, L) or H % k.shape[2] or k.shape[3] != K:

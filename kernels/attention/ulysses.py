@@ -29,12 +29,17 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: CPC
                       scale: float | None = None) -> torch.Tensor:
     """Ulysses (all-to-all) attention over a sequence sharded by `cp` (either layout).
 
-    q: (B, L, H, K); k, v: (B, L, G, K) this rank's shards; H % cp == 0 and
-        G % cp == 0 or cp % G == 0 (ValueError otherwise).
-    seq_ids: (B, L) int64 global document ids of this rank's tokens, or None.
-    window: optional sliding window, applied on the full sequence.
-    Returns o: (B, L, H, K), equal to the single-process `attention` shard.
-    Must be called by every rank of cp.group (collective).
+    Args:
+        q: (B, L, H, K); k, v: (B, L, G, K) this rank's shards; H % cp == 0 and
+            G % cp == 0 or cp % G == 0 (ValueError otherwise).
+        cp: the CPContext of the group.
+        scale: softmax scale, default K ** -0.5.
+        seq_ids: (B, L) int64 global document ids of this rank's tokens, or None.
+        window: optional sliding window, applied on the full sequence.
+
+    Returns:
+        o (B, L, H, K), equal to the single-process `attention` shard.
+        Must be called by every rank of cp.group (collective).
     """
     B, L, H, K = q.shape
     if k.shape != v.shape or k.shape[:2] != (B, L) or H % k.shape[2] or k.shape[3] != K:

@@ -45,14 +45,21 @@ def cp_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay
                         impl: str = "chunked"):
     """`loom.kernels.linear.linear_attention` over a sequence sharded by `cp` (either layout).
 
-    q, k: (B, L, H, K); v: (B, L, H, V) this rank's shard (L = T / cp tokens).
-    decay: (H,) rates, lambda = exp(-decay). reset: (B, L) bool, True at a
-        document's first token (the shard of position_ids == 0), or None.
-    impl: the single-device form each piece runs (forms.py FORMS; the dispatcher
-        passes the one it resolved).
-    Returns o (B, L, H, V), equal to the shard of the single-device output, and
-    the state after the whole sequence (B, H, K, V) (fp32, fp64 for fp64
-    inputs), the same on every rank. Collective: every rank of cp.group calls it.
+    Args:
+        q, k: (B, L, H, K); v: (B, L, H, V) this rank's shard (L = T / cp tokens).
+        decay: (H,) rates, lambda = exp(-decay).
+        cp: the CPContext of the group.
+        block: tokens per block of the chunked form.
+        reset: (B, L) bool, True at a document's first token (the shard of
+            position_ids == 0), or None.
+        scale: multiplies q.
+        impl: the single-device form each piece runs (forms.py FORMS; the dispatcher
+            passes the one it resolved).
+
+    Returns:
+        o (B, L, H, V), equal to the shard of the single-device output, and the state
+        after the whole sequence (B, H, K, V) (fp32, fp64 for fp64 inputs), the same on
+        every rank. Collective: every rank of cp.group calls it.
     Example: o, S = cp_linear_attention(q, k, v, slopes, cp, reset=shard(position_ids) == 0)
     """
     B, L, H, K = q.shape

@@ -122,14 +122,21 @@ def cp_rat(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: torch.Tensor, p
            sin: torch.Tensor | None = None, scale: float | None = None, impl: str = "chunked") -> torch.Tensor:
     """`loom.kernels.rat.rat` over a sequence sharded by `cp` (either layout).
 
-    Arguments as loom.kernels.rat.rat, for this rank's shard of L_r = T / cp tokens:
-    q, k (B, L_r, G, K); v, f (B, L_r, H, K); position_ids (B, L_r) document-relative
-    positions; seq_ids (B, L_r) global document ids or None; cos, sin (B, L_r, K) at
-    the chunk index or None. Each piece of T / (2 cp) (zigzag) tokens must hold at
-    least `chunk` tokens (ValueError otherwise). impl: the single-device form each
-    piece runs (forms.py FORMS; the dispatcher passes the one it resolved).
-    Returns o (B, L_r, H, K), equal to the shard of the single-device output.
-    Collective: every rank of cp.group calls it.
+    Args (as loom.kernels.rat.rat, for this rank's shard of L_r = T / cp tokens):
+        q, k: (B, L_r, G, K); v, f: (B, L_r, H, K).
+        position_ids: (B, L_r) document-relative positions.
+        cp: the CPContext of the group.
+        chunk: L; each piece of T / (2 cp) (zigzag) tokens must hold at least L tokens
+            (ValueError otherwise).
+        seq_ids: (B, L_r) global document ids, or None.
+        cos, sin: (B, L_r, K) RoPE tables at the chunk index, or None.
+        scale: score scale, default K ** -0.5.
+        impl: the single-device form each piece runs (forms.py FORMS; the dispatcher
+            passes the one it resolved).
+
+    Returns:
+        o (B, L_r, H, K), equal to the shard of the single-device output.
+        Collective: every rank of cp.group calls it.
     Example: o = cp_rat(q, k, v, f, pos, cp, chunk=16, seq_ids=ids, cos=cos, sin=sin)
     """
     B, Lr, G, K = q.shape

@@ -47,13 +47,21 @@ def cp_s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: CPCon
                     impl: str = "blocksparse") -> torch.Tensor:
     """`loom.kernels.s2.s2_attention` over a sequence sharded by `cp` (either layout), via Ulysses.
 
-    q: (B, L, H, K); k, v: (B, L, G, K) this rank's shards (H % cp == 0; G % cp == 0
-        or cp % G == 0). head_offsets: (P,) offsets of the GLOBAL pattern heads (P = G or H).
-    position_ids: (B, L) document-relative positions; seq_ids: (B, L) global document ids or None.
-    impl: the single-device form run on the full sequence (forms.py FORMS; the
-        dispatcher passes the one it resolved).
-    Returns o (B, L, H, K), equal to the shard of the single-device output.
-    Collective: every rank of cp.group calls it.
+    Args:
+        q: (B, L, H, K); k, v: (B, L, G, K) this rank's shards (H % cp == 0; G % cp == 0
+            or cp % G == 0).
+        cp: the CPContext of the group.
+        block, local_blocks, vert_stride: the pattern, as in s2_attention.
+        head_offsets: (P,) offsets of the GLOBAL pattern heads (P = G or H).
+        position_ids: (B, L) document-relative positions.
+        seq_ids: (B, L) global document ids, or None.
+        scale: softmax scale, default K ** -0.5.
+        impl: the single-device form run on the full sequence (forms.py FORMS; the
+            dispatcher passes the one it resolved).
+
+    Returns:
+        o (B, L, H, K), equal to the shard of the single-device output.
+        Collective: every rank of cp.group calls it.
     Example: o = cp_s2_attention(q, k, v, cp, block=16, local_blocks=4, vert_stride=4,
                                  head_offsets=offs, position_ids=pos, seq_ids=ids)
     """
