@@ -27,9 +27,9 @@ base + act(T, cp) = budget is solved for T. Runs longer than --fit-max are
 held out and compared with the prediction.
 
 Communication: analytic bytes one rank sends per layer from the formulas in
-kernels/context_parallel (comm.py `comm_bytes`, rat.py `rat_comm_bytes`; the
+kernels/ (context_parallel/comm.py `comm_bytes`, rat/cp.py `rat_comm_bytes`; the
 linear state scan and the Titans memory carry from the formulas stated in the
-docstrings of state_scan.py and memory.py).
+docstrings of linear/cp.py and memory/cp.py).
 
     python benchmarks/distributed.py --lengths 4096 8192 16384           # cp 1 2 4
     python benchmarks/distributed.py --append --cps 2 --lengths 24576 --steps 1   # a held-out point
@@ -142,8 +142,8 @@ def run_group(cp: int, T: int, steps: int, impl: str, threads: int, timeout: flo
 # ----------------------------------------------------------------- analytic communication
 def comm_table(T: int, cps: list[int], elem_bytes: int = 4) -> list[dict]:
     """Bytes one rank sends per layer and step (forward, backward) at the benchmark shape."""
-    from loom.kernels.context_parallel import CPContext, comm_bytes, rat_comm_bytes
-    from loom.kernels.context_parallel.memory import state_hops
+    from loom.kernels.context_parallel import CPContext, comm_bytes, state_hops
+    from loom.kernels.rat.cp import rat_comm_bytes
 
     B, H, G, K = 1, MODEL["n_heads"], MODEL["n_heads"], MODEL["d_model"] // MODEL["n_heads"]
     a = max(elem_bytes, 4)
@@ -153,8 +153,8 @@ def comm_table(T: int, cps: list[int], elem_bytes: int = 4) -> list[dict]:
         if cp == 1:
             continue
         n_local = 2  # zigzag
-        lin = (cp - 1) * n_local * B * (H * K * K + H) * a  # state_scan.py docstring (V = K)
-        # memory.py docstring: one message of B*N*e (+ 8 B offset forward) per hop to ANOTHER rank;
+        lin = (cp - 1) * n_local * B * (H * K * K + H) * a  # linear/cp.py docstring (V = K)
+        # memory/cp.py docstring: one message of B*N*e (+ 8 B offset forward) per hop to ANOTHER rank;
         # N = 3 x the memory weights (W, S, chunk-start weights). Busiest rank's count of hops:
         sends = max(sum((nxt is not None and nxt != r) for _, _, nxt in
                         state_hops(T, CPContext(None, r, cp, "ring", "zigzag"))) for r in range(cp))
@@ -166,10 +166,10 @@ def comm_table(T: int, cps: list[int], elem_bytes: int = 4) -> list[dict]:
             ("attn", "ring", "comm.py comm_bytes('ring')", comm_bytes("ring", **kw)),
             ("attn", "ulysses", "comm.py comm_bytes('ulysses')", comm_bytes("ulysses", **kw)),
             ("swa (W=512)", "halo", "comm.py comm_bytes('halo')", comm_bytes("halo", window=512, **kw)),
-            ("rat (L=16)", "chunk-state all-gather", "rat.py rat_comm_bytes",
+            ("rat (L=16)", "chunk-state all-gather", "rat/cp.py rat_comm_bytes",
              rat_comm_bytes(batch=B, seq_len=T, n_heads=H, head_dim=K, chunk=16, cp=cp, state_bytes=a)),
-            ("linear", "state prefix scan", "state_scan.py docstring", (lin, lin)),
-            ("memory (Titans)", "state carry", "memory.py docstring",
+            ("linear", "state prefix scan", "linear/cp.py docstring", (lin, lin)),
+            ("memory (Titans)", "state carry", "memory/cp.py docstring",
              (sends * (mem_msg + 8 * B), back * mem_msg)),
         ]
         for kind, path, src, (fw, bw) in entries:
@@ -201,7 +201,7 @@ def _fit(runs: list[dict]) -> tuple[float, float, float]:
 
     a: bytes kept per token held (the same model code runs on every token);
     c: bytes per element of one (T / 2cp) x (T / 2cp) chunk pair that ring attention
-       materialises at once (kernels/context_parallel/ring.py `_block_forward` /
+       materialises at once (kernels/attention/ring.py `_block_forward` /
        `_block_backward`: scores, probabilities, dP, dS in fp32 for the H heads);
        cp = 1 runs torch SDPA (flash kernel, no T x T tensor), so no such term;
     d: a constant (gradients, optimiser state, buffers)."""

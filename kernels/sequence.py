@@ -16,6 +16,9 @@ from typing import Callable, Sequence
 
 import torch
 
+from loom.kernels.context_parallel.chain import carry
+from loom.kernels.context_parallel.halo import sequence_halo
+
 __all__ = ["with_halo", "stateful_scan"]
 
 
@@ -33,8 +36,6 @@ def with_halo(x: torch.Tensor, width: int, cp=None) -> list[torch.Tensor]:
         raise ValueError(f"with_halo: width must be >= 0; got {width}")
     if cp is None:
         return [x]
-    from loom.kernels.context_parallel import sequence_halo
-
     return sequence_halo(x, cp, width)
 
 
@@ -53,13 +54,11 @@ def stateful_scan(step: Callable[[list[torch.Tensor], State | None], tuple[torch
     state: the state before these tokens (decoding), or None at the start.
     cp: None -> step(inputs, state), returning (output, final state);
         a CPContext -> the layer runs piece by piece in global order, its state
-        carried rank to rank (kernels/context_parallel/recurrent.py); returns
+        carried rank to rank (kernels/context_parallel/chain.py `carry`); returns
         (this rank's output, None).
     """
     if cp is None:
         return step(list(inputs), state)
     if state is not None:
         raise ValueError("a context-parallel scan starts at the sequence start: it takes no incoming state")
-    from loom.kernels.context_parallel import cp_recurrent
-
-    return cp_recurrent(step, list(inputs), list(params), cp), None
+    return carry(step, list(inputs), list(params), cp), None

@@ -184,7 +184,7 @@ class HybridLM(nn.Module):
             position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         elif seq_ids is None and cp is None:
             seq_ids = seq_ids_from_position_ids(position_ids)
-        ctx = SeqContext(position_ids=position_ids, seq_ids=seq_ids, want_state=want_state, sharding=cp, stats=stats)
+        ctx = SeqContext(position_ids=position_ids, seq_ids=seq_ids, want_state=want_state, cp=cp, stats=stats)
         x = self.embed(input_ids)
         new_state = [] if want_state else None
         for i, block in enumerate(self.blocks):

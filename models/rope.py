@@ -19,6 +19,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from loom.kernels.rotary import rotate
+
 
 @dataclass(frozen=True)
 class RopeConfig:
@@ -92,13 +94,6 @@ class Rotary(nn.Module):
         return angles.cos() * self.mscale, angles.sin() * self.mscale
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (B, T, H, K); cos, sin: (B, T, K). Computed in fp32, returned in x's dtype."""
-    c, s = cos[:, :, None, :], sin[:, :, None, :]
-    xf = x.float()
-    return (xf * c + rotate_half(xf) * s).to(x.dtype)
+    return rotate(x.float(), cos[:, :, None, :], sin[:, :, None, :]).to(x.dtype)

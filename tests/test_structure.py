@@ -1,13 +1,16 @@
 """The package's shape: one `loom` namespace, layers that import one way, no
-import cycles in the trainer, no context-parallel branches in the mixers.
+import cycles anywhere in loom.*, no context-parallel branches in the mixers.
 
 - pyproject.toml lists every subpackage of trainer/, models/, kernels/ (as
   loom.*), and a built wheel holds exactly their modules under loom/ and no
   other top-level name (~15 s: one `pip wheel`);
 - imports (module level and inside functions, read from the source): no cycle
-  among loom.trainer modules; models/ and kernels/ never import the trainer;
-  models/ never imports torch.distributed; loom.trainer.distributed.dist imports only torch;
-- models/mixers never import kernels.context_parallel nor test `ctx.sharding`:
+  among the modules of loom.kernels, loom.models and loom.trainer (the checker
+  itself is shown a cycle it must report, written to disk); models/ and kernels/
+  never import the trainer; models/ never imports torch.distributed;
+  loom.trainer.distributed.dist imports only torch; kernels/context_parallel imports no op
+  (only itself and the kernels-wide helpers): the ops own their sharded forms;
+- models/mixers never import kernels.context_parallel nor test `ctx.cp`:
   they pass it to their op, which decides.
 """
 from __future__ import annotations
@@ -25,12 +28,12 @@ REPO = Path(__file__).resolve().parents[1]
 FOLDERS = ("trainer", "models", "kernels")
 
 
-def _modules() -> dict[str, Path]:
-    """loom.* module name -> source file, for every .py file of the three folders."""
+def _modules(root: Path = REPO) -> dict[str, Path]:
+    """loom.* module name -> source file, for every .py file of the three folders under `root`."""
     out = {}
     for top in FOLDERS:
-        for path in sorted((REPO / top).rglob("*.py")):
-            parts = list(path.relative_to(REPO).with_suffix("").parts)
+        for path in sorted((root / top).rglob("*.py")):
+            parts = list(path.relative_to(root).with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts = parts[:-1]
             out["loom." + ".".join(parts)] = path
@@ -53,8 +56,9 @@ def _imports(name: str, path: Path) -> set[str]:
     return found
 
 
-def _graph() -> dict[str, set[str]]:
-    mods = _modules()
+def _graph(root: Path = REPO) -> dict[str, set[str]]:
+    """loom.* module -> the loom.* modules it imports (module level or in a function)."""
+    mods = _modules(root)
     graph = {}
     for name, path in mods.items():
         edges = set()
@@ -110,15 +114,41 @@ def test_wheel_holds_only_loom(tmp_path):
     assert "loom/__init__.py" not in names  # a namespace: nothing of its own
 
 
-def test_trainer_has_no_import_cycle():
+def test_no_import_cycle():
     graph = _graph()
-    assert _cycle(graph, {m for m in graph if m.startswith("loom.trainer")}) is None
+    assert {m.split(".")[1] for m in graph} == set(FOLDERS)  # every loom package is read
+    assert _cycle(graph, set(graph)) is None
 
 
-def test_cycle_finder_finds_cycles():
-    """Negative control for the test above."""
+def test_cycle_finder_finds_cycles(tmp_path):
+    """Negative control for the test above: two modules written to disk that import each
+    other, one at module level and one inside a function, are reported by the same reader."""
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}
     assert _cycle(graph, set(graph)) == ["a", "b", "c", "a"]
+    (tmp_path / "kernels" / "op").mkdir(parents=True)
+    for top in ("models", "trainer"):
+        (tmp_path / top).mkdir()
+    (tmp_path / "kernels" / "op" / "__init__.py").write_text("def f():\n    from loom.kernels.op.cp import g\n")
+    (tmp_path / "kernels" / "op" / "cp.py").write_text("from loom.kernels.op import f\n")
+    (tmp_path / "kernels" / "leaf.py").write_text("import torch\n")
+    graph = _graph(tmp_path)
+    assert _cycle(graph, set(graph)) == ["loom.kernels.op", "loom.kernels.op.cp", "loom.kernels.op"]
+    (tmp_path / "kernels" / "op" / "cp.py").write_text("from loom.kernels.leaf import torch\n")
+    assert _cycle(_graph(tmp_path), set(graph)) is None
+
+
+def test_context_parallel_imports_no_op():
+    """kernels/context_parallel holds building blocks only: it imports itself, the
+    kernels-wide helpers and nothing of any op (attention, rat, memory, linear, s2, swa, ...)."""
+    allowed = ("loom.kernels.context_parallel", "loom.kernels.dispatch", "loom.kernels.backends")
+    ops = {"loom.kernels." + p.name for p in (REPO / "kernels").iterdir() if (p / "__init__.py").exists()}
+    ops.discard("loom.kernels.context_parallel")
+    assert {"loom.kernels.attention", "loom.kernels.rat", "loom.kernels.memory"} <= ops
+    for name, path in _modules().items():
+        if name.startswith("loom.kernels.context_parallel"):
+            loom_imports = {i for i in _imports(name, path) if i.startswith("loom.")}
+            assert all(i.startswith(allowed) for i in loom_imports), f"{name} imports {sorted(loom_imports)}"
+            assert not any(i == op or i.startswith(op + ".") for i in loom_imports for op in ops), name
 
 
 def test_layers_import_one_way():
@@ -140,7 +170,7 @@ def test_mixers_have_no_context_parallel_branch():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.If, ast.IfExp)):
                 tested = {n.attr for n in ast.walk(node.test) if isinstance(n, ast.Attribute)}
-                assert "sharding" not in tested, f"{path.name}:{node.lineno} branches on ctx.sharding"
+                assert not {"cp", "sharding"} & tested, f"{path.name}:{node.lineno} branches on ctx.cp"
 
 
 @pytest.mark.parametrize("folder", FOLDERS)

@@ -1,4 +1,5 @@
-"""Analytic communication volume of the context-parallel attention paths.
+"""Analytic communication volume of the context-parallel attention paths
+(kernels/attention/ring.py, ulysses.py, halo.py), from their shapes alone.
 
 Legend: B batch, T full length, L = T / cp, H query heads, G key/value heads,
 K head dim, e bytes per element of q/k/v, a = max(e, 4) bytes of an fp32

@@ -1,4 +1,6 @@
-"""Sliding-window attention under context parallelism: exchange only the halo.
+"""The halo exchange: each local chunk of a sharded sequence with the tokens
+just before it, from whichever ranks hold them (the building block of
+kernels/attention/halo.py, causal convs and sliding-window tiles).
 
 Legend: B batch, T full length, L = T / cp tokens per rank, C chunk length
 (L contiguous, L / 2 zigzag), W window, G key/value heads, K head dim,
@@ -17,12 +19,9 @@ possibly on several ranks, and each rank sends each piece that another rank
 needs. The plan of who sends what is a pure function of (T, cp, layout, W), so
 both ends of every message derive it without any handshake.
 
-Per local chunk, the keys [halo; own chunk] are contiguous positions ending at
-the chunk's end, which is exactly the single-process op's convention for
-S > T (queries are the last T keys): `attention(q_chunk, k_ext, v_ext,
-seq_ids=ids_ext, window=W)`. Autograd runs through that op; the exchange is an
-autograd Function whose backward sends each halo's gradient back to its owner,
-which adds it into the gradient of its own K/V.
+Per local chunk, [halo; own chunk] are contiguous positions ending at the
+chunk's end. The exchange is an autograd Function whose backward sends each
+halo's gradient back to its owner, which adds it into the gradient of its own rows.
 """
 from __future__ import annotations
 
@@ -30,11 +29,10 @@ from dataclasses import dataclass
 
 import torch
 
-from loom.kernels.attention import attention
-from loom.kernels.context_parallel.layout import CPContext, check_seq_len, chunk_ranges, one_document_or_ids
+from loom.kernels.context_parallel.layout import CPContext, check_seq_len, chunk_owner, chunk_ranges
 from loom.kernels.context_parallel.p2p import exchange, wait
 
-__all__ = ["halo_attention", "halo_extend", "halo_plan", "HaloPiece"]
+__all__ = ["halo_extend", "sequence_halo", "halo_plan", "halo_chunks", "HaloPiece"]
 
 
 @dataclass(frozen=True)
@@ -50,13 +48,6 @@ class HaloPiece:
     dst_chunk: int
 
 
-def _owner(c: int, cp: int, layout: str) -> tuple[int, int]:
-    """(rank, local chunk index) holding global chunk c."""
-    if layout == "contiguous" or c < cp:
-        return c, 0
-    return 2 * cp - 1 - c, 1
-
-
 def halo_plan(T: int, cp: int, layout: str, window: int) -> list[HaloPiece]:
     """Every halo piece of every rank, ordered by (dst, dst_chunk, position)."""
     n_chunks = 2 * cp if layout == "zigzag" else cp
@@ -67,7 +58,7 @@ def halo_plan(T: int, cp: int, layout: str, window: int) -> list[HaloPiece]:
             lo = max(0, a - window)
             for c in range(lo // C, (a - 1) // C + 1) if lo < a else ():
                 start, end = max(lo, c * C), min(a, (c + 1) * C)
-                src, j = _owner(c, cp, layout)
+                src, j = chunk_owner(c, cp, layout)
                 off = j * C - c * C
                 plan.append(HaloPiece(len(plan), src, start + off, end + off, dst, i))
     return plan
@@ -89,7 +80,7 @@ def _extend(x: torch.Tensor, plan: list[HaloPiece], cp: CPContext, C: int) -> li
 
 
 class _HaloExchange(torch.autograd.Function):
-    """kv (B, L, 2, G, K) -> per local chunk (B, h_i + C, 2, G, K) with its halo prepended."""
+    """x (B, L, ...) -> per local chunk (B, h_i + C, ...) with its halo prepended."""
 
     @staticmethod
     def forward(ctx, kv, plan, cp: CPContext, C: int):
@@ -100,7 +91,7 @@ class _HaloExchange(torch.autograd.Function):
     def backward(ctx, *grads):
         plan, cp, C, r = ctx.plan, ctx.cp, ctx.C, ctx.cp.rank
         g0 = grads[0]  # grads are materialised: never None
-        dkv = g0.new_zeros((g0.shape[0], len(grads) * C, *g0.shape[2:]))  # (B, L, 2, G, K)
+        dkv = g0.new_zeros((g0.shape[0], len(grads) * C, *g0.shape[2:]))  # (B, L, ...)
         sends = []
         for i, g in enumerate(grads):
             off = 0
@@ -118,35 +109,6 @@ class _HaloExchange(torch.autograd.Function):
         for b, p in zip(bufs, mine):
             dkv[:, p.src_lo:p.src_hi] += b
         return dkv, None, None, None
-
-
-def halo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: CPContext, *, window: int,
-                   seq_ids: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
-    """Sliding-window causal attention over a sequence sharded by `cp` (either layout).
-
-    q: (B, L, H, K); k, v: (B, L, G, K) this rank's shards, H % G == 0.
-    window: W >= 0; keys at most W positions behind a query are visible. Any W
-        works; the halo moved per chunk is min(W, chunk start) keys.
-    seq_ids: (B, L) int64 global document ids of this rank's tokens, or None.
-    Returns o: (B, L, H, K), equal to the single-process `attention(..., window=W)` shard.
-    Must be called by every rank of cp.group.
-    """
-    B, L, H, K = q.shape
-    if k.shape != v.shape or k.shape[:2] != (B, L) or H % k.shape[2] or k.shape[3] != K:
-        raise ValueError(f"halo_attention: incompatible shards q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)}")
-    if window is None or window < 0:
-        raise ValueError(f"halo_attention needs a window >= 0; got {window}")
-    T = L * cp.world_size
-    check_seq_len(T, cp)
-    C = T // cp.n_chunks
-    plan = halo_plan(T, cp.world_size, cp.layout, window)
-    kv_ext = _HaloExchange.apply(torch.stack([k, v], dim=2), plan, cp, C)
-    sid_ext = [None] * len(kv_ext) if seq_ids is None else [one_document_or_ids(s)
-                                                             for s in _extend(seq_ids, plan, cp, C)]
-    outs = [attention(q[:, i * C:(i + 1) * C], kv[:, :, 0], kv[:, :, 1], seq_ids=sid, window=window, scale=scale)
-            for i, (kv, sid) in enumerate(zip(kv_ext, sid_ext))]
-    return torch.cat(outs, dim=1)
 
 
 def halo_extend(x: torch.Tensor, cp: CPContext, window: int) -> list[torch.Tensor]:
@@ -168,3 +130,26 @@ def halo_extend(x: torch.Tensor, cp: CPContext, window: int) -> list[torch.Tenso
     if x.is_floating_point() and torch.is_grad_enabled() and x.requires_grad:
         return list(_HaloExchange.apply(x, plan, cp, C))
     return _extend(x, plan, cp, C)
+
+
+def halo_chunks(x: torch.Tensor, cp: CPContext, window: int) -> tuple[list[torch.Tensor], int]:
+    """Differentiable `halo_extend` for any x, and the chunk length C: ([(B, h_i + C, ...)], C)."""
+    T = x.shape[1] * cp.world_size
+    check_seq_len(T, cp)
+    C = T // cp.n_chunks
+    return list(_HaloExchange.apply(x, halo_plan(T, cp.world_size, cp.layout, window), cp, C)), C
+
+
+def sequence_halo(x: torch.Tensor, cp: CPContext, width: int) -> list[torch.Tensor]:
+    """Each local chunk with the `width` tokens before it prepended: for causal convs
+    (width = taps - 1) and sliding windows (width = window).
+
+    x: (B, L, ...) this rank's shard (float, or integer ids). Returns one tensor per
+    local chunk (2 zigzag, 1 contiguous) of (B, h + C, ...), h = min(width, the
+    chunk's global start): shorter only at the very start of the sequence. A halo
+    longer than a chunk reaches into several preceding chunks. Differentiable: the
+    halo's gradient goes back to the rank that owns those tokens.
+    """
+    if width < 0:
+        raise ValueError(f"sequence_halo: width must be >= 0; got {width}")
+    return halo_chunks(x, cp, width)[0]

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["CPContext", "check_seq_len", "chunk_ranges", "shard_positions", "shard_sequence",
-           "gather_sequence", "true_order", "rank_order", "one_document_or_ids"]
+__all__ = ["CPContext", "check_seq_len", "chunk_ranges", "chunk_owner", "global_pieces", "shard_positions",
+           "shard_sequence", "gather_sequence", "true_order", "rank_order", "one_document_or_ids"]
 
 IMPLS = ("ring", "ulysses")
 LAYOUTS = ("zigzag", "contiguous")
@@ -76,6 +76,19 @@ def chunk_ranges(T: int, world_size: int, rank: int, layout: str) -> list[tuple[
         return [(rank * L, (rank + 1) * L)]
     C = T // (2 * world_size)
     return [(rank * C, (rank + 1) * C), ((2 * world_size - 1 - rank) * C, (2 * world_size - rank) * C)]
+
+
+def chunk_owner(c: int, world_size: int, layout: str) -> tuple[int, int]:
+    """(rank, local chunk index) holding global chunk c."""
+    if layout == "contiguous" or c < world_size:
+        return c, 0
+    return 2 * world_size - 1 - c, 1
+
+
+def global_pieces(T: int, cp: CPContext, rank: int | None = None) -> list[int]:
+    """Global (position-order) indices of the chunks `rank` (default: this rank) holds, in shard order."""
+    C = T // cp.n_chunks
+    return [a // C for a, _ in chunk_ranges(T, cp.world_size, cp.rank if rank is None else rank, cp.layout)]
 
 
 def _positions(T: int, cp: CPContext, rank: int, device=None) -> torch.Tensor:

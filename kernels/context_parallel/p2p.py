@@ -1,10 +1,13 @@
-"""Point-to-point exchange inside a cp group, shared by ring.py and halo.py."""
+"""Point-to-point exchange inside a cp group: the halo exchange, the state chain and
+the ops' own rings (kernels/attention/ring.py) post their messages through it."""
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
 from loom.kernels.context_parallel.layout import CPContext
+
+__all__ = ["exchange", "wait"]
 
 
 def exchange(cp: CPContext, sends: list[tuple[torch.Tensor, int, int]],
@@ -23,5 +26,6 @@ def exchange(cp: CPContext, sends: list[tuple[torch.Tensor, int, int]],
 
 
 def wait(works: list) -> None:
+    """Block until every work of `exchange` has completed."""
     for w in works:
         w.wait()

@@ -14,9 +14,8 @@ Legend: B batch, T tokens, H heads, K key dim, V value dim.
     initial_state: (B, H, K, V) state after the previous tokens of the same rows.
     scale:         multiplies q (the operator itself has no normalisation).
     cp:            None, or a CPContext: q, k, v, reset are this rank's shard and the
-                   ranks combine their states with a prefix scan (kernels/context_parallel/
-                   state_scan.py); no initial state; the returned state is this rank's
-                   state after its last token.
+                   ranks combine their states with a prefix scan (cp.py); no initial
+                   state; the returned state is the state after the whole sequence.
 Returns o (B, T, H, V) [, final state (B, H, K, V) in fp32 (fp64 for fp64 inputs)].
 
     S_t = lambda * S_{t-1} * (1 - reset_t) + k_t^T v_t,      o_t = scale * q_t S_t
@@ -28,9 +27,10 @@ linear_attention_state(k, v, decay, *, block=64, reset=None) -> (local, carry)
     (c1, s1) then (c2, s2) = (c1 c2, c2 s1 + s2).
 
 impl: "auto" and "chunked" run chunked.py (block-tiled matmuls, a loop over
-T / block blocks for the state); "reference" (alias "recurrent") runs the token
-loop of reference.py (tests only); "fla" runs fla-core's chunk_simple_gla (linear/fla.py,
-the `gpu` extra; auto on CUDA when installed).
+T / block blocks for the state); "reference" runs reference.py's
+`linear_attention_reference`, the token loop (tests only); "fla" runs fla-core's
+chunk_simple_gla (linear/fla.py, the `gpu` extra; auto on CUDA when installed).
+forms.py runs them.
 
 Example:
     o, state = linear_attention(q, k, v, slopes, reset=position_ids == 0, return_state=True)
@@ -42,11 +42,14 @@ import torch
 
 from loom.kernels.backends import have_fla, on_gpu, require
 from loom.kernels.dispatch import announce
-from loom.kernels.linear.chunked import linear_attention_chunked, linear_attention_state as _state
-from loom.kernels.linear.reference import linear_attention_recurrent
+from loom.kernels.linear.chunked import linear_attention_state as _state
+from loom.kernels.linear.cp import cp_linear_attention
+from loom.kernels.linear.forms import FORMS, run_linear
+from loom.kernels.linear.reference import linear_attention_reference
 
-__all__ = ["linear_attention", "linear_attention_state", "alibi_slopes"]
-IMPLS = ("auto", "chunked", "fla", "reference", "recurrent")
+__all__ = ["linear_attention", "linear_attention_state", "linear_attention_reference", "alibi_slopes",
+           "cp_linear_attention"]
+IMPLS = ("auto",) + FORMS
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
@@ -87,34 +90,52 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: t
                      block: int = 64, reset: torch.Tensor | None = None,
                      initial_state: torch.Tensor | None = None, return_state: bool = False,
                      scale: float = 1.0, impl: str = "auto", cp=None):
+    """Causal linear attention with per-head decay: S_t = lambda S_{t-1} (1 - reset_t) + k_t^T v_t,
+    o_t = scale * q_t S_t.
+
+    Args:
+        q, k: (B, T, H, K) queries and keys.
+        v: (B, T, H, V) values.
+        decay: (H,) rates s_h >= 0, lambda_h = exp(-s_h).
+        block: tokens per block of the chunked form.
+        reset: (B, T) bool, True at a document's first token, or None.
+        initial_state: (B, H, K, V) state after the previous tokens of the same rows, or None.
+        return_state: also return the final state.
+        scale: multiplies q.
+        impl: "auto", "chunked", "fla" or "reference" (module docstring).
+        cp: None, or a CPContext: q, k, v, reset are this rank's (B, L, ...) shard.
+
+    Returns:
+        o (B, T, H, V) [, final state (B, H, K, V) fp32 (fp64 for fp64 inputs)].
+    """
     _check(q, k, v, decay, reset, initial_state, block)
     if impl not in IMPLS:
         raise ValueError(f"unknown linear_attention impl {impl!r}; choose one of {IMPLS}")
-    if cp is not None:
-        if initial_state is not None:
-            raise ValueError("linear_attention under context parallelism takes no initial state")
-        from loom.kernels.context_parallel.state_scan import cp_linear_attention
-
-        o, state = cp_linear_attention(q, k, v, decay, cp, block=block, reset=reset, scale=scale)
-        return (o, state) if return_state else o
     if impl == "auto":
         impl = "fla" if on_gpu(q) and have_fla() else "chunked"
     require(impl != "fla" or have_fla(), "linear_attention", impl,
             "fla-core is not installed (pip install -e '.[gpu]')")
     announce("linear attention", impl)
-    if impl == "fla":
-        from loom.kernels.linear.fla import linear_attention_fla
-        o, state = linear_attention_fla(q, k, v, decay, reset=reset, initial_state=initial_state,
-                                        return_state=return_state, scale=scale)
-    elif impl == "chunked":
-        o, state = linear_attention_chunked(q, k, v, decay, block=block, reset=reset, initial_state=initial_state,
-                                            return_state=return_state, scale=scale)
+    if cp is not None:
+        if initial_state is not None:
+            raise ValueError("linear_attention under context parallelism takes no initial state")
+        o, state = cp_linear_attention(q, k, v, decay, cp, block=block, reset=reset, scale=scale, impl=impl)
     else:
-        o, state = linear_attention_recurrent(q, k, v, decay, reset=reset, initial_state=initial_state, scale=scale)
+        o, state = run_linear(impl, q, k, v, decay, block=block, reset=reset, initial_state=initial_state,
+                              return_state=return_state, scale=scale)
     return (o, state) if return_state else o
 
 
 def linear_attention_state(k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, *, block: int = 64,
                            reset: torch.Tensor | None = None):
+    """The final state as an affine map of the initial one: final = carry[..., None, None] * S0 + local.
+
+    Args:
+        k: (B, T, H, K); v: (B, T, H, V); decay: (H,); block: tokens per block;
+        reset: (B, T) bool or None.
+
+    Returns:
+        local (B, H, K, V) and carry (B, H), fp32 (fp64 for fp64 inputs).
+    """
     _check(k, k, v, decay, reset, None, block)
     return _state(k, v, decay, block=block, reset=reset)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 
-def linear_attention_recurrent(q, k, v, decay, *, reset=None, initial_state=None, scale: float = 1.0):
-    """Token loop. q, k: (B, T, H, K); v: (B, T, H, V); decay: (H,); reset: (B, T) bool.
+def linear_attention_reference(q, k, v, decay, *, reset=None, initial_state=None, scale: float = 1.0):
+    """The recurrence, token by token. q, k: (B, T, H, K); v: (B, T, H, V); decay: (H,); reset: (B, T) bool.
     Returns o (B, T, H, V) and the final state (B, H, K, V)."""
     B, T, H, K = q.shape
     lam = torch.exp(-decay.to(q.dtype))[:, None, None]  # (H, 1, 1)

@@ -54,7 +54,20 @@ def _liger(h, w, y, ignore_index, reduction):
 
 def linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, *, ignore_index: int = -100,
                          reduction: str = "mean", chunk: int = CHUNK, impl: str = "auto") -> torch.Tensor:
-    """Cross-entropy of logits h @ w.T against y; arguments in the module docstring."""
+    """Cross-entropy of logits h @ w.T against y, without holding all N x V logits.
+
+    Args:
+        h: (N, D) final hidden states (flatten (B, T, D) first).
+        w: (V, D) head weight.
+        y: (N,) int64 targets, `ignore_index` where no loss is taken.
+        ignore_index: the target value that takes no loss.
+        reduction: "mean" (over labelled tokens; 0 if none) or "sum".
+        chunk: tokens whose logits exist at a time (fused path).
+        impl: "auto", "fused", "liger" or "reference" (module docstring).
+
+    Returns:
+        a scalar loss (fp32; fp64 for fp64 inputs).
+    """
     if h.dim() != 2 or w.dim() != 2 or y.shape != h.shape[:1] or h.shape[1] != w.shape[1]:
         raise ValueError(f"linear_cross_entropy expects h (N, D), w (V, D), y (N,); got {tuple(h.shape)}, "
                          f"{tuple(w.shape)}, {tuple(y.shape)}")

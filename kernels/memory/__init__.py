@@ -16,17 +16,18 @@ import torch
 
 from loom.kernels.backends import have_triton, on_gpu, require
 from loom.kernels.dispatch import announce
-from loom.kernels.memory.chunked import neural_memory_chunked
 from loom.kernels.memory.common import ACTIVATIONS, MemoryState, Weights, mlp_forward
+from loom.kernels.memory.cp import cp_neural_memory
+from loom.kernels.memory.forms import FORMS, run_memory
 from loom.kernels.memory.layout import DocChunks, doc_chunks
-from loom.kernels.memory.reference import neural_memory_naive_chunks
+from loom.kernels.memory.reference import neural_memory_reference
 
-__all__ = ["neural_memory", "MemoryState", "init_memory_weights", "RETRIEVALS", "MOMENTUM_STEPS", "IMPLS",
-           "DocChunks", "doc_chunks", "memory_read"]
+__all__ = ["neural_memory", "neural_memory_reference", "cp_neural_memory", "MemoryState", "init_memory_weights",
+           "RETRIEVALS", "MOMENTUM_STEPS", "IMPLS", "DocChunks", "doc_chunks", "memory_read"]
 
 RETRIEVALS = ("chunk", "token")
 MOMENTUM_STEPS = ("token", "chunk")
-IMPLS = ("auto", "chunked", "compiled", "triton", "reference")
+IMPLS = ("auto",) + FORMS
 
 
 def init_memory_weights(n_heads: int, head_dim: int, depth: int, expansion: int = 4,
@@ -163,11 +164,11 @@ def neural_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torc
             rounding; opt-in, since the first call of each shape compiles for seconds.
             "triton": the chunked form with memory/triton.py's kernels for the chunk update
             (auto on CUDA): the gradient at the chunk start (depth 1 and 2; deeper memories keep
-            its PyTorch form) and the fused chunk-end update. "reference": reference.py's chunk
-            loop with per-token gradients (tests).
+            its PyTorch form) and the fused chunk-end update. "reference": reference.py's
+            `neural_memory_reference`, the token-by-token definition (tests). forms.py runs them.
         cp: None, or a CPContext: every (B, T, ...) argument is this rank's shard;
-            the memory state travels rank to rank in global chunk order
-            (kernels/context_parallel/memory.py). No state in; the returned state is None.
+            the memory state travels rank to rank in global chunk order (cp.py).
+            No state in; the returned state is None.
 
     Returns:
         y (B, T, H, K) in q's dtype [, MemoryState in the compute dtype].
@@ -186,38 +187,18 @@ def neural_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torc
               norm_weight, momentum_step)
     if impl not in IMPLS:
         raise ValueError(f"unknown neural_memory impl {impl!r}; choose one of {IMPLS}")
-    if cp is not None:
-        if state is not None:
-            raise ValueError("neural_memory under context parallelism starts from W0: it takes no state")
-        from loom.kernels.context_parallel import cp_neural_memory
-
-        y = cp_neural_memory(q, k, v, theta, eta, alpha, list(init_weights), cp, chunk_size=chunk_size,
-                             reset=reset, mask=mask, activation=activation, retrieval=retrieval,
-                             norm_weight=norm_weight, momentum_step=momentum_step)
-        return (y, None) if return_state else y
     if impl == "auto":
         impl = "triton" if on_gpu(q) and have_triton() else "chunked"
     require(impl != "triton" or have_triton(), "neural_memory", impl, "triton is not installed")
     # The Triton chunk-start gradient covers depth 1 and 2; deeper memories keep its PyTorch form, said here.
     deep = impl == "triton" and len(init_weights) > 2
     announce("neural memory", "triton (chunk-start gradient in PyTorch: depth > 2)" if deep else impl)
-    # Float32 at least: the decay products and the fast weights accumulate over the whole sequence.
-    dt = torch.promote_types(q.dtype, torch.float32)
-    cast = lambda xs: tuple(x.to(dt) for x in xs)  # noqa: E731
-    if state is not None:
-        state = MemoryState(cast(state.weights), cast(state.momentum), cast(state.base), state.offset)
-    opts = dict(chunk_size=chunk_size, state=state, reset=reset, mask=mask, activation=activation,
-                retrieval=retrieval, norm_weight=None if norm_weight is None else norm_weight.to(dt),
-                momentum_step=momentum_step)
-    if impl == "reference":
-        y, final = neural_memory_naive_chunks(*cast((q, k, v, theta, eta, alpha)), cast(init_weights), **opts)
-    else:
-        hooks = {}
-        if impl == "triton":
-            from loom.kernels.memory import triton as tri
-
-            hooks = dict(start_grad=None if deep else tri.chunk_start_grad, end_update=tri.chunk_end_update)
-        y, final = neural_memory_chunked(*cast((q, k, v, theta, eta, alpha)), cast(init_weights),
-                                         compiled=impl == "compiled", **hooks, **opts)
-    y = y.to(q.dtype)
+    opts = dict(chunk_size=chunk_size, reset=reset, mask=mask, activation=activation, retrieval=retrieval,
+                norm_weight=norm_weight, momentum_step=momentum_step)
+    if cp is not None:
+        if state is not None:
+            raise ValueError("neural_memory under context parallelism starts from W0: it takes no state")
+        y = cp_neural_memory(q, k, v, theta, eta, alpha, list(init_weights), cp, impl=impl, **opts)
+        return (y, None) if return_state else y
+    y, final = run_memory(impl, q, k, v, theta, eta, alpha, init_weights, state=state, **opts)
     return (y, final) if return_state else y

@@ -21,7 +21,7 @@ next `chunk_size` tokens of the document, cut short by a reset; a carried
 state with offset o > 0 continues its chunk for chunk_size - o more tokens.
 
 Two oracles, both with Python loops (used in tests only):
-- `neural_memory_sequential`: the loop above, inner gradients by autograd.
+- `neural_memory_reference`: the loop above, inner gradients by autograd.
 - `neural_memory_naive_chunks`: a loop over chunks; the chunk's per-token
   gradients are materialised with torch.func (L copies of the weights), the
   momentum/decay recurrences in closed form with cumulative products, and
@@ -62,9 +62,9 @@ def _stack_state(rows, init_weights) -> MemoryState:
     return MemoryState(stack(W), stack(S), stack(G), torch.tensor(off, device=init_weights[0].device))
 
 
-def neural_memory_sequential(q, k, v, theta, eta, alpha, init_weights, *, chunk_size, state=None,
-                             reset=None, mask=None, activation="gelu", retrieval="chunk", norm_weight=None,
-                             momentum_step="token"):
+def neural_memory_reference(q, k, v, theta, eta, alpha, init_weights, *, chunk_size, state=None,
+                            reset=None, mask=None, activation="gelu", retrieval="chunk", norm_weight=None,
+                            momentum_step="token"):
     """The token-by-token definition. Shapes as `loom.kernels.memory.neural_memory`.
 
     Returns (y (B, T, H, K), final MemoryState)."""

@@ -21,8 +21,8 @@ C cached chunk states.
     scale:         score scale, default K ** -0.5.
     initial_state: a state returned by an earlier call on the same rows (below).
     cp:            None, or a CPContext: every (B, T, ...) argument is this rank's
-                   shard and the op runs kernels/context_parallel/rat.py (chunk
-                   states gathered across ranks); no state or stats in or out.
+                   shard and the op runs cp.py (chunk states gathered across
+                   ranks); no state or stats in or out.
 Returns o (B, T, H, K), then if return_stats a dict of detached (B, T, H) tensors
     "lse" (log-sum-exp of the scores), "local" (attention share of the query's own running
     state) and "first" (share of its document's first chunk state; the own state in chunk 0),
@@ -36,10 +36,10 @@ State (dict), for decoding and for passing between context-parallel ranks:
 It holds about T/L entries per head, where attention's KV cache holds T.
 
 impl: "auto" and "chunked" run chunked.py (the CPU path: log-depth scan plus
-block-sparse attention over chunk states); "reference" (alias "naive") runs
-reference.py, the token loop (tests only). GPU backends of the same chunked form: "triton"
+block-sparse attention over chunk states); "reference" runs reference.py's
+`rat_reference`, the token loop (tests only). GPU backends of the same chunked form: "triton"
 (step 1, the gated recurrence, as rat/triton.py's kernel), "flex" (step 3, attention over
-chunk states, through FlexAttention: rat/flex.py), "gpu" both (auto on CUDA).
+chunk states, through FlexAttention: rat/flex.py), "gpu" both (auto on CUDA); forms.py runs them.
 
 Example:
     o, state = rat(q, k, v, f, position_ids, chunk=16, return_state=True)
@@ -47,17 +47,16 @@ Example:
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from loom.kernels.backends import have_flex, have_triton, on_gpu, require
 from loom.kernels.dispatch import announce
-from loom.kernels.rat.chunked import rat_chunked
-from loom.kernels.rat.reference import rat_naive
+from loom.kernels.rat.cp import cp_rat, rat_comm_bytes
+from loom.kernels.rat.forms import FORMS, run_rat
+from loom.kernels.rat.reference import rat_reference
 
-__all__ = ["rat"]
-IMPLS = ("auto", "chunked", "gpu", "triton", "flex", "reference", "naive")
+__all__ = ["rat", "rat_reference", "cp_rat", "rat_comm_bytes"]
+IMPLS = ("auto",) + FORMS
 
 
 def _check(q, k, v, f, position_ids, chunk, seq_ids, cos, sin, initial_state) -> None:
@@ -99,33 +98,41 @@ def rat(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: torch.Tensor, posi
         chunk: int = 16, seq_ids: torch.Tensor | None = None, cos: torch.Tensor | None = None,
         sin: torch.Tensor | None = None, scale: float | None = None, initial_state: dict | None = None,
         return_state: bool = False, return_stats: bool = False, impl: str = "auto", cp=None):
+    """RAT attention: a gated recurrence inside chunks of `chunk` tokens, softmax
+    attention over the document's chunk-final states.
+
+    Args:
+        q, k: (B, T, G, K) queries and pre-recurrence keys (head h uses group h % G).
+        v, f: (B, T, H, K) values and forget-gate logits.
+        position_ids: (B, T) int64 position inside the document (0 at a document start).
+        chunk: L, tokens per chunk.
+        seq_ids: (B, T) document ids, or None.
+        cos, sin: (B, T, K) RoPE tables at each token's chunk index, or None.
+        scale: score scale, default K ** -0.5.
+        initial_state: a state dict an earlier call returned (module docstring), or None.
+        return_state, return_stats: also return the state / the (B, T, H) diagnostics.
+        impl: "auto", "chunked", "gpu", "triton", "flex" or "reference".
+        cp: None, or a CPContext (every (B, T, ...) argument is this rank's shard).
+
+    Returns:
+        o (B, T, H, K) [, stats dict of (B, T, H)] [, state dict].
+    """
     _check(q, k, v, f, position_ids, chunk, seq_ids, cos, sin, initial_state)
     if impl not in IMPLS:
         raise ValueError(f"unknown rat impl {impl!r}; choose one of {IMPLS}")
-    if cp is not None:
-        if initial_state is not None or return_state or return_stats:
-            raise ValueError("rat under context parallelism takes and returns no state or stats")
-        from loom.kernels.context_parallel.rat import cp_rat
-
-        return cp_rat(q, k, v, f, position_ids, cp, chunk=chunk, seq_ids=seq_ids, cos=cos, sin=sin, scale=scale)
     if impl == "auto":
         impl = "gpu" if on_gpu(q) and have_triton() and have_flex() else "chunked"
     require(impl not in ("gpu", "triton") or have_triton(), "rat", impl, "triton is not installed")
     require(impl not in ("gpu", "flex") or have_flex(), "rat", impl, "this PyTorch has no FlexAttention")
     announce("rat", impl)
-    args = dict(chunk=chunk, seq_ids=seq_ids, cos=cos, sin=sin, scale=scale, initial_state=initial_state)
-    if impl in ("chunked", "gpu", "triton", "flex"):
-        scan = attend = None
-        if impl in ("gpu", "triton"):
-            from loom.kernels.rat.triton import TritonSegmentScan
-            scan = TritonSegmentScan.apply
-        if impl in ("gpu", "flex"):
-            from loom.kernels.rat.flex import chunk_state_attention_flex
-            attend = functools.partial(chunk_state_attention_flex, need_lse=return_stats)
-        o, stats, state = rat_chunked(q, k, v, f, position_ids, return_state=return_state, return_stats=return_stats,
-                                      scan=scan, attend=attend, **args)
-    else:
-        o, stats, state = rat_naive(q, k, v, f, position_ids, **args)
+    if cp is not None:
+        if initial_state is not None or return_state or return_stats:
+            raise ValueError("rat under context parallelism takes and returns no state or stats")
+        return cp_rat(q, k, v, f, position_ids, cp, chunk=chunk, seq_ids=seq_ids, cos=cos, sin=sin, scale=scale,
+                      impl=impl)
+    o, stats, state = run_rat(impl, q, k, v, f, position_ids, chunk=chunk, seq_ids=seq_ids, cos=cos, sin=sin,
+                              scale=scale, initial_state=initial_state, return_state=return_state,
+                              return_stats=return_stats)
     if return_stats:
         stats = {name: x.detach() for name, x in stats.items()}
     out = (o,) + ((stats,) if return_stats else ()) + ((state,) if return_state else ())

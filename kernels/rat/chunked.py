@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from loom.kernels.rotary import rotate_heads
+
 
 # ----- 1. the segmented linear recurrence -----
 
@@ -169,13 +171,6 @@ def _block_ranges(lo: torch.Tensor, hi: torch.Tensor, block: int) -> list[tuple[
 
 # ----- the op -----
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE. x: (B, T, H, K); cos, sin: (B, T, K)."""
-    c, s = cos[:, :, None, :].to(x.dtype), sin[:, :, None, :].to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * c + torch.cat([-x2, x1], dim=-1) * s
-
-
 def rat_chunked(q, k, v, f, position_ids, *, chunk: int, seq_ids=None, cos=None, sin=None, scale=None,
                 initial_state=None, return_state=False, return_stats=False, block_q: int = 256,
                 scan=None, attend=None):
@@ -211,7 +206,7 @@ def rat_chunked(q, k, v, f, position_ids, *, chunk: int, seq_ids=None, cos=None,
     q_h = q.to(dt).repeat(1, 1, H // G, 1)  # (B, T, H, K)
     k_rot = k_run
     if cos is not None:
-        q_h, k_rot = _rotate(q_h, cos, sin), _rotate(k_run, cos, sin)
+        q_h, k_rot = rotate_heads(q_h, cos, sin), rotate_heads(k_run, cos, sin)
 
     # 2. compact list [cached states (right-aligned, C) ; this call's chunk-final states (F)].
     n_final = final.sum(1)  # (B,)

@@ -18,15 +18,11 @@ from __future__ import annotations
 
 import torch
 
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (H, K); cos, sin: (K,). Rotate-half RoPE."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+from loom.kernels.rotary import rotate
 
 
-def rat_naive(q, k, v, f, position_ids, *, chunk: int, seq_ids=None, cos=None, sin=None, scale=None,
-              initial_state=None):
+def rat_reference(q, k, v, f, position_ids, *, chunk: int, seq_ids=None, cos=None, sin=None, scale=None,
+                  initial_state=None):
     """Same arguments as `loom.kernels.rat.rat`. Returns (o (B, T, H, K), stats, state)."""
     B, T, G, K = q.shape
     H = v.shape[2]
@@ -60,7 +56,7 @@ def rat_naive(q, k, v, f, position_ids, *, chunk: int, seq_ids=None, cos=None, s
                 s_v = g * s_v + (1 - g) * v[b, t]
             k_rot, q_rot = s_k, q_t
             if cos is not None:
-                k_rot, q_rot = _rotate(s_k, cos[b, t], sin[b, t]), _rotate(q_t, cos[b, t], sin[b, t])
+                k_rot, q_rot = rotate(s_k, cos[b, t], sin[b, t]), rotate(q_t, cos[b, t], sin[b, t])
             key = torch.stack(keys + [k_rot])  # (n + 1, H, K)
             val = torch.stack(vals + [s_v])
             scores = torch.einsum("hk,nhk->hn", q_rot, key) * scale

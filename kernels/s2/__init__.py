@@ -16,7 +16,7 @@ s2_attention(q, k, v, *, block, local_blocks, vert_stride, head_offsets=None,
         Blocks are position // b, so a packed row equals separate documents.
     cp: None, or a CPContext: q, k, v, seq_ids, position_ids are this rank's
         shard (S == T); the op trades sequence for heads (Ulysses) and runs on
-        the full sequence for H / cp heads (kernels/context_parallel/s2.py).
+        the full sequence for H / cp heads (cp.py).
     Returns o (B, T, H, K) [, lse (B, T, H), fp32 (fp64 for fp64 inputs)].
 
 For pattern head h, key block n is visible to query block m (same document,
@@ -24,7 +24,7 @@ n <= m, token-causal inside block m) when m - n < L or (n + o_h) % V == 0.
 
 impl: "blocksparse" (blocksparse.py, the CPU path), "flex" (flex.py: FlexAttention with the
 per-head BlockMask, fused forward and backward on CUDA), "reference" (reference.py: dense
-mask, tests only); "auto" = "flex" on CUDA, else "blocksparse".
+mask, tests only); "auto" = "flex" on CUDA, else "blocksparse". forms.py runs them.
 
 Example:
     offs = default_head_offsets(n_heads=8, n_kv_heads=8, vert_stride=4)    # [0, 1, 2, 3, 0, 1, 2, 3]
@@ -37,13 +37,14 @@ import torch
 from loom.kernels.attention import multi_document
 from loom.kernels.backends import have_flex, on_gpu, require
 from loom.kernels.dispatch import announce
-
 from loom.kernels.s2.blocksparse import s2_blocksparse
+from loom.kernels.s2.cp import cp_s2_attention
+from loom.kernels.s2.forms import FORMS, run_s2
 from loom.kernels.s2.reference import s2_attention_reference, s2_mask
 
 __all__ = ["s2_attention", "default_head_offsets", "covers_all_residues", "s2_mask",
-           "s2_attention_reference", "s2_blocksparse"]
-IMPLS = ("auto", "blocksparse", "flex", "reference")
+           "s2_attention_reference", "s2_blocksparse", "cp_s2_attention"]
+IMPLS = ("auto",) + FORMS
 
 
 def default_head_offsets(n_heads: int, n_kv_heads: int, vert_stride: int, shift: int = 0) -> torch.Tensor:
@@ -65,9 +66,28 @@ def covers_all_residues(head_offsets: torch.Tensor, vert_stride: int) -> bool:
     return set(head_offsets.tolist()) == set(range(vert_stride))
 
 
-def s2_attention(q, k, v, *, block: int, local_blocks: int, vert_stride: int, head_offsets=None,
-                 seq_ids=None, position_ids=None, scale=None, impl: str = "auto", return_lse: bool = False,
-                 cp=None):
+def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, local_blocks: int,
+                 vert_stride: int, head_offsets: torch.Tensor | None = None, seq_ids: torch.Tensor | None = None,
+                 position_ids: torch.Tensor | None = None, scale: float | None = None, impl: str = "auto",
+                 return_lse: bool = False, cp=None):
+    """S2-Attention: causal attention over each head's local blocks and its vertical stride.
+
+    Args:
+        q: (B, T, H, K) queries, the last T of the S positions.
+        k, v: (B, S, G, K) keys and values, S >= T, H % G == 0.
+        block: b, tokens per block; local_blocks: L, blocks of the local window
+            (the query's own block included); vert_stride: V.
+        head_offsets: (P,) int64 in [0, V), P = G or H; default default_head_offsets(H, G, V).
+        seq_ids: (B, S) int64 document ids, or None.
+        position_ids: (B, S) int64 document-relative positions of the keys, or None.
+        scale: softmax scale, default K ** -0.5.
+        impl: "auto", "blocksparse", "flex" or "reference" (module docstring).
+        return_lse: also return the log-sum-exp of each query's scores.
+        cp: None, or a CPContext: q, k, v, seq_ids, position_ids are this rank's (B, L, ...) shard.
+
+    Returns:
+        o (B, T, H, K) [, lse (B, T, H) fp32 (fp64 for fp64 inputs)].
+    """
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
         raise ValueError(f"s2_attention expects q (B,T,H,K), k=v (B,S,G,K); got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -90,24 +110,16 @@ def s2_attention(q, k, v, *, block: int, local_blocks: int, vert_stride: int, he
                          f"[0, {vert_stride}); got {head_offsets.tolist()}")
     if impl not in IMPLS:
         raise ValueError(f"unknown s2 impl {impl!r}; choose one of {IMPLS}")
-    if cp is not None:
-        if return_lse:
-            raise ValueError("s2_attention: return_lse is not available under context parallelism")
-        from loom.kernels.context_parallel.s2 import cp_s2_attention
-
-        return cp_s2_attention(q, k, v, cp, block=block, local_blocks=local_blocks, vert_stride=vert_stride,
-                               head_offsets=head_offsets, position_ids=position_ids, seq_ids=seq_ids, scale=scale)
-    seq_ids = multi_document(seq_ids)
     if impl == "auto":
         impl = "flex" if on_gpu(q) and have_flex() else "blocksparse"
     require(impl != "flex" or have_flex(), "s2_attention", impl, "this PyTorch has no FlexAttention")
     announce("s2 attention", impl)
-    kw = dict(block=block, local_blocks=local_blocks, vert_stride=vert_stride, head_offsets=head_offsets,
-              seq_ids=seq_ids, position_ids=position_ids, scale=scale)
-    if impl == "blocksparse":
-        o, lse = s2_blocksparse(q, k, v, **kw)
-        return (o, lse) if return_lse else o
-    if impl == "flex":
-        from loom.kernels.s2.flex import s2_flex
-        return s2_flex(q, k, v, return_lse=return_lse, **kw)
-    return s2_attention_reference(q, k, v, return_lse=return_lse, **kw)
+    if cp is not None:
+        if return_lse:
+            raise ValueError("s2_attention: return_lse is not available under context parallelism")
+        return cp_s2_attention(q, k, v, cp, block=block, local_blocks=local_blocks, vert_stride=vert_stride,
+                               head_offsets=head_offsets, position_ids=position_ids, seq_ids=seq_ids, scale=scale,
+                               impl=impl)
+    return run_s2(impl, q, k, v, block=block, local_blocks=local_blocks, vert_stride=vert_stride,
+                  head_offsets=head_offsets, seq_ids=multi_document(seq_ids), position_ids=position_ids,
+                  scale=scale, return_lse=return_lse)

@@ -7,7 +7,7 @@ sliding_window_attention(q, k, v, *, window, seq_ids=None, scale=None, impl="aut
         (the query itself plus `window` past tokens, as RAT's paper counts it).
     seq_ids: (B, S) int64 document ids; attention never crosses documents.
     cp: None, or a CPContext: q, k, v, seq_ids are this rank's shard (S == T)
-        and the op runs the halo exchange (kernels/context_parallel/halo.py).
+        and the op runs the halo exchange (kernels/attention/halo.py).
     Returns o (B, T, H, K) [, lse (B, T, H), fp32 (fp64 for fp64 inputs)].
 
 impl:
@@ -47,8 +47,24 @@ def select_swa_impl(q: torch.Tensor, S: int, seq_ids, return_lse: bool) -> str:
     return "banded"
 
 
-def sliding_window_attention(q, k, v, *, window: int, seq_ids=None, scale=None, impl: str = "auto",
+def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int,
+                             seq_ids: torch.Tensor | None = None, scale: float | None = None, impl: str = "auto",
                              return_lse: bool = False, cp=None):
+    """Causal attention over the query itself and the `window` tokens before it.
+
+    Args:
+        q: (B, T, H, K) queries, the last T of the S positions (prefill, decoding).
+        k, v: (B, S, G, K) keys and values, S >= T, H % G == 0.
+        window: int >= 0; key j is visible to query i when 0 <= i - j <= window.
+        seq_ids: (B, S) int64 document ids, or None; attention never crosses documents.
+        scale: softmax scale, default K ** -0.5.
+        impl: "auto", "banded", "flash", "flex" or "reference" (alias "sdpa"), module docstring.
+        return_lse: also return the log-sum-exp of each query's scores.
+        cp: None, or a CPContext: q, k, v, seq_ids are this rank's (B, L, ...) shard (S == T).
+
+    Returns:
+        o (B, T, H, K) [, lse (B, T, H), fp32 (fp64 for fp64 inputs)].
+    """
     check_shapes("sliding_window_attention", q, k, v, seq_ids)
     T, S = q.shape[1], k.shape[1]
     if not isinstance(window, int) or window < 0:

@@ -84,7 +84,7 @@ class Attention(Mixer):
         conv_cache = None
         if self.conv is not None:
             qkv, conv_cache = short_conv(self.conv, torch.cat([q, k, v], dim=-1), ctx.position_ids,
-                                         None if state is None else state["conv"], cp=ctx.sharding)
+                                         None if state is None else state["conv"], cp=ctx.cp)
             q, k, v = qkv.split([H * K, G * K, G * K], dim=-1)
         q, k, v = q.reshape(B, T, -1, K), k.reshape(B, T, -1, K), v.reshape(B, T, -1, K)
         if self.q_norm is not None:
@@ -108,9 +108,9 @@ class Attention(Mixer):
             doc = torch.cat([state["doc"], continue_docs(state["doc"], ctx.position_ids)], dim=1)
             k = torch.cat([state["k"], k], dim=1)
             v = torch.cat([state["v"], v], dim=1)
-        o = attention(q, k, v, seq_ids=doc, cp=ctx.sharding)
+        o = attention(q, k, v, seq_ids=doc, cp=ctx.cp)
         if ctx.stats is not None and state is None:
-            _, lse = attention(q, k, v, seq_ids=doc, return_lse=True, cp=ctx.sharding)
+            _, lse = attention(q, k, v, seq_ids=doc, return_lse=True, cp=ctx.cp)
             ctx.stats[f"sink_mass/layer{self.dims.layer_idx}"] = sink_mass(
                 q, k, lse, ctx.position_ids, 1 / math.sqrt(self.dims.head_dim))
         y = self.o_proj(self.heads(x, o, ctx).reshape(B, T, -1))

@@ -49,7 +49,7 @@ class SeqContext:
         if their seq_ids are equal.
     want_state: mixers return their final state (KV cache, recurrent state)
         when True, else None.
-    sharding: None, or the context-parallel handle (a kernels CPContext) when
+    cp: None, or the context-parallel handle (a kernels CPContext) when
         each row is this process's shard of a longer sequence. Mixers pass it
         unchanged to their kernels/ op as `cp=`; the op decides what to do.
     aux_losses: mixers append scalar auxiliary losses, already weighted
@@ -61,9 +61,14 @@ class SeqContext:
     position_ids: torch.Tensor
     seq_ids: torch.Tensor | None = None
     want_state: bool = False
-    sharding: Any = None
+    cp: Any = None
     aux_losses: list[torch.Tensor] = field(default_factory=list)
     stats: dict[str, torch.Tensor] | None = None
+
+    @property
+    def sharding(self) -> Any:
+        """The old name of `cp`, still read by trainer/parallelize.py: remove with its last reader."""
+        return self.cp
 
     @property
     def doc_starts(self) -> torch.Tensor:

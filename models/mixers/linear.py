@@ -19,7 +19,7 @@ H x K x K whatever the grouping.
 
 Decoding state: {"kv": (B, H, K, K) fp32}, constant in the sequence length.
 
-Context parallelism (ctx.sharding, passed to the op): a
+Context parallelism (ctx.cp, passed to the op): a
 prefix scan of the pieces' states across ranks (the same for either cp_impl).
 """
 from __future__ import annotations
@@ -96,7 +96,7 @@ class LinearAttention(Mixer):
         scale = K ** -0.5 if self.cfg.qk_scale else 1.0
         o, kv = linear_attention(q, k, v, self.decay, block=self.cfg.block, reset=ctx.doc_starts,
                                  initial_state=None if state is None else state["kv"], return_state=True,
-                                 scale=scale, cp=ctx.sharding)
+                                 scale=scale, cp=ctx.cp)
         o = self.norm(o)
         if self.gate is not None:
             o = o * torch.sigmoid(self.gate(x)).view(B, T, H, K)

@@ -32,7 +32,7 @@ Persistent memory tokens are not used here: prepending learned,
 data-independent tokens to a memory layer's input only moves its starting
 point, which the learned W0 already is; MAG and MAC give them to attention.
 
-Context parallelism (ctx.sharding, passed on as `cp`): the conv's W-1 previous
+Context parallelism (ctx.cp, passed on as `cp`): the conv's W-1 previous
 inputs come from the preceding chunk's rank (kernels.sequence.with_halo) and the
 op carries the memory state rank to rank in global chunk order (serialised, so
 it takes about as long as on one process). Training only: no state.
@@ -197,7 +197,7 @@ class Memory(Mixer):
 
     def forward(self, x: torch.Tensor, ctx: SeqContext, state=None):
         B, T, _ = x.shape
-        y, new_state = self.memory(x, ctx.position_ids, state, cp=ctx.sharding)
+        y, new_state = self.memory(x, ctx.position_ids, state, cp=ctx.cp)
         y = self.out_norm(y.to(x.dtype))
         if self.gate_proj is not None:
             y = y * torch.sigmoid(self.gate_proj(x)).view(B, T, y.shape[2], -1)

@@ -21,7 +21,7 @@ Decoding state (loom.kernels.rat): chunk-final "k" (post-RoPE), "v" of shape
 (B, C, H, K) with C ~ T / L, their count "n" (B,), and the fp32 running state
 "k_run", "v_run" (B, H, K): about L times smaller than attention's KV cache.
 
-Context parallelism (ctx.sharding, passed to the op): the op all-gathers the
+Context parallelism (ctx.cp, passed to the op): the op all-gathers the
 chunk states and the running state at piece boundaries (the same for either
 cp_impl); every piece of seq_len / (2 cp) tokens must be a multiple of L
 (cp_chunk_tokens). Diagnostics (ctx.stats) are not available under cp.
@@ -90,7 +90,7 @@ class RAT(Mixer):
             cos, sin = self.rotary(torch.div(ctx.position_ids, L, rounding_mode="floor"))
         want_stats = ctx.stats is not None
         out = rat(q, k, v, f, ctx.position_ids, chunk=L, seq_ids=ctx.seq_ids, cos=cos, sin=sin,
-                  initial_state=state, return_state=ctx.want_state, return_stats=want_stats, cp=ctx.sharding)
+                  initial_state=state, return_state=ctx.want_state, return_stats=want_stats, cp=ctx.cp)
         o, *extra = out if isinstance(out, tuple) else (out,)
         new_state = extra.pop() if ctx.want_state else None
         if want_stats:

@@ -22,7 +22,7 @@ whole cache; `state_bytes` reports what a KV-efficient cache needs (the local
 window plus the blocks of the KV head's own residues, about L*b + S*r/V tokens
 per KV head, r residues per KV head).
 
-Context parallelism (ctx.sharding, passed to the op; cp_impl=ulysses): the op
+Context parallelism (ctx.cp, passed to the op; cp_impl=ulysses): the op
 runs on the full sequence for H / cp heads after an all-to-all.
 """
 from __future__ import annotations
@@ -82,7 +82,7 @@ class S2Attention(Attention):
         want_lse = ctx.stats is not None and state is None
         o = s2_attention(q, k, v, block=c.block, local_blocks=c.local_blocks, vert_stride=c.vert_stride,
                          head_offsets=self.head_offsets, seq_ids=doc, position_ids=pos, return_lse=want_lse,
-                         cp=ctx.sharding)
+                         cp=ctx.cp)
         if want_lse:
             o, lse = o
             H = q.shape[2]

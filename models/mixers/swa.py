@@ -61,7 +61,7 @@ class SlidingWindowAttention(Attention):
             k = torch.cat([state["k"], k], dim=1)[:, -(W + T):]
             v = torch.cat([state["v"], v], dim=1)[:, -(W + T):]
         want_lse = ctx.stats is not None and state is None
-        o = sliding_window_attention(q, k, v, window=W, seq_ids=doc, return_lse=want_lse, cp=ctx.sharding)
+        o = sliding_window_attention(q, k, v, window=W, seq_ids=doc, return_lse=want_lse, cp=ctx.cp)
         if want_lse:
             o, lse = o
             visible = (ctx.position_ids <= W)[:, :, None].expand(-1, -1, q.shape[2])  # first token in window

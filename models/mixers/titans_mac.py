@@ -37,7 +37,7 @@ Decoding state:
   that began inside a document, which its positions alone do not tell).
 
 The layer runs through kernels.sequence.stateful_scan with its decoding state as
-a flat tuple of tensors. Under context parallelism (ctx.sharding) every part of
+a flat tuple of tensors. Under context parallelism (ctx.cp) every part of
 a segment depends on the memory weights at its start, so the whole layer is the
 pipeline stage: the local chunks run in global order with that state carried
 rank to rank. Serialised: the layer takes about its single-process time.
@@ -119,7 +119,7 @@ class TitansMAC(Mixer):
 
         params = [p for p in self.parameters() if p.requires_grad]
         y, flat = stateful_scan(step, [x, ctx.position_ids], params,
-                                state=None if state is None else self._state_to_tensors(state), cp=ctx.sharding)
+                                state=None if state is None else self._state_to_tensors(state), cp=ctx.cp)
         return y, (self._state_from_tensors(flat) if ctx.want_state else None)
 
     def _segments(self, x: torch.Tensor, pos: torch.Tensor, state: dict | None):

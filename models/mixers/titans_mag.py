@@ -17,7 +17,7 @@ The window branch is loom.kernels.swa (banded on CPU, flash-attn's window on CUD
 when there are no persistent tokens); the persistent tokens are merged
 through its log-sum-exp.
 
-Context parallelism (ctx.sharding): each local chunk's window branch gets the
+Context parallelism (ctx.cp): each local chunk's window branch gets the
 `window` keys before it from their owners (kernels.sequence.with_halo, any
 window length) and runs the same prefix-merged kernel; the memory branch
 carries its state rank to rank (see `memory`). Training only: no decoding state.
@@ -92,9 +92,9 @@ class TitansMAG(Mixer):
         if state is not None:
             doc = torch.cat([state["doc"], continue_docs(state["doc"], ctx.position_ids)], dim=1)
             k, v = torch.cat([state["k"], k], dim=1), torch.cat([state["v"], v], dim=1)
-        a = self._window_attention(q, k, v, doc, ctx.sharding)
+        a = self._window_attention(q, k, v, doc, ctx.cp)
         m, mem_state = self.memory(x, ctx.position_ids, None if state is None else state["memory"],
-                                   cp=ctx.sharding)
+                                   cp=ctx.cp)
         o = self.attn_norm(a) * torch.sigmoid(self.mem_norm(m.to(a.dtype)))
         y = self.o_proj(o.reshape(B, T, -1))
         if not ctx.want_state:

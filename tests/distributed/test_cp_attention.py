@@ -1,4 +1,4 @@
-"""Context-parallel softmax attention (kernels/context_parallel) against the
+"""Context-parallel softmax attention (kernels/attention/cp.py, ring.py, ulysses.py, halo.py) against the
 single-process op loom.kernels.attention.
 
 Multi-process (gloo, CPU, fp64 unless named fp32), for cp = 2 and cp = 4: every
@@ -25,11 +25,11 @@ import pytest
 import torch
 
 from loom.kernels.attention import attention
-from loom.kernels.context_parallel import (CPContext, comm_bytes, cp_attention, gather_sequence, halo_attention,
-                                      ring_attention, shard_positions, shard_sequence, ulysses_attention)
-from loom.kernels.context_parallel import ring as ring_module
+from loom.kernels.attention import ring as ring_module
+from loom.kernels.attention.cp import cp_attention, halo_attention, ring_attention, ulysses_attention
+from loom.kernels.context_parallel import CPContext, comm_bytes, gather_sequence, shard_positions, shard_sequence
+from loom.kernels.context_parallel.all_to_all import ulysses_kv_heads
 from loom.kernels.context_parallel.halo import halo_plan
-from loom.kernels.context_parallel.ulysses import ulysses_kv_heads
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _gloo, next to this file
 import _gloo  # noqa: E402

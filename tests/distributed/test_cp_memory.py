@@ -1,4 +1,4 @@
-"""Context parallelism for the Titans memory (kernels/context_parallel/memory.py and
+"""Context parallelism for the Titans memory (kernels/memory/cp.py and
 the `memory` / `titans_mag` mixers) against the single-process run.
 
 Multi-process (gloo, CPU, fp64, zigzag unless named), for cp = 2 (default tier)
@@ -10,7 +10,7 @@ ones (fixed random upstream gradient), for
     memory  the mixer (conv halo + state carry), conv taps shorter and longer than a chunk;
     mag     titans_mag (window halo with persistent tokens + memory), window shorter
             and longer than a chunk, GQA;
-    mac     titans_mac (the whole layer carried as a state, cp_recurrent), segments
+    mac     titans_mac (the whole layer carried as a state, kernels/context_parallel/chain.py carry), segments
             straddling the shard chunks, deep and linear memory.
 Memory chunks (5 tokens) straddle the shard chunks (12 at cp=2, 6 at cp=4), so the
 offset inside a memory chunk is carried too. Packed documents: row 0 starts
@@ -29,7 +29,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from loom.kernels.context_parallel import CPContext, cp_neural_memory, shard_sequence
+from loom.kernels.context_parallel import CPContext, shard_sequence
+from loom.kernels.memory.cp import cp_neural_memory
 from loom.kernels.memory import init_memory_weights, neural_memory
 from loom.models import HybridLM, ModelConfig
 from loom.models.mixers.base import MixerDims, SeqContext
@@ -146,7 +147,7 @@ def _mixer_case(cp, kind, opts, g):
     local = copy.deepcopy(mixer)
     local.zero_grad(set_to_none=True)
     x_loc = shard_sequence(x, cp).clone().requires_grad_()
-    y, _ = local(x_loc, SeqContext(shard_sequence(pos, cp), shard_sequence(seq_ids, cp), sharding=cp))
+    y, _ = local(x_loc, SeqContext(shard_sequence(pos, cp), shard_sequence(seq_ids, cp), cp=cp))
     y.backward(shard_sequence(dy, cp))
     ref_grads = dict(mixer.named_parameters())
     summed = _sum_over_ranks([(n, p.grad, ref_grads[n].grad) for n, p in local.named_parameters()], cp)

@@ -25,8 +25,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from loom.kernels.context_parallel import CPContext, rat_comm_bytes, shard_sequence
-from loom.kernels.context_parallel.s2 import rank_head_offsets
+from loom.kernels.context_parallel import CPContext, shard_sequence
+from loom.kernels.rat.cp import rat_comm_bytes
+from loom.kernels.s2.cp import rank_head_offsets
 from loom.models import HybridLM, ModelConfig
 from loom.models.mixers import MIXERS, MixerDims, SeqContext
 from loom.models.rope import RopeConfig
@@ -112,7 +113,7 @@ def _run_case(name: str, world: int) -> dict:
     def run(inp, pos, ids, cp=None):
         if kind == "model":
             return mixer(inp, position_ids=pos, seq_ids=ids, cp=cp).hidden
-        return mixer(inp, SeqContext(position_ids=pos, seq_ids=ids, sharding=cp))[0]
+        return mixer(inp, SeqContext(position_ids=pos, seq_ids=ids, cp=cp))[0]
 
     x_ref = x.clone().requires_grad_(x.is_floating_point())
     y_ref = run(x_ref, pos, ids)
@@ -196,7 +197,7 @@ def test_state_bytes_match_formulas(cp_results, case):
     if kind == "rat":
         expected = rat_comm_bytes(batch=B, seq_len=T, n_heads=H, head_dim=K, chunk=opts["chunk"], cp=world,
                                   state_bytes=8)
-    else:  # state_scan: (local, carry) of 2 pieces, (H K K + H) fp64 numbers per row
+    else:  # linear/cp.py: (local, carry) of 2 pieces, (H K K + H) fp64 numbers per row
         n = (world - 1) * 2 * B * (H * K * K + H) * 8
         expected = (n, n)
     assert tuple(measured) == tuple(expected)
@@ -212,7 +213,7 @@ def test_declared_cp_impls():
 
 
 def test_rat_pieces_shorter_than_chunk_raise():
-    from loom.kernels.context_parallel import cp_rat
+    from loom.kernels.rat.cp import cp_rat
 
     cp = CPContext(None, 0, 2, "ring", "zigzag")
     q = torch.zeros(1, 6, 2, 4)  # T = 12: pieces of 3 < chunk 4

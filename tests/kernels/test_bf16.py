@@ -13,11 +13,11 @@ import torch.nn.functional as F
 
 from loom.kernels.attention import attention, visibility_mask
 from loom.kernels.linear import linear_attention
-from loom.kernels.linear.reference import linear_attention_recurrent
+from loom.kernels.linear.reference import linear_attention_reference
 from loom.kernels.memory import init_memory_weights, neural_memory
 from loom.kernels.memory.reference import neural_memory_naive_chunks
 from loom.kernels.rat import rat
-from loom.kernels.rat.reference import rat_naive
+from loom.kernels.rat.reference import rat_reference
 from loom.kernels.s2 import default_head_offsets, s2_attention, s2_mask
 from loom.kernels.swa import sliding_window_attention
 
@@ -66,9 +66,9 @@ def _recurrent_ops():
     cast = lambda xs, dt: [x.to(dt) for x in xs]  # noqa: E731
     return {
         "rat": (lambda q, k, v: rat(q, k, v, f.to(q.dtype), pos, chunk=4),
-                lambda q, k, v: rat_naive(q, k, v, f.to(q.dtype), pos, chunk=4)[0]),
+                lambda q, k, v: rat_reference(q, k, v, f.to(q.dtype), pos, chunk=4)[0]),
         "linear": (lambda q, k, v: linear_attention(q, k, v, decay.to(q.dtype), block=8, reset=reset, scale=K ** -0.5),
-                   lambda q, k, v: linear_attention_recurrent(q, k, v, decay.to(q.dtype), reset=reset,
+                   lambda q, k, v: linear_attention_reference(q, k, v, decay.to(q.dtype), reset=reset,
                                                               scale=K ** -0.5)[0]),
         "memory": (lambda q, k, v: neural_memory(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v,
                                                  *cast(gates, q.dtype), cast(w0, q.dtype), chunk_size=8, reset=reset),

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import loom.kernels.attention as attention_mod
+import loom.kernels.attention.forms as attention_forms
 import loom.kernels.linear as linear_mod
 import loom.kernels.memory as memory_mod
 import loom.kernels.rat as rat_mod
@@ -24,9 +25,9 @@ TOL = dict(rtol=1e-3, atol=1e-4)  # fp32 forms of different summation order; exa
 
 @pytest.fixture
 def gpu_rule(monkeypatch):
-    for mod in (attention_mod, swa_mod, s2_mod, rat_mod, memory_mod, linear_mod):
+    for mod in (attention_forms, swa_mod, s2_mod, rat_mod, memory_mod, linear_mod):
         monkeypatch.setattr(mod, "on_gpu", lambda x: True)
-    monkeypatch.setattr(attention_mod, "_have_flash_attn", lambda: False)
+    monkeypatch.setattr(attention_forms, "have_flash_attn", lambda: False)
     dispatch.reset()
     yield
     dispatch.reset()

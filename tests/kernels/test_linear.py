@@ -1,7 +1,7 @@
 """loom.kernels.linear: the block-tiled op against the token loop and the dense form (fast tier, ~5 s).
 
-In fp64: chunked == recurrent == dense masked O(T^2) for the output, and chunked ==
-recurrent for the final state and the gradients of q, k, v, the decay rates and
+In fp64: chunked == reference (the token loop) == dense masked O(T^2) for the output, and chunked ==
+reference for the final state and the gradients of q, k, v, the decay rates and
 the initial state (T in {1, 15, 33, 63, 130}, blocks in {4, 16, 64}, rows packed
 with documents starting mid-block); packed documents == each document alone;
 two pieces with the state carried == the whole; the (local, carry) pieces
@@ -35,7 +35,7 @@ def assert_close(a, b, tol=1e-11):
 
 @pytest.mark.parametrize("block", [4, 16, 64])
 @pytest.mark.parametrize("T", [1, 15, 33, 63, 130])
-def test_chunked_matches_recurrent_and_dense(T, block):
+def test_chunked_matches_reference_and_dense(T, block):
     q, k, v, decay = make_inputs(2, T)
     cuts = [c for c in (5, 21, 70) if c < T]
     reset = resets([[T], [b - a for a, b in zip([0] + cuts, cuts + [T])]])
@@ -43,7 +43,7 @@ def test_chunked_matches_recurrent_and_dense(T, block):
     leaves = [q, k, v, decay, s0]
     w = torch.randn(2, T, H, V, dtype=F64)
     results = []
-    for impl in ("recurrent", "chunked"):
+    for impl in ("reference", "chunked"):
         o, s = linear_attention(q, k, v, decay, block=block, reset=reset, initial_state=s0, return_state=True,
                                 scale=0.5, impl=impl)
         results.append((o, s, torch.autograd.grad((o * w).sum() + (s * s.detach()).sum(), leaves)))

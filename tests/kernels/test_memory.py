@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from loom.kernels.memory import MemoryState, init_memory_weights, neural_memory
-from loom.kernels.memory.reference import neural_memory_naive_chunks, neural_memory_sequential
+from loom.kernels.memory.reference import neural_memory_naive_chunks, neural_memory_reference
 
 F64 = dict(rtol=1e-9, atol=1e-11)
 
@@ -80,7 +80,7 @@ def assert_all_close(a, b, **tol):
 @pytest.mark.parametrize("retrieval", ["chunk", "token"])
 def test_chunk_size_one_equals_token_loop(depth, retrieval):
     xs = make_inputs(T=11, depth=depth, grad=True)
-    y_ref, st_ref, g_ref = outputs_and_grads(neural_memory_sequential, xs, chunk_size=1, retrieval=retrieval)
+    y_ref, st_ref, g_ref = outputs_and_grads(neural_memory_reference, xs, chunk_size=1, retrieval=retrieval)
     y, st, g = outputs_and_grads(chunked_fn, xs, chunk_size=1, retrieval=retrieval)
     torch.testing.assert_close(y, y_ref, **F64)
     assert_all_close(st.weights + st.momentum, st_ref.weights + st_ref.momentum, **F64)
@@ -100,7 +100,7 @@ def test_chunks_equal_naive_chunk_loop_and_token_loop(depth, retrieval):
                      **F64)
     assert st.offset.tolist() == st_naive.offset.tolist() == [37 % 8] * 2
     assert_all_close(g, g_naive, **F64)
-    y_seq, _ = neural_memory_sequential(*split(xs), **kw)
+    y_seq, _ = neural_memory_reference(*split(xs), **kw)
     torch.testing.assert_close(y, y_seq, **F64)
 
 
@@ -120,7 +120,7 @@ def test_normalised_output_memory(depth, retrieval):
     xs = make_inputs(T=21, depth=depth, grad=True)
     gamma = (0.5 + torch.rand(2, 4, dtype=torch.float64)).requires_grad_()
     inputs = xs + [gamma]
-    for chunk, oracle in ((1, neural_memory_sequential), (8, neural_memory_naive_chunks)):
+    for chunk, oracle in ((1, neural_memory_reference), (8, neural_memory_naive_chunks)):
         kw = dict(chunk_size=chunk, retrieval=retrieval, norm_weight=gamma)
         y_ref, _, g_ref = outputs_and_grads(oracle, xs, wrt=inputs, **kw)
         y, _, g = outputs_and_grads(chunked_fn, xs, wrt=inputs, **kw)
@@ -172,7 +172,7 @@ def test_packed_documents_equal_separate_runs(depth, retrieval):
         lambda *a, **k: _packed_by_hand(*a, **k), xs, **kw)
     assert_all_close(g, g_sep, **F64)
     # And the definition agrees on the packed row.
-    y_seq, _ = neural_memory_sequential(*split(xs), reset=reset, **kw)
+    y_seq, _ = neural_memory_reference(*split(xs), reset=reset, **kw)
     torch.testing.assert_close(y, y_seq, **F64)
 
 
@@ -205,7 +205,7 @@ def test_resets_at_different_positions_per_row(retrieval):
     reset[0, [0, 3, 17]] = True     # reset at t = 0, a short document, a mid-chunk start
     reset[1, [8, 9, 29]] = True     # on the grid, a 1-token document, the last token
     kw = dict(chunk_size=6, retrieval=retrieval)
-    y_ref, st_ref, g_ref = outputs_and_grads(neural_memory_sequential, xs, reset=reset, **kw)
+    y_ref, st_ref, g_ref = outputs_and_grads(neural_memory_reference, xs, reset=reset, **kw)
     y, st, g = outputs_and_grads(chunked_fn, xs, reset=reset, **kw)
     torch.testing.assert_close(y, y_ref, **F64)
     assert_all_close(st.weights + st.momentum + st.base, st_ref.weights + st_ref.momentum + st_ref.base, **F64)
@@ -261,8 +261,8 @@ def test_fp32_error_is_close_to_the_definitions_own_fp32_error():
     xs64 = make_inputs(T=40, depth=2)
     xs32 = [x.float() for x in xs64]
     kw = dict(chunk_size=8, retrieval="token")
-    y64, _ = neural_memory_sequential(*split(xs64), **kw)
-    y_seq32, _ = neural_memory_sequential(*split(xs32), **kw)
+    y64, _ = neural_memory_reference(*split(xs64), **kw)
+    y_seq32, _ = neural_memory_reference(*split(xs32), **kw)
     y32 = neural_memory(*split(xs32), **kw)
     assert y32.dtype == torch.float32 and not y32.isnan().any()
     base_err = (y_seq32.double() - y64).abs().max().item()
@@ -319,7 +319,7 @@ def test_masked_tokens_are_skipped(retrieval):
     assert st.offset.tolist() == st_ref.offset.tolist()
     assert_all_close(st.weights + st.momentum + st.base, st_ref.weights + st_ref.momentum + st_ref.base, **F64)
     assert_all_close(g, g_ref, **F64)
-    y_seq, _ = neural_memory_sequential(*split(xs), **kw)
+    y_seq, _ = neural_memory_reference(*split(xs), **kw)
     torch.testing.assert_close(y, y_seq, **F64)
     # Row 1 keeps tokens 5..8 only: the same as running those four alone.
     y1 = neural_memory(*(x[1:, 5:9] for x in xs[:6]), xs[6:], chunk_size=4, retrieval=retrieval)
@@ -374,8 +374,8 @@ def test_compiled_backend_equals_eager(retrieval, momentum_step):
 @pytest.mark.parametrize("retrieval", ["chunk", "token"])
 def test_chunk_step_at_chunk_size_one_is_the_token_rule(depth, retrieval):
     xs = make_inputs(T=11, depth=depth, grad=True)
-    y_ref, st_ref, g_ref = outputs_and_grads(neural_memory_sequential, xs, chunk_size=1, retrieval=retrieval)
-    for fn in (neural_memory_sequential, chunked_fn):
+    y_ref, st_ref, g_ref = outputs_and_grads(neural_memory_reference, xs, chunk_size=1, retrieval=retrieval)
+    for fn in (neural_memory_reference, chunked_fn):
         y, st, g = outputs_and_grads(fn, xs, chunk_size=1, retrieval=retrieval, momentum_step="chunk")
         torch.testing.assert_close(y, y_ref, **F64)
         assert_all_close(st.weights + st.momentum, st_ref.weights + st_ref.momentum, **F64)
@@ -393,7 +393,7 @@ def test_chunk_step_equals_naive_chunk_loop_and_token_loop(depth, retrieval):
     mask[2, 10:15] = False
     kw = dict(chunk_size=8, retrieval=retrieval, momentum_step="chunk", reset=reset, mask=mask)
     y, st, g = outputs_and_grads(chunked_fn, xs, **kw)
-    for oracle in (neural_memory_naive_chunks, neural_memory_sequential):
+    for oracle in (neural_memory_naive_chunks, neural_memory_reference):
         y_ref, st_ref, g_ref = outputs_and_grads(oracle, xs, **kw)
         torch.testing.assert_close(y, y_ref, **F64)
         assert_all_close(st.weights + st.momentum + st.base, st_ref.weights + st_ref.momentum + st_ref.base, **F64)

@@ -1,6 +1,6 @@
 """loom.kernels.rat: the chunked op against the token loop of reference.py (fast tier, ~15 s).
 
-In fp64 unless stated: chunked == naive for the output, the attention stats, the
+In fp64 unless stated: chunked == reference (the token loop) for the output, the attention stats, the
 final state and the gradients of every input (T in {1, 15, 33, 63}, L in {4, 16},
 rows packed with documents that start mid-chunk, with and without RoPE, with an
 initial state); packed documents == each document alone; two pieces with the
@@ -71,16 +71,16 @@ def objective(o, state, w):
 @pytest.mark.parametrize("rope", [True, False])
 @pytest.mark.parametrize("L", [4, 16])
 @pytest.mark.parametrize("T", [1, 15, 33, 63])
-def test_chunked_matches_naive(T, L, rope):
+def test_chunked_matches_reference(T, L, rope):
     inputs = make_inputs(2, T)
     pos = positions(layouts(T))
     results = {}
-    for impl in ("naive", "chunked"):
+    for impl in ("reference", "chunked"):
         o, stats, state = run(impl, inputs, pos, L, rope)
         grads = torch.autograd.grad(objective(o, state, torch.cos(torch.arange(o.numel(), dtype=F64)).view_as(o)),
                                     inputs)
         results[impl] = (o, stats, state, grads)
-    (o1, st1, s1, g1), (o2, st2, s2, g2) = results["naive"], results["chunked"]
+    (o1, st1, s1, g1), (o2, st2, s2, g2) = results["reference"], results["chunked"]
     assert_close(o2, o1)
     for name in ("lse", "local", "first"):
         assert_close(st2[name], st1[name])
@@ -92,7 +92,7 @@ def test_chunked_matches_naive(T, L, rope):
 
 
 @pytest.mark.parametrize("L", [4, 16])
-def test_initial_state_matches_naive(L):
+def test_initial_state_matches_reference(L):
     T = 29
     # Row 0 continues its document mid-chunk; row 1 continues for 6 tokens, then a new document starts.
     pos = torch.stack([torch.arange(T) + L * 3 + 1, torch.cat([torch.arange(6) + 2 * L - 2, torch.arange(T - 6)])])
@@ -100,7 +100,7 @@ def test_initial_state_matches_naive(L):
     init = random_state(2, 4, [3, 2])
     leaves = inputs + [init["k"], init["v"], init["k_run"], init["v_run"]]
     results = []
-    for impl in ("naive", "chunked"):
+    for impl in ("reference", "chunked"):
         o, _, state = run(impl, inputs, pos, L, True, initial_state=init)
         w = torch.sin(torch.arange(o.numel(), dtype=F64)).view_as(o)
         results.append((o, state, torch.autograd.grad(objective(o, state, w), leaves)))

@@ -137,7 +137,8 @@ def test_kept_states_are_bounded_and_the_rest_regenerated(loss_and_grads):
     """With many tiles, attention's states (the keys and values so far) outgrow the block's
     input: only every 2^k-th tile's start state is kept (k up to log2 sqrt(tiles)), and
     backward regenerates the others from the last kept one. Still exact."""
-    from loom.trainer.distributed.tiling import _Chain, _carry_fn, _run_carried, _tile_plan
+    from loom.kernels.context_parallel.chain import StateChain
+    from loom.trainer.distributed.tiling import _carry_fn, _run_carried, _tile_plan
 
     def model():
         torch.manual_seed(0)
@@ -150,7 +151,7 @@ def test_kept_states_are_bounded_and_the_rest_regenerated(loss_and_grads):
     keep = {}
     with torch.no_grad():
         x = m.embed(ids)
-        chain = _Chain(x.shape[1])
+        chain = StateChain(x.shape[1])
         _run_carried(_carry_fn(m.blocks[0]), x, pos, seq, _tile_plan(chain, 3), chain, keep)
     assert sorted(keep) == [0, 4, 8, 12]  # 14 tiles: every 4th (the power of two >= sqrt(14))
     ref = loss_and_grads(model(), ids, pos, seq)

@@ -48,7 +48,7 @@ def check_cp_support(model, cfg) -> None:
                               f"data.seq_len={seq_len} into pieces of {piece}; pick data.seq_len as a multiple "
                               f"of {2 * cp * chunk}")
         if impl == "ulysses" and isinstance(mixer, Attention) and mixer.window is None:  # windowed: halo path
-            from loom.kernels.context_parallel.ulysses import ulysses_kv_heads
+            from loom.kernels.context_parallel.all_to_all import ulysses_kv_heads
 
             try:
                 ulysses_kv_heads(mixer.dims.n_heads, mixer.dims.n_kv_heads, cp)

@@ -36,9 +36,11 @@ import functools
 import math
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
+from loom.kernels.context_parallel.chain import TAG_STRIDE, StateChain
+from loom.kernels.context_parallel.p2p import wait
 from loom.models.config import ConfigError
 from loom.models.mixers import SeqContext
 
@@ -164,7 +166,7 @@ def _sequence_tiled_block(block, tile: int, reach: int):
         if state is not None or ctx.want_state or ctx.stats is not None:
             return plain(x, ctx, state)
         params = list(block.parameters())  # at call time: an engine may have swapped them (FSDP)
-        cp = ctx.sharding
+        cp = ctx.cp
         if cp is None:
             if x.shape[1] <= tile:
                 return plain(x, ctx, state)
@@ -199,60 +201,30 @@ def _state_input(state):
     return tree_unflatten(flat, spec)
 
 
-class _Chain:
-    """The order in which a row's pieces continue one another, and the messages between
-    ranks that hold consecutive pieces (train.tile_blocks with blocks of unbounded reach).
-
-    pieces: (first local row, end row, rank of the previous piece or None, rank of the
-    next piece or None) of each piece this rank holds, in the order of the sequence.
-    Without cp: one piece, the whole row. Under cp the sequence's chunks are dealt by
-    `cp.layout` (zigzag: rank r holds chunks r and 2 cp - 1 - r), so a piece's neighbour
-    may be on this rank (the state is simply carried) or on another (it is sent).
-    """
-
-    def __init__(self, L: int, cp=None):
-        self.cp = cp
-        if cp is None:
-            self.rank, self.pieces = 0, [(0, L, None, None)]
-            return
-        from loom.kernels.context_parallel.layout import chunk_ranges
-
-        T, self.rank = L * cp.world_size, cp.rank
-        C = T // cp.n_chunks
-        owner = {}  # global chunk -> (rank, local chunk)
-        for r in range(cp.world_size):
-            for j, (a, _) in enumerate(chunk_ranges(T, cp.world_size, r, cp.layout)):
-                owner[a // C] = (r, j)
-        n = cp.n_chunks
-        self.pieces = [(owner[c][1] * C, (owner[c][1] + 1) * C, owner[c - 1][0] if c else None,
-                        owner[c + 1][0] if c + 1 < n else None) for c in range(n) if owner[c][0] == cp.rank]
-
-    def remote(self, peer) -> bool:
-        return peer is not None and peer != self.rank
-
-    def send(self, obj, peer: int) -> None:
-        torch.distributed.send_object_list([obj], dst=self.cp.global_rank(peer), group=self.cp.group)
-
-    def recv(self, peer: int, device):
-        box = [None]
-        torch.distributed.recv_object_list(box, src=self.cp.global_rank(peer), group=self.cp.group)
-        return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, box[0])
-
-
 def _state_bytes(state) -> int:
     return sum(t.numel() * t.element_size() for t in _tensor_leaves(state) if isinstance(t, torch.Tensor))
 
 
-def _tile_plan(chain: _Chain, tile: int) -> list[list[tuple[int, int, int]]]:
+def _tile_plan(chain: StateChain, tile: int) -> list[list[tuple[int, int, int]]]:
     """Per piece of `chain`, its tiles as (index in sequence order, first row, end row)."""
     plan, i = [], 0
-    for lo, hi, _, _ in chain.pieces:
-        plan.append([(i + n, a, min(hi, a + tile)) for n, a in enumerate(range(lo, hi, tile))])
+    for p in chain.pieces:
+        plan.append([(i + n, a, min(p.hi, a + tile)) for n, a in enumerate(range(p.lo, p.hi, tile))])
         i += len(plan[-1])
     return plan
 
 
-def _run_carried(fn, x, pos, sid, plan: list, chain: _Chain, keep: dict | None = None) -> torch.Tensor:
+def _state_tag(chunk: int) -> int:
+    """Message tag of the state that global chunk `chunk` starts from (forward)."""
+    return chunk * TAG_STRIDE
+
+
+def _grad_tag(chain: StateChain, chunk: int) -> int:
+    """Message tag of the gradient of the state that global chunk `chunk` starts from (backward)."""
+    return (chain.n_chunks + 1 + chunk) * TAG_STRIDE
+
+
+def _run_carried(fn, x, pos, sid, plan: list, chain: StateChain, keep: dict | None = None) -> torch.Tensor:
     """fn's output for the row x, tile after tile (`plan`: _tile_plan) with the state carried,
     without a graph.
 
@@ -268,8 +240,11 @@ def _run_carried(fn, x, pos, sid, plan: list, chain: _Chain, keep: dict | None =
     max_stride = 1 << max(0, math.ceil(math.log2(math.sqrt(n))))
     firsts = {tiles[0][0] for tiles in plan}
     with torch.no_grad():
-        for (lo, hi, prev, nxt), tiles in zip(chain.pieces, plan):
-            state = chain.recv(prev, x.device) if chain.remote(prev) else (state if prev is not None else None)
+        for p, tiles in zip(chain.pieces, plan):
+            if chain.remote(p.prev):
+                state = chain.recv(p.prev, _state_tag(p.chunk), x.device)
+            elif p.prev is None:
+                state = None
             for i, a, b in tiles:
                 if keep is not None and (i in firsts or i % stride == 0):
                     keep[i] = state
@@ -279,8 +254,8 @@ def _run_carried(fn, x, pos, sid, plan: list, chain: _Chain, keep: dict | None =
                         for j in [j for j in keep if j % stride and j not in firsts]:
                             kept -= _state_bytes(keep.pop(j))
                 y[:, a:b], state = fn(x[:, a:b], pos[:, a:b], _rows(sid, a, b), state)
-            if chain.remote(nxt):
-                chain.send(state, nxt)
+            if chain.remote(p.next):
+                wait(chain.send(state, p.next, _state_tag(p.chunk + 1)))
     return y
 
 
@@ -316,7 +291,7 @@ class _CarriedTiles(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, pos, sid, fn, tile: int, chain: _Chain, *params):
+    def forward(ctx, x, pos, sid, fn, tile: int, chain: StateChain, *params):
         ctx.fn, ctx.chain, ctx.params = fn, chain, params
         ctx.save_for_backward(x, pos, sid)
         ctx.keep, ctx.plan = {}, _tile_plan(chain, tile)
@@ -331,10 +306,10 @@ class _CarriedTiles(torch.autograd.Function):
         dx = torch.zeros_like(x) if want_dx else None
         dparams = [None] * len(ctx.params)
         dstate = None  # gradient of the current tile's end state (a list aligned with its leaves)
-        for (lo, hi, prev, nxt), tiles in reversed(list(zip(chain.pieces, ctx.plan))):
-            if chain.remote(nxt):
-                dstate = chain.recv(nxt, x.device)
-            elif nxt is None:
+        for p, tiles in reversed(list(zip(chain.pieces, ctx.plan))):
+            if chain.remote(p.next):
+                dstate = chain.recv(p.next, _grad_tag(chain, p.chunk + 1), x.device)
+            elif p.next is None:
                 dstate = None
             first = tiles[0][0]
             for i, a, b in reversed(tiles):
@@ -366,8 +341,8 @@ class _CarriedTiles(torch.autograd.Function):
                 for k, g in zip(wanted, grads):
                     if g is not None:
                         dparams[k] = g if dparams[k] is None else dparams[k].add_(g)
-            if chain.remote(prev):
-                chain.send(dstate, prev)
+            if chain.remote(p.prev):
+                wait(chain.send(dstate, p.prev, _grad_tag(chain, p.chunk)))
         ctx.keep = ctx.plan = None
         return (dx, None, None, None, None, None, *dparams)
 
@@ -398,7 +373,7 @@ def _carried_block(block, tile: int):
     def run(x, ctx: SeqContext, state=None):
         if state is not None or ctx.want_state or ctx.stats is not None or x.shape[1] <= tile:
             return plain(x, ctx, state)
-        chain = _Chain(x.shape[1], ctx.sharding)
+        chain = StateChain(x.shape[1], ctx.cp)
         if not torch.is_grad_enabled():
             return _run_carried(fn, x, ctx.position_ids, ctx.seq_ids, _tile_plan(chain, tile), chain), None
         params = list(block.parameters())

@@ -34,28 +34,32 @@ from __future__ import annotations
 import torch
 
 from loom.kernels.context_parallel.gather import all_gather, depend_on
-from loom.kernels.context_parallel.layout import CPContext, check_seq_len, chunk_ranges
-from loom.kernels.linear import linear_attention
+from loom.kernels.context_parallel.layout import CPContext, check_seq_len, global_pieces
+from loom.kernels.linear.forms import run_linear
 
-__all__ = ["cp_linear_attention", "global_pieces"]
-
-
-def global_pieces(T: int, cp: CPContext, rank: int | None = None) -> list[int]:
-    """Global (position-order) indices of the pieces `rank` holds, in shard order."""
-    P = T // cp.n_chunks
-    return [a // P for a, _ in chunk_ranges(T, cp.world_size, cp.rank if rank is None else rank, cp.layout)]
+__all__ = ["cp_linear_attention"]
 
 
 def cp_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, cp: CPContext, *,
-                        block: int = 64, reset: torch.Tensor | None = None, scale: float = 1.0):
+                        block: int = 64, reset: torch.Tensor | None = None, scale: float = 1.0,
+                        impl: str = "chunked"):
     """`loom.kernels.linear.linear_attention` over a sequence sharded by `cp` (either layout).
 
-    q, k: (B, L, H, K); v: (B, L, H, V) this rank's shard (L = T / cp tokens).
-    decay: (H,) rates, lambda = exp(-decay). reset: (B, L) bool, True at a
-        document's first token (the shard of position_ids == 0), or None.
-    Returns o (B, L, H, V), equal to the shard of the single-device output, and
-    the state after the whole sequence (B, H, K, V) (fp32, fp64 for fp64
-    inputs), the same on every rank. Collective: every rank of cp.group calls it.
+    Args:
+        q, k: (B, L, H, K); v: (B, L, H, V) this rank's shard (L = T / cp tokens).
+        decay: (H,) rates, lambda = exp(-decay).
+        cp: the CPContext of the group.
+        block: tokens per block of the chunked form.
+        reset: (B, L) bool, True at a document's first token (the shard of
+            position_ids == 0), or None.
+        scale: multiplies q.
+        impl: the single-device form each piece runs (forms.py FORMS; the dispatcher
+            passes the one it resolved).
+
+    Returns:
+        o (B, L, H, V), equal to the shard of the single-device output, and the state
+        after the whole sequence (B, H, K, V) (fp32, fp64 for fp64 inputs), the same on
+        every rank. Collective: every rank of cp.group calls it.
     Example: o, S = cp_linear_attention(q, k, v, slopes, cp, reset=shard(position_ids) == 0)
     """
     B, L, H, K = q.shape
@@ -74,8 +78,8 @@ def cp_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay
     outs, pairs = [], []
     for i in range(L // P):
         sl = slice(i * P, (i + 1) * P)
-        o, local = linear_attention(q[:, sl], k[:, sl], v[:, sl], decay, block=block, reset=reset[:, sl],
-                                    return_state=True, scale=scale)
+        o, local = run_linear(impl, q[:, sl], k[:, sl], v[:, sl], decay, block=block, reset=reset[:, sl],
+                              return_state=True, scale=scale)
         carry = torch.exp(log_lam * P) * (~reset[:, sl].any(1, keepdim=True))  # (B, H)
         outs.append(o)
         pairs.append(torch.cat([local.reshape(B, -1), carry], dim=1))  # (B, H K V + H)

@@ -23,7 +23,7 @@ Algorithm (each rank, for each of its pieces, two all-gathers):
   1. tails: all-gather every piece's final running state (B, 2, H, K);
   2. scan the piece from the incoming running state (the previous piece's tail)
      and all-gather its last document's closing states (B, W, 2, H, K);
-  3. run the single-device op `loom.kernels.rat.rat` on the piece with
+  3. run the single-device form (forms.py `run_rat`) on the piece with
      initial_state = {previous tail, closing states of pieces c0..c-1 of this
      row's continuing document, right-aligned}.
 Both all-gathers are differentiable (gather.py), so gradients reach the ranks
@@ -49,10 +49,10 @@ import torch
 
 from loom.kernels.context_parallel.comm import CommBytes
 from loom.kernels.context_parallel.gather import all_gather, all_gather_nograd, depend_on
-from loom.kernels.context_parallel.layout import CPContext, check_seq_len
-from loom.kernels.context_parallel.state_scan import global_pieces
-from loom.kernels.rat import rat
-from loom.kernels.rat.chunked import SegmentScan, _rotate
+from loom.kernels.context_parallel.layout import CPContext, check_seq_len, global_pieces
+from loom.kernels.rat.chunked import SegmentScan
+from loom.kernels.rat.forms import run_rat
+from loom.kernels.rotary import rotate_heads
 
 __all__ = ["cp_rat", "rat_comm_bytes"]
 
@@ -92,7 +92,7 @@ def _last_doc_closings(s, pos, doc_start, cos, sin, L: int, W: int):
     idx = torch.zeros(B, W + 1, dtype=torch.long, device=pos.device).scatter_(1, slot, t)[:, :W]  # (B, W)
     k_run, v_run = s.unbind(2)
     if cos is not None:
-        k_run = _rotate(k_run, cos, sin)
+        k_run = rotate_heads(k_run, cos, sin)
     kv = torch.stack([k_run, v_run], dim=2)  # (B, P, 2, H, K)
     kv = torch.gather(kv, 1, idx[:, :, None, None, None].expand(-1, -1, *kv.shape[2:]))
     valid = torch.arange(W, device=pos.device) >= W - n[:, None]  # (B, W)
@@ -119,16 +119,24 @@ def _cache(closings: list[torch.Tensor], metas: list[torch.Tensor], W: int):
 
 def cp_rat(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: torch.Tensor, position_ids: torch.Tensor,
            cp: CPContext, *, chunk: int = 16, seq_ids: torch.Tensor | None = None, cos: torch.Tensor | None = None,
-           sin: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+           sin: torch.Tensor | None = None, scale: float | None = None, impl: str = "chunked") -> torch.Tensor:
     """`loom.kernels.rat.rat` over a sequence sharded by `cp` (either layout).
 
-    Arguments as loom.kernels.rat.rat, for this rank's shard of L_r = T / cp tokens:
-    q, k (B, L_r, G, K); v, f (B, L_r, H, K); position_ids (B, L_r) document-relative
-    positions; seq_ids (B, L_r) global document ids or None; cos, sin (B, L_r, K) at
-    the chunk index or None. Each piece of T / (2 cp) (zigzag) tokens must hold at
-    least `chunk` tokens (ValueError otherwise).
-    Returns o (B, L_r, H, K), equal to the shard of the single-device output.
-    Collective: every rank of cp.group calls it.
+    Args (as loom.kernels.rat.rat, for this rank's shard of L_r = T / cp tokens):
+        q, k: (B, L_r, G, K); v, f: (B, L_r, H, K).
+        position_ids: (B, L_r) document-relative positions.
+        cp: the CPContext of the group.
+        chunk: L; each piece of T / (2 cp) (zigzag) tokens must hold at least L tokens
+            (ValueError otherwise).
+        seq_ids: (B, L_r) global document ids, or None.
+        cos, sin: (B, L_r, K) RoPE tables at the chunk index, or None.
+        scale: score scale, default K ** -0.5.
+        impl: the single-device form each piece runs (forms.py FORMS; the dispatcher
+            passes the one it resolved).
+
+    Returns:
+        o (B, L_r, H, K), equal to the shard of the single-device output.
+        Collective: every rank of cp.group calls it.
     Example: o = cp_rat(q, k, v, f, pos, cp, chunk=16, seq_ids=ids, cos=cos, sin=sin)
     """
     B, Lr, G, K = q.shape
@@ -174,10 +182,10 @@ def cp_rat(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: torch.Tensor, p
             kv, n = _cache([closing[j] for j in range(c)], [meta[j] for j in range(c)], W)
             state = {"k": kv[:, :, 0], "v": kv[:, :, 1], "n": n, "k_run": tail[c - 1][:, 0],
                      "v_run": tail[c - 1][:, 1]}
-        outs.append(rat(q[:, sl], k[:, sl], v[:, sl], f[:, sl], position_ids[:, sl], chunk=L,
-                        seq_ids=None if seq_ids is None else seq_ids[:, sl],
-                        cos=None if cos is None else cos[:, sl], sin=None if sin is None else sin[:, sl],
-                        scale=scale, initial_state=state))
+        outs.append(run_rat(impl, q[:, sl], k[:, sl], v[:, sl], f[:, sl], position_ids[:, sl], chunk=L,
+                            seq_ids=None if seq_ids is None else seq_ids[:, sl],
+                            cos=None if cos is None else cos[:, sl], sin=None if sin is None else sin[:, sl],
+                            scale=scale, initial_state=state)[0])
     return depend_on(torch.cat(outs, dim=1), tails, closings)  # the gathers' backward runs on every rank
 
 

@@ -235,12 +235,17 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: CPCont
                    scale: float | None = None) -> torch.Tensor:
     """Ring attention over a sequence sharded by `cp` (either layout; zigzag balances it).
 
-    q: (B, L, H, K); k, v: (B, L, G, K) this rank's shards, H % G == 0.
-    seq_ids: (B, L) int64 global document ids of this rank's tokens, or None.
-    window: optional sliding window (pairs of chunks beyond it are skipped; the
-        dispatcher prefers halo.py, which moves only the window's keys).
-    Returns o: (B, L, H, K), equal to the single-process `attention` shard.
-    Must be called by every rank of cp.group (collective), with cp.world_size >= 2.
+    Args:
+        q: (B, L, H, K); k, v: (B, L, G, K) this rank's shards, H % G == 0.
+        cp: the CPContext of the group.
+        scale: softmax scale, default K ** -0.5.
+        seq_ids: (B, L) int64 global document ids of this rank's tokens, or None.
+        window: optional sliding window (pairs of chunks beyond it are skipped; the
+            dispatcher prefers halo.py, which moves only the window's keys).
+
+    Returns:
+        o (B, L, H, K), equal to the single-process `attention` shard.
+        Must be called by every rank of cp.group (collective), with cp.world_size >= 2.
     """
     B, L, H, K = q.shape
     if k.shape != v.shape or k.shape[:2] != (B, L) or H % k.shape[2] or k.shape[3] != K:
