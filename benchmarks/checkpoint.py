@@ -80,7 +80,7 @@ def worker(args) -> None:
                        layers=["attn", f"x{args.layers}"])
     model = HybridLM(mcfg)
     n_params = model.num_params()
-    engine = FSDPEngine(model, cfg.optim, 10, env, cfg)
+    engine = FSDPEngine(model, cfg.optim, 10, env, cfg.parallel)
     ids = torch.randint(0, args.vocab, (1, 64))
     out = engine.module(ids, position_ids=torch.arange(64)[None], seq_ids=None, cp=None)
     engine.backward(model.loss(out.hidden, ids, chunk=64))

@@ -11,7 +11,9 @@ import cycles anywhere in loom.*, no context-parallel branches in the mixers.
   loom.trainer.distributed.dist imports only torch; kernels/context_parallel imports no op
   (only itself and the kernels-wide helpers): the ops own their sharded forms;
 - models/mixers never import kernels.context_parallel nor test `ctx.cp`:
-  they pass it to their op, which decides.
+  they pass it to their op, which decides;
+- no function or method in trainer/ is longer than 100 lines, its docstring
+  excluded (a loop that reads as its steps), with a negative control.
 """
 from __future__ import annotations
 
@@ -149,6 +151,41 @@ def test_context_parallel_imports_no_op():
             loom_imports = {i for i in _imports(name, path) if i.startswith("loom.")}
             assert all(i.startswith(allowed) for i in loom_imports), f"{name} imports {sorted(loom_imports)}"
             assert not any(i == op or i.startswith(op + ".") for i in loom_imports for op in ops), name
+
+
+MAX_FUNCTION_LINES = 100
+
+
+def _body_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Source lines of a function's body, from its first statement after the docstring to its
+    last line (nested functions count towards the function that holds them)."""
+    body = node.body
+    if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        body = body[1:]
+    return body[-1].end_lineno - body[0].lineno + 1 if body else 0
+
+
+def _long_functions(source: str, limit: int = MAX_FUNCTION_LINES) -> list[tuple[str, int, int]]:
+    """(name, line, body lines) of every function in `source` whose body exceeds `limit` lines."""
+    return [(n.name, n.lineno, _body_lines(n)) for n in ast.walk(ast.parse(source))
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and _body_lines(n) > limit]
+
+
+def test_no_trainer_function_over_100_lines():
+    long = [f"{path.relative_to(REPO)}:{line} {name} ({n} lines)" for path in sorted((REPO / "trainer").rglob("*.py"))
+            for name, line, n in _long_functions(path.read_text())]
+    assert not long, long
+
+
+def test_long_function_finder_finds_long_functions():
+    """Negative control for the test above: the docstring does not count, the body does."""
+    doc = '    """' + "\n" * 50 + '    """\n'
+    short = "def f():\n" + doc + "    x = 1\n" * 100
+    assert _long_functions(short) == []
+    assert _long_functions(short + "    x = 1\n") == [("f", 1, 101)]
+    nested = "class C:\n    def m(self):\n" + "        y = 2\n" * 101
+    assert _long_functions(nested) == [("m", 2, 101)]
 
 
 def test_layers_import_one_way():

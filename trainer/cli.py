@@ -142,7 +142,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from loom.trainer.checkpoint.manager import CheckpointError
-    from loom.trainer.train import TrainingError
+    from loom.trainer.reliability.guard import TrainingError
 
     try:
         return args.fn(args)

@@ -68,8 +68,8 @@ def main(out: str, engine_name: str, overrides: list[str]) -> None:
     rows = GLOBAL_ROWS // env.dp_size
     torch.manual_seed(0)
     model = HybridLM(cfg.model)
-    check_cp_support(model, cfg)
-    engine = parallelize(model, cfg, env)
+    check_cp_support(model, cfg.parallel.cp, cfg.parallel.cp_impl, cfg.data.seq_len)
+    engine = parallelize(model, cfg.train, cfg.parallel, cfg.optim, env)
     def train_step(seed: int, poison: bool = False) -> float:
         losses = []
         for micro in range(ACCUM):

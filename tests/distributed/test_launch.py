@@ -75,7 +75,7 @@ def test_accelerate_config_selects_the_engine():
 
 def test_unknown_engine_names_the_valid_ones():
     with pytest.raises(ConfigError, match="did you mean 'fsdp'"):
-        build_engine("fsdpp", None, None, 1, env=Env())
+        build_engine(None, ParallelConfig(engine="fsdpp"), None, 1, env=Env())
 
 
 # ------------------------------------------------------------------ DeepSpeed config
@@ -88,8 +88,13 @@ def run_config(**parallel) -> RunConfig:
     return cfg
 
 
+def ds_config(cfg: RunConfig) -> dict:
+    """deepspeed_config with the values a run passes."""
+    return deepspeed_config(cfg.parallel, cfg.train.batch_size, cfg.train.grad_accum, cfg.optim.grad_clip, CPU)
+
+
 def test_generated_deepspeed_config_follows_the_recipe():
-    ds = deepspeed_config(run_config(zero=3, offload_optimizer=True, offload_params=True), CPU)
+    ds = ds_config(run_config(zero=3, offload_optimizer=True, offload_params=True))
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == \
         (3, 2, 0.5)
     zero = ds["zero_optimization"]
@@ -100,7 +105,7 @@ def test_generated_deepspeed_config_follows_the_recipe():
 
 @pytest.mark.parametrize("name, stage", [("zero1", 1), ("zero2", 2), ("zero3", 3), ("zero3-offload", 3)])
 def test_shipped_deepspeed_json_fills_auto_from_the_recipe(name, stage):
-    ds = deepspeed_config(run_config(deepspeed_config=str(REPO / "recipes" / "deepspeed" / f"{name}.json")), CPU)
+    ds = ds_config(run_config(deepspeed_config=str(REPO / "recipes" / "deepspeed" / f"{name}.json")))
     assert ds["zero_optimization"]["stage"] == stage
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == \
         (3, 2, 0.5)
@@ -119,15 +124,15 @@ def test_deepspeed_json_that_contradicts_the_recipe_fails(tmp_path, content, par
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(content))
     with pytest.raises(ConfigError, match=None) as e:
-        deepspeed_config(run_config(deepspeed_config=str(path), **parallel), CPU)
+        ds_config(run_config(deepspeed_config=str(path), **parallel))
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
 def test_generated_config_rejects_offload_without_zero():
     with pytest.raises(ConfigError, match="optimizer offload needs ZeRO stage 1-3"):
-        deepspeed_config(run_config(offload_optimizer=True), CPU)
+        ds_config(run_config(offload_optimizer=True))
     with pytest.raises(ConfigError, match="parallel.dtype=bf16 needs CUDA with parallel.engine=deepspeed"):
-        deepspeed_config(run_config(dtype="bf16"), CPU)
+        ds_config(run_config(dtype="bf16"))
 
 
 # ------------------------------------------------------------------ resuming on another layout
@@ -152,11 +157,9 @@ def test_rng_restored_per_rank_or_reseeded(capsys):
 
 
 def test_changed_global_batch_warns(capsys):
-    cfg = RunConfig()
-    cfg.train = replace(cfg.train, batch_size=4)
-    saved = run_layout(Env(world=2, dp_size=2), replace(cfg, train=replace(cfg.train, batch_size=2)))
-    check_layout(saved, Env(), cfg)  # 2 x 2 -> 1 x 4: same windows per step
+    saved = run_layout(Env(world=2, dp_size=2), "single", 2, 1)
+    check_layout(saved, run_layout(Env(), "single", 4, 1))  # 2 x 2 -> 1 x 4: same windows per step
     out = capsys.readouterr()
     assert "resuming a checkpoint of 2 rank(s)" in out.out and out.err == ""
-    check_layout(saved, Env(world=2, dp_size=2), cfg)  # 2 x 4: twice the windows per step
+    check_layout(saved, run_layout(Env(world=2, dp_size=2), "single", 4, 1))  # 2 x 4: twice the windows per step
     assert "global batch changes from 4 to 8 windows per step" in capsys.readouterr().err

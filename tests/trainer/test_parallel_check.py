@@ -39,6 +39,11 @@ def fake_model(*mixers) -> SimpleNamespace:
     return SimpleNamespace(blocks=[SimpleNamespace(kind=type(m).__name__.lower(), mixer=m) for m in mixers])
 
 
+def check(model, cfg: RunConfig) -> None:
+    """check_cp_support with the values a run passes: parallel.cp, parallel.cp_impl, data.seq_len."""
+    check_cp_support(model, cfg.parallel.cp, cfg.parallel.cp_impl, cfg.data.seq_len)
+
+
 def attn_model(cfg) -> HybridLM:
     return HybridLM(cfg.model)
 
@@ -46,7 +51,7 @@ def attn_model(cfg) -> HybridLM:
 def test_attention_supports_both_implementations():
     for impl in ("ring", "ulysses"):
         cfg = run_config(2, impl)
-        check_cp_support(attn_model(cfg), cfg)
+        check(attn_model(cfg), cfg)
 
 
 def test_support_is_declared_per_class_not_inherited():
@@ -54,28 +59,28 @@ def test_support_is_declared_per_class_not_inherited():
     assert supported_cp_impls(Subclass(None, None)) == ()
     cfg = run_config(2)
     with pytest.raises(ConfigError) as e:
-        check_cp_support(fake_model(Chunked(None, None), Subclass(None, None)), cfg)
+        check(fake_model(Chunked(None, None), Subclass(None, None)), cfg)
     assert str(e.value) == ("model.layers[1] (subclass) cannot run with parallel.cp=2 and parallel.cp_impl=ring: "
                             "it has no context-parallel implementation yet; use parallel.cp=1")
 
 
 def test_unsupported_implementation_names_the_supported_one():
     with pytest.raises(ConfigError, match=r"model.layers\[0\] \(chunked\).*it supports parallel.cp_impl=ring"):
-        check_cp_support(fake_model(Chunked(None, None)), run_config(2, "ulysses"))
+        check(fake_model(Chunked(None, None)), run_config(2, "ulysses"))
 
 
 def test_chunks_must_not_straddle_ranks():
-    check_cp_support(fake_model(Chunked(None, None)), run_config(2, seq_len=64))  # pieces of 16
+    check(fake_model(Chunked(None, None)), run_config(2, seq_len=64))  # pieces of 16
     with pytest.raises(ConfigError, match=r"chunks of 16 tokens.*pieces of 8; pick data.seq_len as a multiple of 128"):
-        check_cp_support(fake_model(Chunked(None, None)), run_config(4, seq_len=64))
+        check(fake_model(Chunked(None, None)), run_config(4, seq_len=64))
 
 
 def test_ulysses_head_rule_is_checked_at_start_up():
     cfg = run_config(4, "ulysses", n_heads=6, n_kv=2)  # H % cp != 0
     with pytest.raises(ConfigError, match=r"model.layers\[0\] \(attn\) cannot run parallel.cp_impl=ulysses at "
                                           r"parallel.cp=4: .*use parallel.cp_impl=ring"):
-        check_cp_support(attn_model(cfg), cfg)
+        check(attn_model(cfg), cfg)
 
 
 def test_cp_one_checks_nothing():
-    check_cp_support(fake_model(Subclass(None, None)), run_config(1))
+    check(fake_model(Subclass(None, None)), run_config(1))

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from loom.models import ConfigError, HybridLM, ModelConfig
-from loom.trainer.config import load_config
+from loom.trainer.config import ParallelConfig, load_config
 from loom.trainer.distributed.dist import Env
-from loom.trainer.distributed.parallelize import apply_activation_checkpointing, apply_compile, build_engine, parallelize
+from loom.trainer.distributed.parallelize import (apply_activation_checkpointing, apply_compile, build_engine,
+                                                 parallelize)
 
 LAYERS = ["attn", "swa", "rat", "linear", "memory"]
 
@@ -80,7 +81,7 @@ def test_bad_settings_name_the_key():
     with pytest.raises(ConfigError, match="train.activation_checkpointing"):
         apply_activation_checkpointing(_model(), "ful")
     with pytest.raises(ConfigError, match="parallel.engine.*fsdp"):
-        build_engine("fsdpp", None, None, 1, env=Env())
+        build_engine(None, ParallelConfig(engine="fsdpp"), None, 1, env=Env())
 
 
 def test_parallelize_reports_its_policy(capsys, tmp_path):
@@ -89,7 +90,7 @@ def test_parallelize_reports_its_policy(capsys, tmp_path):
                     "train: {activation_checkpointing: selective}\n")
     cfg = load_config(str(tiny), [])
     model = HybridLM(ModelConfig(vocab_size=64, d_model=32, n_heads=2, layers=["attn"]))
-    engine = parallelize(model, cfg, Env())
+    engine = parallelize(model, cfg.train, cfg.parallel, cfg.optim, Env())
     assert engine.model is model
     assert "activation checkpointing: selective; compile: off (auto on cpu)" in capsys.readouterr().out
 

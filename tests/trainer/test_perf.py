@@ -1,8 +1,9 @@
 """MFU and profiler traces (trainer/observe/perf.py): the logged mfu of a real run equals
 tokens/s x the model's FLOPs per token / the peak given by train.peak_flops;
-the measured CPU GEMM rate is the best timed GEMM; the CPU peak is cores x clock x
-FLOPs/cycle of the ISA (raised to the GEMM rate when that is higher), so a real run's
-mfu is in (0, 1]; GPU names map to their bf16 peak and unknown ones say so; train.profile_steps writes a
+under data.seq_len_schedule the FLOPs per token are each stage's; the measured CPU
+GEMM rate is the best timed GEMM; the CPU peak is cores x clock x FLOPs/cycle of the
+ISA (raised to the GEMM rate when that is higher), so a real run's mfu is in (0, 1];
+GPU names map to their bf16 peak and unknown ones say so; train.profile_steps writes a
 TensorBoard-readable trace; bad values are one-line config errors."""
 import json
 from pathlib import Path
@@ -38,6 +39,21 @@ def test_mfu_in_metrics_and_trace_written(tmp_path, capsys):
     assert len(traces) == 1 and "step2" in traces[0].name
     events = json.loads(traces[0].read_text())["traceEvents"]
     assert any("aten::mm" in e.get("name", "") for e in events)
+
+
+def test_mfu_counts_each_stages_sequence_length(tmp_path):
+    out = tmp_path / "run"
+    args = [f"output_dir={out}", "train.steps=4", "train.log_every=1", "train.peak_flops=2e9",
+            "data.seq_len_schedule=[{step: 0, seq_len: 96}, {step: 2, seq_len: 192}]"]
+    assert main(["train", str(TINY), *args]) == 0
+    cfg = load_config(str(TINY), args)
+    model = HybridLM(model_config_for(cfg, load_tokenizer(cfg.data.tokenizer).vocab_size))
+    fpt = {T: model.flops_per_token(T) for T in (96, 192)}
+    assert fpt[96] != fpt[192]   # the attention scores grow with the length
+    lines = [r for r in read_metrics(out) if "split" not in r]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    for r, T in zip(lines, (96, 96, 192, 192)):
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * fpt[T] / 2e9, rel=1e-9), (r["step"], T)
 
 
 def test_measured_cpu_peak_is_the_best_gemm(monkeypatch):

@@ -39,7 +39,7 @@ def test_stage_batch_sizes_and_errors():
         with pytest.raises(ConfigError, match=match):
             resolve_stages(_cfg(sched), 4)
     with pytest.raises(ConfigError, match=r"\[1\]\.seq_len \(38\) must be divisible by 2 \* parallel.cp"):
-        resolve_stages(_cfg([{"step": 0, "seq_len": 32}, {"step": 3, "seq_len": 38, "batch_size": 1}]), 4, cp=2)
+        resolve_stages(_cfg([{"step": 0, "seq_len": 32}, {"step": 3, "seq_len": 38, "batch_size": 1}]), 4, cp_size=2)
 
 
 def _run(data, steps):
@@ -107,11 +107,11 @@ def test_every_stage_is_checked_with_the_model():
     cfg = load_config(TINY, ["data.seq_len_schedule=[{step: 0, seq_len: 96}, {step: 4, seq_len: 192}]"])
     seen = []
 
-    def check(staged):                      # stands in for Env.check_model: rejects one length
-        seen.append(staged.data.seq_len)
-        if staged.data.seq_len == 192:
+    def check(seq_len):                     # stands in for check_cp_support: rejects one length
+        seen.append(seq_len)
+        if seq_len == 192:
             raise ConfigError("data.seq_len=192 does not fit model.layers[0]")
 
     with pytest.raises(ConfigError, match=r"seq_len_schedule\[1\] \(seq_len 192\): data.seq_len=192"):
-        check_stages_with_model(check, cfg)
+        check_stages_with_model(check, cfg.data, cfg.train.batch_size, cfg.parallel.cp)
     assert seen == [96, 192]

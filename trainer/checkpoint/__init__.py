@@ -1,5 +1,7 @@
 """Checkpoints: writing them, reading them back, and resuming a run from one.
 
+- checkpointer.py: Checkpointer, what the loop talks to: the save cadence, the
+  asynchronous save in flight, the last good checkpoint, restore and rewind;
 - manager.py: CheckpointManager, the atomic, checksummed `step-NNNNNNNN/` folders
   (weights, trainer state, meta, manifest), `latest`, pruning, validation;
 - dcp.py: sharded checkpoints (torch.distributed.checkpoint), saved

@@ -33,15 +33,17 @@ from loom.trainer.distributed import dist
 from loom.trainer.checkpoint.manager import set_rng_state
 
 
-def run_layout(env, cfg) -> dict:
-    """How this run is laid out; saved with every checkpoint."""
-    return {"world": env.world, "dp": env.dp_size, "cp": env.cp_size, "engine": cfg.parallel.engine,
-            "global_batch": env.dp_size * cfg.train.batch_size * cfg.train.grad_accum}
+def run_layout(env, engine: str, batch_size: int, grad_accum: int) -> dict:
+    """How this run is laid out; saved with every checkpoint.
+
+    engine: parallel.engine; batch_size, grad_accum: train.batch_size, train.grad_accum."""
+    return {"world": env.world, "dp": env.dp_size, "cp": env.cp_size, "engine": engine,
+            "global_batch": env.dp_size * batch_size * grad_accum}
 
 
-def check_layout(saved: dict | None, env, cfg) -> None:
-    """Log a resume across layouts; warn when the global batch changes."""
-    now = run_layout(env, cfg)
+def check_layout(saved: dict | None, now: dict) -> None:
+    """Log a resume across layouts (`saved` from the checkpoint, `now` this run's
+    run_layout); warn when the global batch changes."""
     if saved is None:
         return
     if (saved["world"], saved["dp"], saved["cp"], saved["engine"]) != (now["world"], now["dp"], now["cp"],

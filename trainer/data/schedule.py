@@ -44,7 +44,7 @@ class Stage:
     batch_size: int
 
 
-def resolve_stages(data_cfg, batch_size: int, cp: int = 1) -> list[Stage]:
+def resolve_stages(data_cfg, batch_size: int, cp_size: int = 1) -> list[Stage]:
     """Validated stages of a DataConfig (ConfigError naming data.seq_len_schedule[i].key)."""
     sched = data_cfg.seq_len_schedule
     if not sched:
@@ -59,8 +59,8 @@ def resolve_stages(data_cfg, batch_size: int, cp: int = 1) -> list[Stage]:
                               f"{sched[i - 1].step}")
         if st.seq_len < 1:
             raise ConfigError(f"{where}.seq_len: must be >= 1, got {st.seq_len}")
-        if cp > 1 and st.seq_len % (2 * cp):
-            raise ConfigError(f"{where}.seq_len ({st.seq_len}) must be divisible by 2 * parallel.cp ({2 * cp}) "
+        if cp_size > 1 and st.seq_len % (2 * cp_size):
+            raise ConfigError(f"{where}.seq_len ({st.seq_len}) must be divisible by 2 * parallel.cp ({2 * cp_size}) "
                               "for the load-balanced context-parallel split")
         bs = st.batch_size
         if bs is None:
@@ -80,17 +80,18 @@ def stage_at(stages: list[Stage], step: int) -> Stage:
     return [s for s in stages if s.step <= step][-1]
 
 
-def check_stages_with_model(check, cfg) -> None:
-    """Run a model check (e.g. Env.check_model) at every stage's seq_len.
+def check_stages_with_model(check, data_cfg, batch_size: int, cp_size: int = 1) -> None:
+    """Run a model check (e.g. check_cp_support) at every stage's seq_len.
 
-    check(cfg) raises ConfigError naming data.seq_len; the message gains the stage.
+    check(seq_len) raises ConfigError naming data.seq_len; the message gains the stage.
+    data_cfg, batch_size, cp_size: data.*, train.batch_size and parallel.cp, which
+    resolve the stages.
     """
-    for st in resolve_stages(cfg.data, cfg.train.batch_size, cfg.parallel.cp):
-        staged = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=st.seq_len))
+    for st in resolve_stages(data_cfg, batch_size, cp_size):
         try:
-            check(staged)
+            check(st.seq_len)
         except ConfigError as e:
-            if not cfg.data.seq_len_schedule:
+            if not data_cfg.seq_len_schedule:
                 raise
             raise ConfigError(f"data.seq_len_schedule[{st.index}] (seq_len {st.seq_len}): {e}") from None
 
@@ -108,10 +109,10 @@ class StagedBatches:
     """
 
     def __init__(self, data_cfg, batch_size: int, tokenizer, seed: int, dp_rank: int = 0, dp_size: int = 1,
-                 cp: int = 1):
+                 cp_size: int = 1):
         self.cfg, self.tokenizer, self.seed = data_cfg, tokenizer, seed
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.stages = resolve_stages(data_cfg, batch_size, cp)
+        self.stages = resolve_stages(data_cfg, batch_size, cp_size)
         self.stage_windows: list[int] = []      # windows consumed by each finished stage
         self._stage: Optional[int] = None
         self._batcher = None

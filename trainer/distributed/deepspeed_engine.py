@@ -67,18 +67,20 @@ def _quiet_model_output_warning(record) -> bool:
     return "ModelOutput" not in record.getMessage()
 
 
-def deepspeed_config(cfg, device: torch.device) -> dict:
+def deepspeed_config(p, batch_size: int, grad_accum: int, grad_clip: float, device: torch.device) -> dict:
     """The DeepSpeed JSON for this run: generated from the recipe, or
     parallel.deepspeed_config with its "auto" values filled in.
+
+    p: parallel.* (zero, offloads, deepspeed_config, dtype); batch_size,
+    grad_accum: train.batch_size, train.grad_accum; grad_clip: optim.grad_clip.
 
     Raises ConfigError when the JSON contradicts the recipe (a batch size,
     clipping or ZeRO stage that differs, an "optimizer"/"scheduler" section:
     Loom builds those from optim.*).
     """
-    p, t, o = cfg.parallel, cfg.train, cfg.optim
     bf16 = use_bf16(p, device)
-    recipe = {"train_micro_batch_size_per_gpu": t.batch_size, "gradient_accumulation_steps": t.grad_accum,
-              "gradient_clipping": o.grad_clip}
+    recipe = {"train_micro_batch_size_per_gpu": batch_size, "gradient_accumulation_steps": grad_accum,
+              "gradient_clipping": grad_clip}
     if p.deepspeed_config is None:
         zero: dict = {"stage": p.zero}
         if p.offload_optimizer:
@@ -166,12 +168,13 @@ def _head_calls_inside_modules(model, deepspeed) -> None:
 class DeepSpeedEngine:
     name = "deepspeed"
 
-    def __init__(self, model, optim_cfg, total_steps: int, env, cfg):
+    def __init__(self, model, optim_cfg, total_steps: int, env, parallel, batch_size: int, grad_accum: int):
+        """parallel: parallel.*; batch_size, grad_accum: train.batch_size, train.grad_accum."""
         deepspeed = import_deepspeed()
         self._ds_utils = deepspeed.utils
         self._gathered = deepspeed.zero.GatheredParameters
         ensure_process_group(env)
-        config = deepspeed_config(cfg, env.device)
+        config = deepspeed_config(parallel, batch_size, grad_accum, optim_cfg.grad_clip, env.device)
         self.stage = config["zero_optimization"]["stage"]
         self.model = model
         self._names = [[n for n, p in model.named_parameters() if any(p is q for q in g["params"])]

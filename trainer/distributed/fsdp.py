@@ -46,9 +46,9 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 class FSDPEngine(SingleEngine):
     name = "fsdp"
 
-    def __init__(self, model, optim_cfg, total_steps: int, env, cfg):
+    def __init__(self, model, optim_cfg, total_steps: int, env, parallel):
+        """parallel: parallel.* (dtype, offload_params, offload_optimizer)."""
         ensure_process_group(env)
-        parallel = cfg.parallel
         model.to(env.device)
         world = torch.distributed.get_world_size()
         mesh = init_device_mesh(env.device.type, (world,), mesh_dim_names=("shard",))

@@ -101,12 +101,12 @@ def launched_world_size(environ=None) -> int:
     return 1
 
 
-def mesh_shape(world: int, cp: int) -> tuple[int, int]:
-    """(dp, cp) for `world` ranks; ConfigError unless cp divides world."""
-    if cp < 1 or world % cp:
-        raise ConfigError(f"parallel.cp={cp} does not divide the number of processes ({world}); "
-                          f"launch a multiple of {cp} processes or change parallel.cp")
-    return world // cp, cp
+def mesh_shape(world: int, cp_size: int) -> tuple[int, int]:
+    """(dp_size, cp_size) for `world` ranks; ConfigError unless cp_size divides world."""
+    if cp_size < 1 or world % cp_size:
+        raise ConfigError(f"parallel.cp={cp_size} does not divide the number of processes ({world}); "
+                          f"launch a multiple of {cp_size} processes or change parallel.cp")
+    return world // cp_size, cp_size
 
 
 def backend_and_device(local_rank: int) -> tuple[str, torch.device]:
@@ -168,21 +168,21 @@ def init_process_groups(parallel_cfg) -> Env:
     """
     launch = detect_launch()
     engine_from_accelerate(parallel_cfg)
-    dp, cp = mesh_shape(launch.world, parallel_cfg.cp)
+    dp_size, cp_size = mesh_shape(launch.world, parallel_cfg.cp)
     backend, device = backend_and_device(launch.local_rank)
     if not tdist.is_initialized():
         tdist.init_process_group(backend, init_method="env://", rank=launch.rank, world_size=launch.world)
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(device.type, (dp, cp), mesh_dim_names=("dp", "cp"))
+    mesh = init_device_mesh(device.type, (dp_size, cp_size), mesh_dim_names=("dp", "cp"))
     rank = tdist.get_rank()
-    cp_ctx = None
-    if cp > 1:
+    cp = None
+    if cp_size > 1:
         from loom.kernels.context_parallel import CPContext
 
-        cp_ctx = CPContext.from_group(mesh.get_group("cp"), impl=parallel_cfg.cp_impl, layout="zigzag")
-    return Env(rank=rank, world=launch.world, dp_rank=rank // cp, dp_size=dp, cp_rank=rank % cp, cp_size=cp,
-               cp=cp_ctx, device=device)
+        cp = CPContext.from_group(mesh.get_group("cp"), impl=parallel_cfg.cp_impl, layout="zigzag")
+    return Env(rank=rank, world=launch.world, dp_rank=rank // cp_size, dp_size=dp_size, cp_rank=rank % cp_size,
+               cp_size=cp_size, cp=cp, device=device)
 
 
 def ensure_process_group(env) -> None:

@@ -26,32 +26,32 @@ def supported_cp_impls(mixer) -> tuple[str, ...]:
     return tuple(vars(type(mixer)).get("cp_impls", ()))
 
 
-def check_cp_support(model, cfg) -> None:
+def check_cp_support(model, cp_size: int, cp_impl: str, seq_len: int) -> None:
     """Raise ConfigError naming the first layer that cannot run with parallel.cp / cp_impl.
 
-    model: a built HybridLM; cfg: the RunConfig (parallel.cp, parallel.cp_impl, data.seq_len).
+    model: a built HybridLM; cp_size: parallel.cp (ranks per sequence); cp_impl:
+    parallel.cp_impl; seq_len: the training length (data.seq_len, or a stage's).
     """
-    cp, impl, seq_len = cfg.parallel.cp, cfg.parallel.cp_impl, cfg.data.seq_len
-    if cp <= 1:
+    if cp_size <= 1:
         return
-    piece = seq_len // (2 * cp)
+    piece = seq_len // (2 * cp_size)
     for i, block in enumerate(model.blocks):
         mixer, where = block.mixer, f"model.layers[{i}] ({block.kind})"
         impls = supported_cp_impls(mixer)
-        if impl not in impls:
+        if cp_impl not in impls:
             hint = (f"it supports parallel.cp_impl={' or '.join(impls)}" if impls
                     else "it has no context-parallel implementation yet; use parallel.cp=1")
-            raise ConfigError(f"{where} cannot run with parallel.cp={cp} and parallel.cp_impl={impl}: {hint}")
+            raise ConfigError(f"{where} cannot run with parallel.cp={cp_size} and parallel.cp_impl={cp_impl}: {hint}")
         chunk = mixer.cp_chunk_tokens()
         if piece % chunk:
-            raise ConfigError(f"{where} keeps chunks of {chunk} tokens on one rank, but parallel.cp={cp} cuts "
+            raise ConfigError(f"{where} keeps chunks of {chunk} tokens on one rank, but parallel.cp={cp_size} cuts "
                               f"data.seq_len={seq_len} into pieces of {piece}; pick data.seq_len as a multiple "
-                              f"of {2 * cp * chunk}")
-        if impl == "ulysses" and isinstance(mixer, Attention) and mixer.window is None:  # windowed: halo path
+                              f"of {2 * cp_size * chunk}")
+        if cp_impl == "ulysses" and isinstance(mixer, Attention) and mixer.window is None:  # windowed: halo path
             from loom.kernels.context_parallel.all_to_all import ulysses_kv_heads
 
             try:
-                ulysses_kv_heads(mixer.dims.n_heads, mixer.dims.n_kv_heads, cp)
+                ulysses_kv_heads(mixer.dims.n_heads, mixer.dims.n_kv_heads, cp_size)
             except ValueError as e:
-                raise ConfigError(f"{where} cannot run parallel.cp_impl=ulysses at parallel.cp={cp}: {e}; "
+                raise ConfigError(f"{where} cannot run parallel.cp_impl=ulysses at parallel.cp={cp_size}: {e}; "
                                   "use parallel.cp_impl=ring") from None

@@ -34,6 +34,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from loom.models.config import ConfigError, nearest
+from loom.trainer.config import OptimConfig, ParallelConfig, TrainConfig
 from loom.trainer.distributed import dist
 from loom.trainer.distributed.dist import Env
 from loom.trainer.distributed.engine import SingleEngine
@@ -43,21 +44,27 @@ ENGINES = ("single", "ddp", "fsdp", "deepspeed")
 CHECKPOINTING = ("none", "full", "selective")
 
 
-def parallelize(model, cfg, env: Env):
-    """Apply activation checkpointing, compile and the engine to `model` (a HybridLM
-    on the CPU, unwrapped) as `cfg` (a RunConfig) says; returns the engine."""
-    apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
-    apply_tile_mlp(model, cfg.train.tile_mlp)
-    apply_tile_blocks(model, cfg.train.tile_blocks)
-    compile_blocks = cfg.train.compile if cfg.train.compile is not None else env.device.type == "cuda"
+def parallelize(model, train: TrainConfig, parallel: ParallelConfig, optim: OptimConfig, env: Env):
+    """Apply activation checkpointing, tiling, compile and the engine to `model` (a
+    HybridLM on the CPU, unwrapped); returns the engine.
+
+    train: train.* (activation_checkpointing, tile_mlp, tile_blocks, compile;
+    steps, batch_size and grad_accum for the engine); parallel: parallel.*
+    (the engine and its options); optim: optim.* (AdamW and its schedule).
+    """
+    apply_activation_checkpointing(model, train.activation_checkpointing)
+    apply_tile_mlp(model, train.tile_mlp)
+    apply_tile_blocks(model, train.tile_blocks)
+    compile_blocks = train.compile if train.compile is not None else env.device.type == "cuda"
     if compile_blocks:
         apply_compile(model)
-    dist.log(f"activation checkpointing: {cfg.train.activation_checkpointing}; "
-             + (f"tile_mlp: {cfg.train.tile_mlp} tokens; " if cfg.train.tile_mlp else "")
-             + (f"tile_blocks: {cfg.train.tile_blocks} tokens; " if cfg.train.tile_blocks else "") + "compile: "
-             f"{'on' if compile_blocks else 'off'}" + ("" if cfg.train.compile is not None else
+    dist.log(f"activation checkpointing: {train.activation_checkpointing}; "
+             + (f"tile_mlp: {train.tile_mlp} tokens; " if train.tile_mlp else "")
+             + (f"tile_blocks: {train.tile_blocks} tokens; " if train.tile_blocks else "") + "compile: "
+             f"{'on' if compile_blocks else 'off'}" + ("" if train.compile is not None else
                                                         f" (auto on {env.device.type})"))
-    return build_engine(cfg.parallel.engine, model, cfg.optim, cfg.train.steps, env=env, cfg=cfg)
+    return build_engine(model, parallel, optim, train.steps, env, batch_size=train.batch_size,
+                        grad_accum=train.grad_accum)
 
 
 def _recomputed(forward):
@@ -90,33 +97,37 @@ def apply_compile(model) -> None:
         block.compile()
 
 
-def build_engine(name: str, model, optim_cfg, total_steps: int, env: Env | None = None, cfg=None):
+def build_engine(model, parallel: ParallelConfig, optim: OptimConfig, total_steps: int, env: Env | None = None,
+                 batch_size: int = 1, grad_accum: int = 1):
     """The engine named by `parallel.engine` around `model`.
 
-    env: this process's Env (default: one process); cfg: the RunConfig (the
-    DeepSpeed and FSDP engines read batch sizes and parallel.*). `single` on
-    several processes (e.g. `torchrun ... parallel.cp=4` with the default
-    engine) runs as ddp: replicas must average their gradients to stay one
-    model. ddp on one process is the single engine (identical maths); fsdp and
-    deepspeed start a one-rank process group so that offload and mixed
+    parallel: parallel.* (engine; the FSDP and DeepSpeed engines read their
+    options); optim: optim.*; total_steps: train.steps (the lr schedule's
+    length); env: this process's Env (default: one process); batch_size,
+    grad_accum: train.batch_size and train.grad_accum (DeepSpeed's config).
+    `single` on several processes (e.g. `torchrun ... parallel.cp=4` with the
+    default engine) runs as ddp: replicas must average their gradients to stay
+    one model. ddp on one process is the single engine (identical maths); fsdp
+    and deepspeed start a one-rank process group so that offload and mixed
     precision behave as with many ranks.
     """
     env = env or Env()
+    name = parallel.engine
     if name not in ENGINES:
         raise ConfigError(f"parallel.engine: unknown engine {name!r}{nearest(name, ENGINES)}")
     if name == "single" and env.world > 1:
         dist.log(f"parallel.engine=single on {env.world} processes: using ddp")
         name = "ddp"
     if name in ("single", "ddp") and env.world == 1:
-        return SingleEngine(model, optim_cfg, total_steps)
+        return SingleEngine(model, optim, total_steps)
     if name == "ddp":
         from loom.trainer.distributed.ddp import DDPEngine
 
-        return DDPEngine(model, optim_cfg, total_steps, env)
+        return DDPEngine(model, optim, total_steps, env)
     if name == "fsdp":
         from loom.trainer.distributed.fsdp import FSDPEngine
 
-        return FSDPEngine(model, optim_cfg, total_steps, env, cfg)
+        return FSDPEngine(model, optim, total_steps, env, parallel)
     from loom.trainer.distributed.deepspeed_engine import DeepSpeedEngine
 
-    return DeepSpeedEngine(model, optim_cfg, total_steps, env, cfg)
+    return DeepSpeedEngine(model, optim, total_steps, env, parallel, batch_size, grad_accum)

@@ -23,6 +23,10 @@ import math
 from collections import deque
 
 
+class TrainingError(RuntimeError):
+    """A run that cannot continue; the message is one user-facing line."""
+
+
 class StepGuard:
     """Decides, per step, whether the update is applied; keeps the running loss mean.
 

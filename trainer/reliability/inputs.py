@@ -85,12 +85,12 @@ def check_lengths(cfg) -> None:
     """Refuse a micro-batch or an evaluation example whose memory lower bound exceeds the device's."""
     ram, where = device_memory_bytes()
     per_token = min_bytes_per_token(cfg.model, 2 if where == "GPU" else 4)  # bf16 on GPU, fp32 on CPU
-    cp = max(1, cfg.parallel.cp)
+    cp_size = max(1, cfg.parallel.cp)
     lengths = [("data.seq_len", cfg.data.seq_len, cfg.train.batch_size)]
     lengths += [("eval.passkey_lengths", n, 1) for n in cfg.eval.passkey_lengths]
     lengths += [("eval.mqar_lengths", n, 1) for n in cfg.eval.mqar_lengths]
     for key, length, rows in lengths:
-        need = rows * length * per_token // cp
+        need = rows * length * per_token // cp_size
         if need > ram:
             raise ConfigError(f"{key}={length}: one {'micro-batch' if rows > 1 else 'example'} needs at least "
                               f"{need / 2**30:.1f} GiB per process (estimate), more than this {where}'s "

@@ -115,13 +115,15 @@ def check_recipe_matches(cfg, saved: Path) -> None:
 
 def run_eval(cfg, checkpoint: Optional[str] = None, tasks=None, lengths=None, n=None, generate=None,
              out: Optional[str] = None) -> int:
+    from loom.trainer.config import mqar_shape, passkey_key_digits
     from loom.trainer.distributed import dist
     from loom.trainer.distributed.mesh import setup_env
 
     env = setup_env(cfg.parallel)
     say = dist.log
     model, tokenizer, meta, path = restore(cfg, checkpoint, dist.warn)
-    spec = suite_spec(cfg, tasks, lengths, n, generate)
+    spec = suite_spec(cfg.eval, cfg.data.seq_len, cfg.train.batch_size, passkey_key_digits(cfg), mqar_shape(cfg),
+                      tasks, lengths, n, generate)
     check_lengths(model, spec.lengths, env.cp)
     if env.cp is not None:
         from loom.trainer.eval.longeval.cp import CPRunner
@@ -136,7 +138,8 @@ def run_eval(cfg, checkpoint: Optional[str] = None, tasks=None, lengths=None, n=
         plain = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, suite_tasks=[]))   # the suite runs below
         say(fmt_eval(meta["step"], evaluate(model, plain, tokenizer, eval_windows(
             cfg.data, tokenizer, cfg.seed, batch_size=cfg.train.batch_size))))
-    text, windows = validation_text(cfg, tokenizer, spec.lengths, cfg.eval.suite_val_windows, cfg.seed)
+    text, windows = validation_text(cfg.data, cfg.train.batch_size, tokenizer, spec.lengths,
+                                    cfg.eval.suite_val_windows, cfg.seed)
     say(f"evaluating {path} (step {meta['step']}) at lengths {spec.lengths}, {spec.n} examples per cell"
         + (f", context-parallel over {env.cp.world_size} ranks" if env.cp is not None else ""))
     res = run_suite(model, tokenizer, spec, cfg.data.seq_len, runner, seed=cfg.seed, text_tokens=text,

@@ -20,23 +20,25 @@ REAL_TEXT = REAL_KINDS + ("prepared",)   # source kinds that hold real text (the
 
 
 
-def suite_spec(cfg, tasks: Optional[list[str]] = None, lengths: Optional[list[int]] = None,
+def suite_spec(e, seq_len: int, batch_size: int, key_digits: int, mqar: tuple[int, int],
+               tasks: Optional[list[str]] = None, lengths: Optional[list[int]] = None,
                n: Optional[int] = None, generate: Optional[bool] = None) -> SuiteSpec:
-    """The SuiteSpec of a recipe (eval.suite_*), with command-line values taking precedence.
-    Lengths default to 1x, 2x and 4x data.seq_len."""
-    from loom.trainer.config import mqar_shape, passkey_key_digits
+    """The SuiteSpec of a recipe's eval.* (`e`), with command-line values taking precedence.
 
-    e, T = cfg.eval, cfg.data.seq_len
+    seq_len: data.seq_len (lengths default to 1x, 2x and 4x it); batch_size:
+    train.batch_size; key_digits: passkey_key_digits(cfg); mqar: mqar_shape(cfg),
+    (n_pairs, n_queries)."""
+    T = seq_len
     tasks = tasks or e.suite_tasks or list(TASKS)
     for t in tasks:
         if t not in TASKS:
             raise ConfigError(f"unknown suite task {t!r}; tasks: {', '.join(TASKS)}")
-    pairs, queries = mqar_shape(cfg)
+    pairs, queries = mqar
     return SuiteSpec(tasks=tasks, lengths=lengths or e.suite_lengths or [T, 2 * T, 4 * T],
                      n=n or e.suite_n, depths=list(e.suite_depths), fillers=list(e.suite_fillers),
                      generate=e.suite_generate if generate is None else generate,
-                     batch_size=cfg.train.batch_size, position_buckets=e.position_buckets,
-                     key_digits=passkey_key_digits(cfg), mqar_pairs=pairs, mqar_queries=queries)
+                     batch_size=batch_size, position_buckets=e.position_buckets,
+                     key_digits=key_digits, mqar_pairs=pairs, mqar_queries=queries)
 
 
 def real_text_config(data_cfg, seq_len: int, windows: int):
@@ -51,15 +53,17 @@ def real_text_config(data_cfg, seq_len: int, windows: int):
                                val_windows=windows)
 
 
-def validation_text(cfg, tokenizer, lengths: list[int], windows: int, seed: int):
-    """(real-text filler tokens (N,) or None, {length: collated val windows} for loss by position)."""
+def validation_text(data_cfg, batch_size: int, tokenizer, lengths: list[int], windows: int, seed: int):
+    """(real-text filler tokens (N,) or None, {length: collated val windows} for loss by position).
+
+    data_cfg: data.* (its real-text sources); batch_size: rows per collated batch."""
     from loom.trainer.data import eval_windows
 
-    first = real_text_config(cfg.data, max(lengths), windows)
+    first = real_text_config(data_cfg, max(lengths), windows)
     if first is None:
         return None, {}
-    by_len = {T: eval_windows(real_text_config(cfg.data, T, windows), tokenizer, seed,
-                              batch_size=cfg.train.batch_size) for T in lengths}
+    by_len = {T: eval_windows(real_text_config(data_cfg, T, windows), tokenizer, seed,
+                              batch_size=batch_size) for T in lengths}
     longest = by_len[max(lengths)]
     text = torch.cat([b["input_ids"].reshape(-1) for b in longest]).numpy().astype(np.int64)
     specials = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id} - {None}
@@ -79,15 +83,16 @@ def write_outputs(res: dict, out_dir: Path) -> list[Path]:
 @torch.no_grad()
 
 
-def suite_during_training(model, cfg, tokenizer, out_dir: Optional[Path]) -> dict:
-    """The suite as configured by eval.suite_* (on when eval.suite_tasks is set), in this
-    process; returns flat metrics for metrics.jsonl / TensorBoard and writes the files
-    into out_dir (None: no files), printing the heatmap's path."""
-    if not cfg.eval.suite_tasks:
-        return {}
-    spec = suite_spec(cfg)
-    text, windows = validation_text(cfg, tokenizer, spec.lengths, cfg.eval.suite_val_windows, cfg.seed)
-    res = run_suite(model, tokenizer, spec, cfg.data.seq_len, LocalRunner(), seed=cfg.seed, text_tokens=text,
+def suite_during_training(model, tokenizer, spec: SuiteSpec, data_cfg, val_windows: int, seed: int,
+                          out_dir: Optional[Path]) -> dict:
+    """The suite `spec` (see suite_spec) in this process; returns flat metrics for
+    metrics.jsonl / TensorBoard and writes the files into out_dir (None: no files),
+    printing the heatmap's path.
+
+    data_cfg: data.* (seq_len, real-text sources); val_windows:
+    eval.suite_val_windows; seed: the run's seed."""
+    text, windows = validation_text(data_cfg, spec.batch_size, tokenizer, spec.lengths, val_windows, seed)
+    res = run_suite(model, tokenizer, spec, data_cfg.seq_len, LocalRunner(), seed=seed, text_tokens=text,
                     val_windows=windows)
     out = flat_metrics(res)
     if out_dir is not None:
