@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from loom.models.norms import NormStyle
 from loom.models.rope import RopeConfig
 
 
@@ -35,6 +36,7 @@ class MixerDims:
     n_layers: int
     rope: RopeConfig
     init_std: float = 0.02
+    norm: NormStyle = NormStyle()  # how the mixer's own norms (q/k norm) apply their weight
 
 
 @dataclass
