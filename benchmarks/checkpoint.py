@@ -10,7 +10,7 @@ takes one optimiser step (so AdamW holds exp_avg / exp_avg_sq), then saves
   full     engine.checkpoint_state() (full_state_dict + cpu_offload gather to
            rank 0) then CheckpointManager.save on rank 0 (safetensors + torch.save,
            hashed manifest, atomic publish);
-  sharded  trainer/dcp.save_sharded (every rank writes its DTensor shards with
+  sharded  trainer/checkpoint/dcp.save_sharded (every rank writes its DTensor shards with
            dcp.save; rank 0 commits the manifest).
 Per rank and path: wall time of the save (barrier to barrier, the slowest
 rank's), and peak RSS above the pre-save baseline (a 2 ms sampler of
@@ -65,10 +65,10 @@ def worker(args) -> None:
 
     from loom.models import HybridLM
     from loom.models.model import ModelConfig
-    from loom.trainer.checkpoint import CheckpointManager
+    from loom.trainer.checkpoint.manager import CheckpointManager
     from loom.trainer.config import RunConfig
-    from loom.trainer.dcp import save_sharded
-    from loom.trainer.distributed import setup_env
+    from loom.trainer.checkpoint.dcp import save_sharded
+    from loom.trainer.distributed.mesh import setup_env
     from loom.trainer.distributed.fsdp import FSDPEngine
 
     torch.set_num_threads(1)
@@ -88,7 +88,7 @@ def worker(args) -> None:
 
     from torch.distributed.tensor import DTensor
 
-    from loom.trainer.dcp import app_state
+    from loom.trainer.checkpoint.dcp import app_state
 
     def tensor_bytes(tree) -> int:
         if isinstance(tree, dict):

@@ -69,7 +69,7 @@ def worker(T: int, steps: int, impl: str, out_dir: str) -> None:
 
     from loom.models.model import HybridLM, ModelConfig
     from loom.trainer.config import ParallelConfig
-    from loom.trainer.dist import Env
+    from loom.trainer.distributed.dist import Env
     from loom.trainer.distributed.mesh import init_process_groups, launched_world_size
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))

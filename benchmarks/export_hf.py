@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 def fabricate(recipe: str, folder: Path) -> Path:
     """A run folder holding `recipe`'s model at its initial weights (step 0)."""
-    from loom.trainer.checkpoint import CheckpointManager
+    from loom.trainer.checkpoint.manager import CheckpointManager
     from loom.trainer.config import dump, load_config
     from loom.trainer.data import load_tokenizer
     from loom.trainer.train import build_model
@@ -52,8 +52,8 @@ def fabricate(recipe: str, folder: Path) -> Path:
 def measure(run: Path, label: str, work: Path, args) -> dict:
     import transformers
 
-    from loom.trainer.export_hf import export_hf
-    from loom.trainer.hf_source import load_source
+    from loom.trainer.hf.export import export_hf
+    from loom.trainer.hf.source import load_source
 
     t0 = time.perf_counter()
     out, target = export_hf(run, work / f"hf-{label}")

@@ -2,7 +2,7 @@
 
 Builds a HybridLM (default: the titans-mal-style hybrid [[memory, swa], x2] at
 d_model 256, or any `--layers`), applies the trainer's own activation
-checkpointing, MLP tiling and block tiling (loom.trainer.parallelize), and runs
+checkpointing, MLP tiling and block tiling (loom.trainer.distributed.parallelize), and runs
 forward, the fused chunked cross-entropy and backward on one row of random
 tokens as one document. Each length runs in fresh subprocesses so that each
 peak resident memory is its own. With `--cp N` the row is sharded over N gloo
@@ -37,7 +37,8 @@ def measure(layers: list[str], T: int, checkpointing: str, tile_mlp: int, tile_b
     import torch
 
     from loom.models import HybridLM, ModelConfig
-    from loom.trainer.parallelize import apply_activation_checkpointing, apply_tile_blocks, apply_tile_mlp
+    from loom.trainer.distributed.parallelize import apply_activation_checkpointing
+    from loom.trainer.distributed.tiling import apply_tile_blocks, apply_tile_mlp
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

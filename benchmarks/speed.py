@@ -182,7 +182,7 @@ def profile(T: int, V: int, top: int = 12) -> dict:
 
 
 def model(lengths, vocabs, docs, repeats):
-    from loom.trainer.perf import measure_cpu_peak
+    from loom.trainer.observe.perf import measure_cpu_peak
 
     peaks = [measure_cpu_peak()]
     rows = []

@@ -114,7 +114,7 @@ def train(name: str, args, out_dir: Path) -> dict:
 
 
 def _scores(model, batches) -> dict:
-    from loom.trainer.evaluate import answer_scores
+    from loom.trainer.eval.validation import answer_scores
 
     s = answer_scores(model, batches)
     return {"exact": s["exact"], "digits": s["tokens"], "answer_loss": s["loss"], "n": s["answers"]}
@@ -187,7 +187,7 @@ def score(name: str, args, out_dir: Path) -> dict:
     """Passkey per depth and MQAR on the final checkpoint, on examples the trainer never showed."""
     import torch
 
-    from loom.trainer.checkpoint import CheckpointManager
+    from loom.trainer.checkpoint.manager import CheckpointManager
     from loom.trainer.config import mqar_shape, passkey_key_digits
     from loom.trainer.data import load_tokenizer
     from loom.trainer.train import build_model

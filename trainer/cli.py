@@ -34,7 +34,7 @@ def cmd_train(args) -> int:
 
 def _restore(cfg):
     """Model and tokenizer of the run's latest valid checkpoint (or fresh weights)."""
-    from loom.trainer.checkpoint import CheckpointManager
+    from loom.trainer.checkpoint.manager import CheckpointManager
     from loom.trainer.data import load_tokenizer
     from loom.trainer.train import build_model
 
@@ -50,7 +50,7 @@ def _restore(cfg):
 
 
 def cmd_eval(args) -> int:
-    from loom.trainer.longeval.command import run_eval
+    from loom.trainer.eval.longeval.command import run_eval
 
     ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
     return run_eval(_load(args), checkpoint=args.checkpoint, tasks=args.tasks.split(",") if args.tasks else None,
@@ -88,13 +88,13 @@ def cmd_info(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from loom.trainer.convert import main_convert
+    from loom.trainer.hf.convert import main_convert
 
     return main_convert([args.src, args.out])
 
 
 def cmd_to_hf(args) -> int:
-    from loom.trainer.export_hf import main_to_hf
+    from loom.trainer.hf.export import main_to_hf
 
     return main_to_hf([args.src, args.out, "--target", args.target])
 
@@ -141,7 +141,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from loom.trainer.checkpoint import CheckpointError
+    from loom.trainer.checkpoint.manager import CheckpointError
     from loom.trainer.train import TrainingError
 
     try:

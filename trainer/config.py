@@ -18,7 +18,7 @@ from loom.models.config import ConfigError, build, to_dict
 from loom.models.model import ModelConfig
 from loom.trainer.data import DataConfig
 from loom.trainer.data.schedule import resolve_stages
-from loom.trainer.validate import check_model_shapes
+from loom.trainer.reliability.inputs import check_model_shapes
 
 
 @dataclass
@@ -48,11 +48,11 @@ class TrainConfig:
     spike_skip: float | None = None  # skip a step whose loss > spike_skip x running mean; None: off
     spike_window: int = 50  # accepted losses in the running mean
     spike_rewind: int = 0  # after this many spikes since the last checkpoint, rewind to it; 0: never
-    # full: rank 0 gathers and writes whole weights + optimizer; sharded: every rank writes its shard (trainer/dcp.py)
+    # full: rank 0 gathers and writes whole weights + optimizer; sharded: every rank writes its shard (trainer/checkpoint/dcp.py)
     checkpoint_format: Literal["full", "sharded"] = "full"
     checkpoint_async: bool = False  # sharded only: write shards in the background, commit at the next save
     stop_after_steps: int | None = None  # checkpoint and exit after this many steps in this invocation
-    # per block: none | full (recompute the block) | selective (recompute the MLP); trainer/parallelize.py
+    # per block: none | full (recompute the block) | selective (recompute the MLP); trainer/distributed/parallelize.py
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     compile: bool | None = None  # torch.compile per block; None: on for CUDA, off on CPU
     tile_mlp: int = 0  # tokens per MLP tile along the sequence (memory of long rows); 0: whole rows
@@ -73,7 +73,7 @@ class EvalConfig:
     mqar_pairs: int | None = None  # None: the first mqar source's n_pairs, else 16
     mqar_queries: int | None = None  # None: the first mqar source's n_queries, else 4
     position_buckets: int = 8  # loss by position in the context
-    # long-context suite (loom.trainer.longeval): `loom eval` runs it; during training only when suite_tasks is set
+    # long-context suite (loom.trainer.eval.longeval): `loom eval` runs it; during training only when suite_tasks is set
     suite_tasks: list[str] = field(default_factory=list)  # empty: every task in `loom eval`, none in training
     suite_lengths: list[int] = field(default_factory=list)  # empty: 1x, 2x, 4x data.seq_len
     suite_n: int = 8  # examples per (task, length) and per grid cell
@@ -205,7 +205,7 @@ def validate(cfg: RunConfig) -> None:
     if e.mqar_n > 0 and not 1 <= queries <= pairs <= 26**3:
         raise ConfigError(f"eval.mqar_queries: need 1 <= mqar_queries <= mqar_pairs <= {26**3}, "
                           f"got mqar_queries={queries}, mqar_pairs={pairs}")
-    from loom.trainer.longeval.tasks import validate_suite_config
+    from loom.trainer.eval.longeval.tasks import validate_suite_config
 
     validate_suite_config(e)
     if len(cfg.optim.betas) != 2:

@@ -5,10 +5,11 @@ engine -> data -> resume (weights, optimiser, schedule, RNG, data position)
 -> steps (log, evaluate, checkpoint) -> final evaluation.
 Stopping (SIGTERM/SIGINT) finishes the current step, writes a checkpoint and
 exits 0; running the same command again resumes exactly.
-Reliability (see each module): inputs are validated first (validate.py), the
-run folder is locked (lock.py), the recipe given now wins on resume
-(resume_policy.py), diverged steps are skipped and never checkpointed
-(guard.py), a failed save is one line and keeps the previous checkpoint.
+Reliability (see each module): inputs are checked first (reliability/inputs.py),
+the run folder is locked (reliability/lock.py), the recipe given now wins on
+resume (checkpoint/resume_policy.py), diverged steps are skipped and never
+checkpointed (reliability/guard.py), a failed save is one line and keeps the
+previous checkpoint.
 """
 from __future__ import annotations
 
@@ -25,28 +26,28 @@ from tqdm import tqdm
 
 from loom.models import HybridLM
 from loom.models.config import ConfigError
-from loom.trainer import dist
-from loom.trainer.checkpoint import (CheckpointError, CheckpointManager, NonFiniteCheckpoint, read_meta,
+from loom.trainer.distributed import dist
+from loom.trainer.checkpoint.manager import (CheckpointError, CheckpointManager, NonFiniteCheckpoint, read_meta,
                                     rng_state, step_dir_name)
 from loom.trainer.config import RunConfig, dump, mqar_shape, passkey_key_digits
 from loom.trainer.data import StagedBatches, load_tokenizer, mqar_examples, passkey_examples
 from loom.trainer.data.schedule import check_stages_with_model
-from loom.trainer.distributed import setup_env
+from loom.trainer.distributed.mesh import setup_env
 from loom.trainer.distributed.precision import forward_autocast
-from loom.trainer.distributed.resume import check_layout, restore_rng, run_layout
-from loom.trainer.dcp import PendingSave, is_sharded, load_sharded, save_sharded
-from loom.trainer.faults import poison_grads
-from loom.trainer.guard import StepGuard, resume_advice
-from loom.trainer.lock import RunLock
-from loom.trainer.resume_policy import apply_optim_settings, check_resume, recipe_record
-from loom.trainer.validate import validate_inputs
-from loom.trainer.evaluate import answer_accuracy, answer_scores, validation
-from loom.trainer.logs import show_kernel_backends
-from loom.trainer.longeval.spec import suite_during_training
-from loom.trainer.metrics import MetricsWriter
-from loom.trainer.parallel_check import check_cp_support
-from loom.trainer.parallelize import parallelize
-from loom.trainer.perf import StepProfiler, device_peak, mfu
+from loom.trainer.checkpoint.layout import check_layout, restore_rng, run_layout
+from loom.trainer.checkpoint.dcp import PendingSave, is_sharded, load_sharded, save_sharded
+from loom.trainer.reliability.faults import poison_grads
+from loom.trainer.reliability.guard import StepGuard, resume_advice
+from loom.trainer.reliability.lock import RunLock
+from loom.trainer.checkpoint.resume_policy import apply_optim_settings, check_resume, recipe_record
+from loom.trainer.reliability.inputs import validate_inputs
+from loom.trainer.eval.validation import answer_accuracy, answer_scores, validation
+from loom.trainer.observe.logs import show_kernel_backends
+from loom.trainer.eval.longeval.spec import suite_during_training
+from loom.trainer.observe.metrics import MetricsWriter
+from loom.trainer.distributed.parallel_check import check_cp_support
+from loom.trainer.distributed.parallelize import parallelize
+from loom.trainer.observe.perf import StepProfiler, device_peak, mfu
 
 
 class TrainingError(RuntimeError):
@@ -87,7 +88,7 @@ def build_model(cfg: RunConfig, tokenizer) -> HybridLM:
     torch.manual_seed(cfg.seed)
     model = HybridLM(model_config_for(cfg, tokenizer.vocab_size))
     if cfg.init_from:
-        from loom.trainer.convert import load_converted
+        from loom.trainer.hf.convert import load_converted
 
         _, weights = load_converted(cfg.init_from)
         try:

@@ -27,9 +27,9 @@ import torch
 from loom.models import HybridLM
 from loom.trainer.config import RunConfig, apply_overrides, config_from_dict, validate
 from loom.trainer.data import seq_ids_from_position_ids
-from loom.trainer.distributed import setup_env
-from loom.trainer.parallel_check import check_cp_support
-from loom.trainer.parallelize import parallelize
+from loom.trainer.distributed.mesh import setup_env
+from loom.trainer.distributed.parallel_check import check_cp_support
+from loom.trainer.distributed.parallelize import parallelize
 
 GLOBAL_ROWS, T, VOCAB, STEPS, ACCUM = 4, 32, 64, 3, 2
 DOC_LENGTHS = [[5, 17, 1, 9], [32], [12, 20], [3, 3, 26]]  # documents cross the zigzag chunk borders

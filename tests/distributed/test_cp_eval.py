@@ -2,7 +2,7 @@
 
 Multi-process (gloo, CPU, fp64), cp = 2, zigzag layout. A HybridLM built
 identically on every rank (attn, swa, linear, rat, memory: every state kind) is
-run through loom.trainer.longeval.cp.CPRunner and through the single-process
+run through loom.trainer.eval.longeval.cp.CPRunner and through the single-process
 LocalRunner on the same inputs:
 - token_scores: per-token loss and argmax-correct of passkey windows (T = 96)
   equal the single-process ones on every rank;
@@ -42,9 +42,9 @@ def build() -> HybridLM:
 
 def run_case(name: str, world: int) -> dict:
     from loom.trainer.data import load_tokenizer
-    from loom.trainer.longeval.cp import CPRunner, decode
-    from loom.trainer.longeval.suite import LocalRunner, SuiteSpec, _batch, run_suite
-    from loom.trainer.longeval.tasks import SuiteTask
+    from loom.trainer.eval.longeval.cp import CPRunner, decode
+    from loom.trainer.eval.longeval.suite import LocalRunner, SuiteSpec, _batch, run_suite
+    from loom.trainer.eval.longeval.tasks import SuiteTask
 
     torch.set_default_dtype(torch.float64)
     model = build()
@@ -83,7 +83,7 @@ def run_case(name: str, world: int) -> dict:
         assert res == ref, (res, ref)
         return {"tasks": res["tasks"]}
     if name == "bad_length":
-        from loom.trainer.longeval.command import check_lengths
+        from loom.trainer.eval.longeval.command import check_lengths
 
         with pytest.raises(ValueError, match="not divisible by 2 \\* parallel.cp = 4"):
             check_lengths(model, [66], cp)

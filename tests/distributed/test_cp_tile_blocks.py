@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 from loom.kernels.context_parallel import CPContext, shard_sequence
 from loom.models import HybridLM, ModelConfig
-from loom.trainer.parallelize import apply_activation_checkpointing, apply_tile_blocks
+from loom.trainer.distributed.parallelize import apply_activation_checkpointing
+from loom.trainer.distributed.tiling import apply_tile_blocks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _gloo, next to this file
 import _gloo  # noqa: E402

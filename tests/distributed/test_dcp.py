@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loom.trainer.checkpoint import CheckpointManager
+from loom.trainer.checkpoint.manager import CheckpointManager
 from loom.trainer.cli import main
-from loom.trainer.dcp import export
-from loom.trainer.metrics import train_losses as losses
+from loom.trainer.checkpoint.dcp import export
+from loom.trainer.observe.metrics import train_losses as losses
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.distributed

@@ -45,7 +45,7 @@ import torch
 from safetensors.torch import load_file
 
 from loom.trainer.cli import main
-from loom.trainer.metrics import train_losses as losses
+from loom.trainer.observe.metrics import train_losses as losses
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("engine_worker.py")

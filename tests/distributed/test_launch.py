@@ -14,12 +14,12 @@ import torch
 
 from loom.models.config import ConfigError
 from loom.trainer.config import ParallelConfig, RunConfig
-from loom.trainer.dist import Env
-from loom.trainer.parallelize import build_engine
+from loom.trainer.distributed.dist import Env
+from loom.trainer.distributed.parallelize import build_engine
 from loom.trainer.distributed.deepspeed_engine import deepspeed_config
 from loom.trainer.distributed.mesh import (detect_launch, engine_from_accelerate, first_host, launched_world_size,
                                       mesh_shape)
-from loom.trainer.distributed.resume import check_layout, restore_rng, run_layout
+from loom.trainer.checkpoint.layout import check_layout, restore_rng, run_layout
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
@@ -135,7 +135,7 @@ def test_generated_config_rejects_offload_without_zero():
 def test_rng_restored_per_rank_or_reseeded(capsys):
     torch.manual_seed(7)
     random.seed(7)
-    from loom.trainer.checkpoint import rng_state
+    from loom.trainer.checkpoint.manager import rng_state
 
     saved = [rng_state(), rng_state()]
     expected = torch.rand(3)

@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 from loom.models import HybridLM  # noqa: E402
 from loom.models.rope import Rotary  # noqa: E402
-from loom.trainer.convert import convert_hf, load_converted, model_config_from_hf  # noqa: E402
+from loom.trainer.hf.convert import convert_hf, load_converted, model_config_from_hf  # noqa: E402
 
 TINY = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=160, num_hidden_layers=2, max_position_embeddings=256)

@@ -29,7 +29,7 @@ def run_cli(capsys):
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory):
     """Run folder of one uninterrupted run of the tiny recipe (8 steps, checkpoints every 2)."""
-    from loom.trainer.metrics import train_losses
+    from loom.trainer.observe.metrics import train_losses
 
     d = tmp_path_factory.mktemp("reference")
     p = d / "tiny.yaml"
@@ -41,7 +41,7 @@ def reference(tmp_path_factory):
 @pytest.fixture
 def same_losses(reference):
     """Asserts that a run folder logged every train step once, each loss equal to the uninterrupted run's."""
-    from loom.trainer.metrics import read_metrics, train_losses
+    from loom.trainer.observe.metrics import read_metrics, train_losses
 
     def check(run_dir):
         steps = [r["step"] for r in read_metrics(run_dir) if "split" not in r and "event" not in r]

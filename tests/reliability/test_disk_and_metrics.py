@@ -5,10 +5,10 @@ dropped with a warning naming the file; a fresh start clears the lines of an ear
 import errno
 import os
 
-import loom.trainer.checkpoint as checkpoint
-import loom.trainer.metrics as metrics
-from loom.trainer.checkpoint import CheckpointManager
-from loom.trainer.metrics import read_metrics
+import loom.trainer.checkpoint.manager as checkpoint
+import loom.trainer.observe.metrics as metrics
+from loom.trainer.checkpoint.manager import CheckpointManager
+from loom.trainer.observe.metrics import read_metrics
 
 
 def _enospc(path):

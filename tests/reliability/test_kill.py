@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from loom.trainer.checkpoint import CheckpointManager
-from loom.trainer.faults import KILL_ENV
+from loom.trainer.checkpoint.manager import CheckpointManager
+from loom.trainer.reliability.faults import KILL_ENV
 
 
 def _train(recipe, run, env=None, timeout=120):

@@ -6,8 +6,8 @@ import subprocess
 import sys
 import time
 
-from loom.trainer.lock import RunLock
-from loom.trainer.metrics import read_metrics
+from loom.trainer.reliability.lock import RunLock
+from loom.trainer.observe.metrics import read_metrics
 
 
 def test_locked_folder_is_refused(recipe, tmp_path, run_cli):

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import loom.trainer.train as train_mod
-from loom.trainer.checkpoint import CheckpointManager, NonFiniteCheckpoint
-from loom.trainer.engine import SingleEngine
-from loom.trainer.faults import NAN_STEPS_ENV
-from loom.trainer.guard import StepGuard
-from loom.trainer.metrics import read_metrics, train_losses
+from loom.trainer.checkpoint.manager import CheckpointManager, NonFiniteCheckpoint
+from loom.trainer.distributed.engine import SingleEngine
+from loom.trainer.reliability.faults import NAN_STEPS_ENV
+from loom.trainer.reliability.guard import StepGuard
+from loom.trainer.observe.metrics import read_metrics, train_losses
 
 
 def _events(run, kind):

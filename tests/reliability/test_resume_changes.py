@@ -11,12 +11,12 @@ import torch
 
 import loom.trainer.train as train_mod
 from loom.models.config import ConfigError
-from loom.trainer.checkpoint import CheckpointManager
+from loom.trainer.checkpoint.manager import CheckpointManager
 from loom.trainer.cli import main
 from loom.trainer.config import load_config
-from loom.trainer.metrics import read_metrics
+from loom.trainer.observe.metrics import read_metrics
 from loom.trainer.optim import lr_multiplier
-from loom.trainer.resume_policy import check_resume, recipe_record
+from loom.trainer.checkpoint.resume_policy import check_resume, recipe_record
 
 TINY = Path(__file__).resolve().parents[1] / "tiny.yaml"
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loom.trainer.checkpoint import CheckpointManager
+from loom.trainer.checkpoint.manager import CheckpointManager
 from loom.trainer.config import config_from_dict, dump
 from loom.trainer.data import load_tokenizer
 from loom.trainer.train import build_model

@@ -1,4 +1,4 @@
-"""trainer/checkpoint.py: round trip, RNG resume, pruning, `latest`, corruption fallback,
+"""trainer/checkpoint/manager.py: round trip, RNG resume, pruning, `latest`, corruption fallback,
 crash safety at every commit step, same-step re-save. Fast CPU tier (~2 s)."""
 import json
 import os
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-import loom.trainer.checkpoint as checkpoint
-from loom.trainer.checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
+import loom.trainer.checkpoint.manager as checkpoint
+from loom.trainer.checkpoint.manager import CheckpointError, CheckpointManager, rng_state, set_rng_state
 
 
 def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from loom.models import HybridLM
 from loom.models.config import build
-from loom.trainer.convert import ConvertError, convert_hf, load_converted, main_convert, model_config_from_hf
+from loom.trainer.hf.convert import ConvertError, convert_hf, load_converted, main_convert, model_config_from_hf
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from loom.trainer.cli import main
-from loom.trainer.metrics import read_metrics, train_losses as losses
+from loom.trainer.observe.metrics import read_metrics, train_losses as losses
 
 TINY = Path(__file__).resolve().parents[1] / "tiny.yaml"
 

@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-import loom.trainer.evaluate as evaluate
+import loom.trainer.eval.validation as evaluate
 from loom.models.config import ConfigError
 from loom.trainer.cli import main
 from loom.trainer.config import load_config, mqar_shape, passkey_key_digits
 from loom.trainer.data import (DataConfig, SourceConfig, build_dataset, load_tokenizer, mqar_examples,
                           passkey_examples)
 from loom.trainer.data.synthetic import CopyTask
-from loom.trainer.metrics import read_metrics
+from loom.trainer.observe.metrics import read_metrics
 
 BYTE = load_tokenizer("byte")
 

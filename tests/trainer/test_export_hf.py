@@ -26,10 +26,10 @@ from safetensors.torch import load_file
 transformers = pytest.importorskip("transformers")
 
 from loom.trainer.cli import main  # noqa: E402
-from loom.trainer.convert import ConvertError, convert_hf, load_converted  # noqa: E402
+from loom.trainer.hf.convert import ConvertError, convert_hf, load_converted  # noqa: E402
 from loom.trainer.data import ByteTokenizer, load_tokenizer  # noqa: E402
-from loom.trainer.export_hf import export_hf  # noqa: E402
-from loom.trainer.hf_source import load_source  # noqa: E402
+from loom.trainer.hf.export import export_hf  # noqa: E402
+from loom.trainer.hf.source import load_source  # noqa: E402
 
 ATTN = {"d_model": 64, "n_heads": 4, "n_kv_heads": 2, "layers": ["attn", "x2"]}
 NATIVE = {  # name: (model overrides, expected architecture)

@@ -11,7 +11,7 @@ stop string, and the whole text scored after bos. Batching (right padding)
 must not change a score, for attention and for every recurrent mixer. The
 exported folders (Llama, and a hybrid through trust_remote_code) under
 lm_eval's own `hf` model score the same.
-The command-line tests (python -m loom.trainer.lm_eval_model: a local run, and
+The command-line tests (python -m loom.trainer.eval.lm_eval_model: a local run, and
 a bad checkpoint as one `error:` line) are marked slow.
 Cost: ~25 s on one CPU core, most of it importing lm_eval.
 """
@@ -32,7 +32,7 @@ lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from loom.trainer.data import ByteTokenizer  # noqa: E402
-from loom.trainer.lm_eval_model import LoomLM  # noqa: E402
+from loom.trainer.eval.lm_eval_model import LoomLM  # noqa: E402
 
 TASKS = Path(__file__).parent / "lm_eval_tasks"
 ATTN = {"d_model": 64, "n_heads": 4, "n_kv_heads": 2, "layers": ["attn", "x2"]}
@@ -172,7 +172,7 @@ def test_exported_folder_under_lm_eval_hf_model_scores_the_same(tmp_path, make_r
     pytest.importorskip("transformers")
     from lm_eval.models.huggingface import HFLM
 
-    from loom.trainer.export_hf import export_hf
+    from loom.trainer.hf.export import export_hf
 
     model = ATTN if kind == "llama" else hybrid_model
     make_run(tmp_path / "run", model, seq_len=256, std=0.02)
@@ -203,7 +203,7 @@ def test_command_line_runs_local_tasks(tmp_path, make_run):
     make_run(tmp_path / "run", ATTN, seq_len=256)
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "c"),
            "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "loom.trainer.lm_eval_model", "--model", "loom", "--model_args",
+    run = subprocess.run([sys.executable, "-m", "loom.trainer.eval.lm_eval_model", "--model", "loom", "--model_args",
                           f"checkpoint={tmp_path / 'run'}", "--tasks", "loom_mc,loom_gen,loom_ppl", "--include_path",
                           str(TASKS), "--batch_size", "4", "--output_path", str(tmp_path / "out")],
                          cwd=TASKS, env=env, capture_output=True, text=True, timeout=600)
@@ -223,7 +223,7 @@ def test_bad_checkpoint_fails_naming_it(tmp_path):
 @pytest.mark.slow
 def test_bad_checkpoint_is_one_line_on_the_command_line(tmp_path, monkeypatch, capsys):
     """~40 s: lm_eval's command line indexes its own task library first."""
-    from loom.trainer.lm_eval_model import main
+    from loom.trainer.eval.lm_eval_model import main
 
     monkeypatch.setattr(sys, "argv", ["lm_eval", "--model", "loom", "--model_args", f"checkpoint={tmp_path / 'no'}",
                                       "--tasks", "loom_mc", "--include_path", str(TASKS)])

@@ -1,4 +1,4 @@
-"""The long-context suite (loom.trainer.longeval) and `loom eval`.
+"""The long-context suite (loom.trainer.eval.longeval) and `loom eval`.
 
 Checks:
 - every task builds windows of exactly T + 1 tokens whose answer spans decode
@@ -28,9 +28,9 @@ import torch
 from loom.models import HybridLM, ModelConfig
 from loom.trainer.cli import main
 from loom.trainer.data import load_tokenizer
-from loom.trainer.longeval.suite import LocalRunner, SuiteSpec, _batch, flat_metrics, generated, run_suite, \
+from loom.trainer.eval.longeval.suite import LocalRunner, SuiteSpec, _batch, flat_metrics, generated, run_suite, \
     teacher_forced
-from loom.trainer.longeval.tasks import TASKS, SuiteTask
+from loom.trainer.eval.longeval.tasks import TASKS, SuiteTask
 
 TOK = load_tokenizer("byte")
 RECIPE = str(Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml")

@@ -1,4 +1,4 @@
-"""The engine- and world-size-independent optimizer state (trainer/optim_state.py):
+"""The engine- and world-size-independent optimizer state (trainer/checkpoint/optim_state.py):
 name-keyed save/load round trip, the older index-keyed format, and a clear error
 when the model does not fit. In-process, under a second."""
 from __future__ import annotations
@@ -8,9 +8,9 @@ import torch
 
 from loom.models import HybridLM, ModelConfig
 from loom.trainer.config import OptimConfig
-from loom.trainer.engine import SingleEngine
+from loom.trainer.distributed.engine import SingleEngine
 from loom.trainer.optim import build_optimizer
-from loom.trainer.optim_state import is_named, load_named_state, named_state
+from loom.trainer.checkpoint.optim_state import is_named, load_named_state, named_state
 
 
 def model(layers=("attn", "x2")) -> HybridLM:

@@ -1,4 +1,4 @@
-"""Start-up checks of context-parallel support (trainer/parallel_check.py):
+"""Start-up checks of context-parallel support (trainer/distributed/parallel_check.py):
 unsupported mixers and cp implementations, chunked mixers whose chunks a cp
 split would cut, and Ulysses' head rule, each a one-line ConfigError naming
 the layer. In-process, about a second."""
@@ -13,7 +13,7 @@ from loom.models import HybridLM, ModelConfig
 from loom.models.config import ConfigError
 from loom.models.mixers import Mixer
 from loom.trainer.config import RunConfig
-from loom.trainer.parallel_check import check_cp_support, supported_cp_impls
+from loom.trainer.distributed.parallel_check import check_cp_support, supported_cp_impls
 
 
 class Chunked(Mixer):  # a stand-in, never registered: chunks of 16 tokens must stay on one rank

@@ -1,4 +1,4 @@
-"""trainer/parallelize.py: activation checkpointing and compile applied to a built
+"""trainer/distributed/parallelize.py: activation checkpointing and compile applied to a built
 model from outside.
 
 - full (per block) and selective (the MLP) checkpointing give the same loss and
@@ -14,8 +14,8 @@ import torch
 
 from loom.models import ConfigError, HybridLM, ModelConfig
 from loom.trainer.config import load_config
-from loom.trainer.dist import Env
-from loom.trainer.parallelize import apply_activation_checkpointing, apply_compile, build_engine, parallelize
+from loom.trainer.distributed.dist import Env
+from loom.trainer.distributed.parallelize import apply_activation_checkpointing, apply_compile, build_engine, parallelize
 
 LAYERS = ["attn", "swa", "rat", "linear", "memory"]
 

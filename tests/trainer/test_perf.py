@@ -1,7 +1,8 @@
-"""MFU and profiler traces (trainer/perf.py): the logged mfu of a real run equals
+"""MFU and profiler traces (trainer/observe/perf.py): the logged mfu of a real run equals
 tokens/s x the model's FLOPs per token / the peak given by train.peak_flops;
-the measured CPU peak agrees with an independently timed GEMM; GPU names map
-to their bf16 peak and unknown ones say so; train.profile_steps writes a
+the measured CPU GEMM rate is the best timed GEMM; the CPU peak is cores x clock x
+FLOPs/cycle of the ISA (raised to the GEMM rate when that is higher), so a real run's
+mfu is in (0, 1]; GPU names map to their bf16 peak and unknown ones say so; train.profile_steps writes a
 TensorBoard-readable trace; bad values are one-line config errors."""
 import json
 from pathlib import Path
@@ -12,8 +13,8 @@ import torch
 from loom.models import HybridLM
 from loom.trainer.cli import main
 from loom.trainer.config import load_config
-from loom.trainer.metrics import read_metrics
-from loom.trainer.perf import device_peak, measure_cpu_peak, mfu
+from loom.trainer.observe.metrics import read_metrics
+from loom.trainer.observe.perf import cpu_theoretical_peak, device_peak, measure_cpu_peak, mfu
 from loom.trainer.train import model_config_for
 from loom.trainer.data import load_tokenizer
 
@@ -41,7 +42,7 @@ def test_mfu_in_metrics_and_trace_written(tmp_path, capsys):
 
 def test_measured_cpu_peak_is_the_best_gemm(monkeypatch):
     ticks = iter([0.0, 0.5, 1.0, 1.2, 2.0, 2.9])  # three timed GEMMs: 0.5 s, 0.2 s, 0.9 s
-    monkeypatch.setattr("loom.trainer.perf.time.perf_counter", lambda: next(ticks))
+    monkeypatch.setattr("loom.trainer.observe.perf.time.perf_counter", lambda: next(ticks))
     assert measure_cpu_peak(n=64, repeats=3) == pytest.approx(2 * 64 ** 3 / 0.2)
 
 
@@ -64,3 +65,40 @@ def test_bad_values_are_config_errors(arg, tmp_path, capsys):
     assert main(["train", str(TINY), f"output_dir={tmp_path / 'x'}", arg]) != 0
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
+
+
+def test_cpu_theoretical_peak_from_isa_and_clock():
+    avx512 = ({"fpu", "avx", "avx2", "fma", "avx512f"}, 2.3e9)
+    assert cpu_theoretical_peak(1, avx512) == (2.3e9 * 64, "1 core x 2.3 GHz x 64 fp32 FLOPs/cycle (AVX-512 FMA)")
+    assert cpu_theoretical_peak(1, ({"avx", "avx2", "fma"}, 3e9))[0] == 3e9 * 32
+    assert cpu_theoretical_peak(1, ({"avx", "avx2"}, 3e9))[0] == 3e9 * 16  # AVX2 without FMA
+    assert cpu_theoretical_peak(1, ({"fp", "asimd"}, 2e9))[0] == 2e9 * 16
+    assert cpu_theoretical_peak(1, ({"avx512f"}, None)) is None
+    assert cpu_theoretical_peak(1, ({"mystery"}, 2e9)) is None
+    # cores: the threads used, at most the CPUs this process may run on
+    import os
+    n = len(os.sched_getaffinity(0))
+    assert cpu_theoretical_peak(n + 7, avx512)[0] == n * 2.3e9 * 64
+
+
+def test_cpu_peak_is_theoretical_and_names_the_gemm(monkeypatch):
+    monkeypatch.setattr("loom.trainer.observe.perf.measure_cpu_peak", lambda: 1e9)
+    monkeypatch.setattr("loom.trainer.observe.perf.cpu_theoretical_peak", lambda threads: (5e9, "how"))
+    assert device_peak(torch.device("cpu")) == (5e9, f"how; measured fp32 GEMM 0.001 TFLOP/s on "
+                                                     f"{torch.get_num_threads()} threads")
+    # a GEMM faster than the estimate (a clock reported below the real one) raises the peak to it
+    monkeypatch.setattr("loom.trainer.observe.perf.measure_cpu_peak", lambda: 9e9)
+    peak, why = device_peak(torch.device("cpu"))
+    assert peak == 9e9 and "faster than reported" in why
+    monkeypatch.setattr("loom.trainer.observe.perf.cpu_theoretical_peak", lambda threads: None)
+    peak, why = device_peak(torch.device("cpu"))
+    assert peak == 9e9 and "set train.peak_flops" in why
+
+
+def test_real_run_mfu_is_a_fraction(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(TINY), f"output_dir={out}", "train.steps=4", "train.log_every=1",
+                 "train.save_every=100", "train.eval_every=100"]) == 0
+    assert "fp32 FLOPs/cycle" in capsys.readouterr().out
+    fractions = [r["mfu"] for r in read_metrics(out) if "split" not in r]
+    assert len(fractions) == 4 and all(0 < f <= 1 for f in fractions), fractions

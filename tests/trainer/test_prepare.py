@@ -223,7 +223,7 @@ def test_stats_match_the_documents(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_training_killed_with_sigkill_resumes_with_the_same_losses(tmp_path):
-    from loom.trainer.metrics import train_losses
+    from loom.trainer.observe.metrics import train_losses
 
     _write_corpus(tmp_path / "raw", 2, 300)
     prep = prepare_source(SourceConfig(kind="files", path=str(tmp_path / "raw")), BYTE, str(tmp_path / "p"))

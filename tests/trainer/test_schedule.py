@@ -15,7 +15,7 @@ from loom.models.config import ConfigError, build
 from loom.trainer.cli import main
 from loom.trainer.data import DataConfig, StagedBatches, build_dataset, load_tokenizer
 from loom.trainer.data.schedule import resolve_stages
-from loom.trainer.metrics import read_metrics, train_losses
+from loom.trainer.observe.metrics import read_metrics, train_losses
 
 BYTE = load_tokenizer("byte")
 TINY = Path(__file__).resolve().parents[1] / "tiny.yaml"

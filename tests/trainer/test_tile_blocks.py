@@ -1,4 +1,4 @@
-"""train.tile_blocks (trainer/parallelize.py): every block runs on sequence tiles, each
+"""train.tile_blocks (trainer/distributed/tiling.py): every block runs on sequence tiles, each
 tile recomputed in backward: swa blocks with a halo of `window` tokens, blocks of
 unbounded reach (attention, RAT, Titans, linear attention) with their mixer's state
 carried from tile to tile. Both give the loss and gradients of the untiled model
@@ -12,7 +12,8 @@ import torch
 from loom.models import HybridLM, ModelConfig
 from loom.models.config import ConfigError
 from loom.models.mixers import MIXERS
-from loom.trainer.parallelize import apply_activation_checkpointing, apply_tile_blocks, apply_tile_mlp
+from loom.trainer.distributed.parallelize import apply_activation_checkpointing
+from loom.trainer.distributed.tiling import apply_tile_blocks, apply_tile_mlp
 
 # Structure (chunks, windows, blocks) smaller than the tiles, so both are crossed.
 SMALL = {"swa": {"window": 5}, "rat": {"chunk": 4}, "s2": {"block": 4, "local_blocks": 2, "vert_stride": 2},
@@ -136,7 +137,7 @@ def test_kept_states_are_bounded_and_the_rest_regenerated(loss_and_grads):
     """With many tiles, attention's states (the keys and values so far) outgrow the block's
     input: only every 2^k-th tile's start state is kept (k up to log2 sqrt(tiles)), and
     backward regenerates the others from the last kept one. Still exact."""
-    from loom.trainer.parallelize import _Chain, _carry_fn, _run_carried, _tile_plan
+    from loom.trainer.distributed.tiling import _Chain, _carry_fn, _run_carried, _tile_plan
 
     def model():
         torch.manual_seed(0)
@@ -159,7 +160,7 @@ def test_kept_states_are_bounded_and_the_rest_regenerated(loss_and_grads):
 
 
 def test_carried_state_must_be_a_pytree():
-    from loom.trainer.parallelize import _state_input
+    from loom.trainer.distributed.tiling import _state_input
 
     class Opaque:
         pass
@@ -209,7 +210,7 @@ def test_tile_blocks_through_the_cli(tmp_path):
     from pathlib import Path
 
     from loom.trainer.cli import main
-    from loom.trainer.metrics import read_metrics
+    from loom.trainer.observe.metrics import read_metrics
 
     tiny = Path(__file__).resolve().parents[1] / "tiny.yaml"
     logs = []

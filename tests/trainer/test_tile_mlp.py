@@ -1,4 +1,4 @@
-"""train.tile_mlp (trainer/parallelize.py): the MLP run on pieces of the sequence,
+"""train.tile_mlp (trainer/distributed/tiling.py): the MLP run on pieces of the sequence,
 each recomputed in backward, gives the loss and gradients of the untiled model
 (float64, a tile that does not divide T, alone and with full checkpointing);
 evaluation is unchanged; the tiled MLP keeps fewer saved activations than the
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from loom.models import HybridLM, ModelConfig
-from loom.trainer.parallelize import apply_activation_checkpointing, apply_tile_mlp
+from loom.trainer.distributed.parallelize import apply_activation_checkpointing
+from loom.trainer.distributed.tiling import apply_tile_mlp
 
 
 def _model() -> HybridLM:

@@ -15,7 +15,7 @@ import contextlib
 
 from torch.nn.parallel import DistributedDataParallel
 
-from loom.trainer.engine import SingleEngine
+from loom.trainer.distributed.engine import SingleEngine
 
 
 class DDPEngine(SingleEngine):

@@ -19,7 +19,7 @@ DeepSpeed hooks (`_head_calls_inside_modules`).
 
 Checkpoints are world-size independent: full fp32 master weights by name
 (safe_get_full_fp32_param, which all-gathers ZeRO-3 partitions) and the
-name-keyed AdamW state of trainer/optim_state.py (safe_get_full_optimizer_state),
+name-keyed AdamW state of trainer/checkpoint/optim_state.py (safe_get_full_optimizer_state),
 written by rank 0 and loaded into any partitioning with the matching
 safe_set_* calls.
 
@@ -41,11 +41,11 @@ from pathlib import Path
 import torch
 
 from loom.models.config import ConfigError
-from loom.trainer import dist
+from loom.trainer.distributed import dist
 from loom.trainer.distributed.mesh import ensure_process_group
 from loom.trainer.distributed.precision import use_bf16
 from loom.trainer.optim import build_optimizer, build_scheduler, param_groups
-from loom.trainer.optim_state import is_named, load_named_state, named_state
+from loom.trainer.checkpoint.optim_state import is_named, load_named_state, named_state
 
 
 def import_deepspeed():

@@ -29,12 +29,12 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.distributed.tensor import DTensor
 
 from loom.models.config import ConfigError
-from loom.trainer import dist
+from loom.trainer.distributed import dist
 from loom.trainer.distributed.mesh import ensure_process_group
 from loom.trainer.distributed.precision import use_bf16
-from loom.trainer.engine import SingleEngine
+from loom.trainer.distributed.engine import SingleEngine
 from loom.trainer.optim import build_optimizer, build_scheduler
-from loom.trainer.optim_state import is_named
+from loom.trainer.checkpoint.optim_state import is_named
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 

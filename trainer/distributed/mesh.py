@@ -38,7 +38,7 @@ import torch
 import torch.distributed as tdist
 
 from loom.models.config import ConfigError
-from loom.trainer.dist import Env
+from loom.trainer.distributed.dist import Env
 
 
 @dataclass(frozen=True)

@@ -29,12 +29,12 @@ folder, ENOSPC); a write that fails anyway (a full disk) removes its temporary
 folder and raises CheckpointError with the path and errno, leaving ``latest``
 and every finished checkpoint untouched.
 
-One writer per run folder (trainer/lock.py enforces it for `loom train`).
+One writer per run folder (trainer/reliability/lock.py enforces it for `loom train`).
 Cleaning leftovers skips entries whose pid is a live process on this host, so
 a reader (``loom eval`` on a live run) does not delete the trainer's in-flight
 save.
 
-Sharded checkpoints (trainer/dcp.py) use the two halves of ``save``: the
+Sharded checkpoints (trainer/checkpoint/dcp.py) use the two halves of ``save``: the
 coordinator calls ``begin`` (leftovers, free space, temporary folder), every
 rank writes its shards into that folder under ``dcp/``, and the coordinator
 calls ``commit`` (meta, manifest over every file found recursively, rename,
@@ -71,7 +71,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from loom.trainer.faults import kill_point
+from loom.trainer.reliability.faults import kill_point
 
 FORMAT = 1
 MODEL_FILE = "model.safetensors"
@@ -79,7 +79,7 @@ STATE_FILE = "trainer_state.pt"
 META_FILE = "meta.json"
 MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "latest"
-SHARD_DIR = "dcp"  # sharded checkpoints (trainer/dcp.py): one torch.distributed.checkpoint folder
+SHARD_DIR = "dcp"  # sharded checkpoints (trainer/checkpoint/dcp.py): one torch.distributed.checkpoint folder
 
 _STEP_DIR = re.compile(r"step-(\d{8,})")
 _TMP_PREFIX = ".tmp-"
@@ -159,7 +159,7 @@ class CheckpointManager:
     def begin(self, step: int) -> Path:
         """Clean leftovers, check free space, create and return the temporary folder of ``step``.
 
-        The first half of ``save``; a sharded writer (trainer/dcp.py) calls it on the coordinator,
+        The first half of ``save``; a sharded writer (trainer/checkpoint/dcp.py) calls it on the coordinator,
         lets every rank write into the folder, then calls ``commit``.
         """
         name = step_dir_name(step)
@@ -344,7 +344,7 @@ class CheckpointManager:
         ``latest_valid``) is not hashed again unless its folder or manifest
         changed since. ``state`` is unpickled with ``weights_only=False``
         (it holds RNG states and numpy values): load only checkpoints you trust.
-        A sharded checkpoint (trainer/dcp.py) has its full weights consolidated in
+        A sharded checkpoint (trainer/checkpoint/dcp.py) has its full weights consolidated in
         this process; ``weights=False`` skips the weights (``tensors`` is None).
         """
         path = Path(path)
@@ -407,7 +407,7 @@ class CheckpointManager:
 
 
 def consolidate_model(dcp_dir: str | Path) -> dict[str, torch.Tensor]:
-    """Full model weights (CPU, by name) of a sharded checkpoint (trainer/dcp.py), assembled in this
+    """Full model weights (CPU, by name) of a sharded checkpoint (trainer/checkpoint/dcp.py), assembled in this
     one process from the shards its metadata lists."""
     reader = FileSystemReader(str(dcp_dir))
     metadata = reader.read_metadata()

@@ -34,7 +34,7 @@ import torch
 from loom.kernels.context_parallel import CPContext, check_seq_len, gather_sequence, shard_sequence
 from loom.models import HybridLM
 from loom.models.mixers import SeqContext
-from loom.trainer.evaluate import token_losses
+from loom.trainer.eval.validation import token_losses
 
 
 class CPRunner:

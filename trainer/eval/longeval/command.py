@@ -6,7 +6,7 @@ suite during training (`eval.suite_tasks`).
 
 Writes results.json, heatmap.png and loss_by_position.png into --out (default
 <run>/eval/step-NNNNNNNN/) and prints a table. Under `torchrun ... parallel.cp=N`
-every forward is sharded over the cp ranks (loom.trainer.longeval.cp); rank 0 writes.
+every forward is sharded over the cp ranks (loom.trainer.eval.longeval.cp); rank 0 writes.
 Recipe keys (eval.*): suite_tasks, suite_lengths, suite_n, suite_depths,
 suite_fillers, suite_generate (see loom.trainer.config.EvalConfig).
 """
@@ -19,9 +19,9 @@ from typing import Optional
 import yaml
 
 from loom.models.config import ConfigError
-from loom.trainer.longeval.report import summary_lines
-from loom.trainer.longeval.spec import suite_spec, validation_text, write_outputs
-from loom.trainer.longeval.suite import LocalRunner, run_suite
+from loom.trainer.eval.longeval.report import summary_lines
+from loom.trainer.eval.longeval.spec import suite_spec, validation_text, write_outputs
+from loom.trainer.eval.longeval.suite import LocalRunner, run_suite
 
 
 def check_lengths(model, lengths: list[int], cp) -> None:
@@ -51,7 +51,7 @@ def restore(cfg, checkpoint: Optional[str], log):
     (config.yaml); a model section that differs from this recipe's is an error
     naming the first differing key, not a failed load_state_dict.
     """
-    from loom.trainer.checkpoint import CheckpointManager
+    from loom.trainer.checkpoint.manager import CheckpointManager
     from loom.trainer.data import load_tokenizer
     from loom.trainer.train import build_model
 
@@ -115,8 +115,8 @@ def check_recipe_matches(cfg, saved: Path) -> None:
 
 def run_eval(cfg, checkpoint: Optional[str] = None, tasks=None, lengths=None, n=None, generate=None,
              out: Optional[str] = None) -> int:
-    from loom.trainer import dist
-    from loom.trainer.distributed import setup_env
+    from loom.trainer.distributed import dist
+    from loom.trainer.distributed.mesh import setup_env
 
     env = setup_env(cfg.parallel)
     say = dist.log
@@ -124,7 +124,7 @@ def run_eval(cfg, checkpoint: Optional[str] = None, tasks=None, lengths=None, n=
     spec = suite_spec(cfg, tasks, lengths, n, generate)
     check_lengths(model, spec.lengths, env.cp)
     if env.cp is not None:
-        from loom.trainer.longeval.cp import CPRunner
+        from loom.trainer.eval.longeval.cp import CPRunner
 
         runner = CPRunner(env.cp)
     else:

@@ -1,7 +1,7 @@
 """Export a Loom model to a Hugging Face folder: `loom convert to-hf SRC OUT`.
 
 SRC is a run folder (latest valid checkpoint), a checkpoint folder or a
-`loom convert hf` folder (see loom.trainer.hf_source). Two targets:
+`loom convert hf` folder (see loom.trainer.hf.source). Two targets:
 
   llama / qwen2   attention-only models (every layer `attn`, no gate, no MoH,
                   no qk_norm, RoPE none/linear/yarn/llama3) become a
@@ -11,7 +11,7 @@ SRC is a run folder (latest valid checkpoint), a checkpoint folder or a
                   is the identity.
   remote          any HybridLM: config.json with `auto_map` plus
                   configuration_loom.py / modeling_loom.py (copied from
-                  loom.trainer.hf_remote), loaded with
+                  loom.trainer.hf.remote), loaded with
                   AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True).
                   The modeling code wraps the installed `loom` package, which
                   must be importable where the folder is loaded.
@@ -41,9 +41,9 @@ from safetensors.torch import save_file
 
 from loom.models import ModelConfig
 from loom.models.model import mixer_options
-from loom.trainer.convert import ConvertError, model_yaml_dict
+from loom.trainer.hf.convert import ConvertError, model_yaml_dict
 from loom.trainer.data.tokenizer import ByteTokenizer
-from loom.trainer.hf_source import LoomSource, load_source
+from loom.trainer.hf.source import LoomSource, load_source
 
 TARGETS = ("auto", "llama", "qwen2", "remote")
 ARCH = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2")}
@@ -320,7 +320,7 @@ def export_hf(src_path: str | Path, out: str | Path, target: str = "auto") -> tu
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if target == "remote":
-            here = Path(__file__).resolve().parent / "hf_remote"
+            here = Path(__file__).resolve().parent / "remote"
             for name in REMOTE_FILES:
                 shutil.copyfile(here / name, tmp / name)
         written = write_tokenizer(src.tokenizer, tmp)
@@ -343,7 +343,7 @@ def main_to_hf(argv: list[str]) -> int:
                         help="llama/qwen2 (native, attention-only models), remote (trust_remote_code), "
                              "auto (native when possible; default)")
     args = parser.parse_args(argv)
-    from loom.trainer.checkpoint import CheckpointError
+    from loom.trainer.checkpoint.manager import CheckpointError
 
     try:
         out, target = export_hf(args.src, args.out, args.target)

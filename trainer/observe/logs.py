@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from loom.kernels import dispatch
-from loom.trainer import dist
+from loom.trainer.distributed import dist
 
 
 class _RankZeroLines(logging.Handler):

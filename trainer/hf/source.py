@@ -29,8 +29,8 @@ import torch
 import yaml
 
 from loom.models import HybridLM, ModelConfig
-from loom.trainer.checkpoint import CheckpointError, CheckpointManager, MANIFEST_FILE, MODEL_FILE
-from loom.trainer.convert import ConvertError, converted_config, read_safetensors
+from loom.trainer.checkpoint.manager import CheckpointError, CheckpointManager, MANIFEST_FILE, MODEL_FILE
+from loom.trainer.hf.convert import ConvertError, converted_config, read_safetensors
 from loom.trainer.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 

@@ -1,16 +1,16 @@
 """lm-eval-harness model `loom`: a Loom run, checkpoint or converted folder under lm_eval.
 
-    python -m loom.trainer.lm_eval_model --model loom --model_args checkpoint=runs/quickstart \\
+    python -m loom.trainer.eval.lm_eval_model --model loom --model_args checkpoint=runs/quickstart \\
         --tasks my_task --include_path tasks/ --batch_size 8
 
-`python -m loom.trainer.lm_eval_model` is lm_eval's own command line (same
+`python -m loom.trainer.eval.lm_eval_model` is lm_eval's own command line (same
 arguments) with this module imported first: lm_eval finds models only in its
 registry, and importing this module registers `loom` (lm_eval has no plugin
 entry points). From Python: `lm_eval.simple_evaluate(model=LoomLM(checkpoint=...), tasks=[...])`.
 An exported folder (`loom convert to-hf`) also runs under lm_eval's own `hf`
 model: `--model hf --model_args pretrained=OUT` (add trust_remote_code=True for hybrids).
 
-model_args: checkpoint (required; see loom.trainer.hf_source), max_length
+model_args: checkpoint (required; see loom.trainer.hf.source), max_length
 (default: the training length), max_gen_toks (256), add_bos_token (true:
 every request starts with bos, as every training document does), device (cuda when
 available, else cpu).
@@ -39,7 +39,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from loom.trainer.hf_source import load_source
+from loom.trainer.hf.source import load_source
 
 
 def _flag(value) -> bool:
@@ -200,7 +200,7 @@ def main() -> None:
     drop_checkout_from_path()
     from lm_eval.__main__ import cli_evaluate
 
-    from loom.trainer.checkpoint import CheckpointError
+    from loom.trainer.checkpoint.manager import CheckpointError
 
     sys.argv[0] = "lm_eval"
     try:

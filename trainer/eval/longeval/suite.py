@@ -11,7 +11,7 @@ Two scores per task and length:
                     first answer token), then RULER's string_match_all: the
                     share of the reference strings found in the output
 
-Forward passes go through a runner (LocalRunner here, loom.trainer.longeval.cp.CPRunner
+Forward passes go through a runner (LocalRunner here, loom.trainer.eval.longeval.cp.CPRunner
 under context parallelism), so the scoring code is the same at every length.
 
 Example:
@@ -32,8 +32,8 @@ import torch
 from loom.models import HybridLM
 from loom.trainer.data import answer_span_correct, collate
 from loom.trainer.data.packing import pack_window
-from loom.trainer.evaluate import token_losses
-from loom.trainer.longeval.tasks import NIAH_TASKS, TASKS, SuiteTask
+from loom.trainer.eval.validation import token_losses
+from loom.trainer.eval.longeval.tasks import NIAH_TASKS, TASKS, SuiteTask
 
 GRID_TASKS = ("passkey", "niah_single")   # scored on the depth x length grid
 
@@ -42,7 +42,7 @@ GRID_TASKS = ("passkey", "niah_single")   # scored on the depth x length grid
 class SuiteSpec:
     """What `run_suite` evaluates.
 
-    tasks: names from loom.trainer.longeval.tasks.TASKS.
+    tasks: names from loom.trainer.eval.longeval.tasks.TASKS.
     lengths: evaluation lengths T (may exceed the training length).
     n: examples per (task, filler, length) and per grid cell.
     depths: needle depths of the passkey / niah_single grid.
@@ -154,7 +154,7 @@ def run_suite(model: HybridLM, tokenizer, spec: SuiteSpec, train_length: int, ru
 
     text_tokens: (N,) real validation text for filler "text" (None: repeat filler only).
     val_windows: length -> collated real-text windows for loss by position (None: skipped).
-    Returns the results dict written to results.json (see loom.trainer.longeval.report).
+    Returns the results dict written to results.json (see loom.trainer.eval.longeval.report).
     A task too long for a length is recorded as {"skipped": reason}.
     """
     was_training = model.training

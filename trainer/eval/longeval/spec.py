@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 from loom.models.config import ConfigError
-from loom.trainer.longeval.report import plot_heatmaps, plot_loss_by_position, write_json
-from loom.trainer.longeval.suite import LocalRunner, SuiteSpec, flat_metrics, run_suite
+from loom.trainer.eval.longeval.report import plot_heatmaps, plot_loss_by_position, write_json
+from loom.trainer.eval.longeval.suite import LocalRunner, SuiteSpec, flat_metrics, run_suite
 from loom.trainer.data.prepare import REAL_KINDS
-from loom.trainer.longeval.tasks import TASKS
+from loom.trainer.eval.longeval.tasks import TASKS
 
 REAL_TEXT = REAL_KINDS + ("prepared",)   # source kinds that hold real text (the rest are synthetic)
 
@@ -91,7 +91,7 @@ def suite_during_training(model, cfg, tokenizer, out_dir: Optional[Path]) -> dic
                     val_windows=windows)
     out = flat_metrics(res)
     if out_dir is not None:
-        from loom.trainer import dist
+        from loom.trainer.distributed import dist
 
         for p in write_outputs(res, out_dir):
             if p.suffix == ".png":

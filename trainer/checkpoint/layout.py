@@ -4,7 +4,7 @@ What carries over unchanged, from any engine on N ranks to any engine on M:
 - weights: model.safetensors is always the full, unsharded state dict (rank 0
   gathers FSDP shards and ZeRO partitions before writing), so `loom eval` and
   any world size read it;
-- optimizer: the full AdamW state keyed by parameter name (trainer/optim_state.py);
+- optimizer: the full AdamW state keyed by parameter name (trainer/checkpoint/optim_state.py);
   each engine re-shards it on load;
 - schedule: LambdaLR's step counter.
 
@@ -29,8 +29,8 @@ import random
 import numpy as np
 import torch
 
-from loom.trainer import dist
-from loom.trainer.checkpoint import set_rng_state
+from loom.trainer.distributed import dist
+from loom.trainer.checkpoint.manager import set_rng_state
 
 
 def run_layout(env, cfg) -> dict:

@@ -2,7 +2,7 @@
 
 Train lines: step, loss, lr, grad_norm, tokens, tokens_per_s, elapsed_s.
 Eval lines:  step, split ("val"), loss, ppl, and evaluation extras.
-Event lines: step, event ("skip" | "rewind" | "checkpoint_failed"), reason and details (trainer/guard.py).
+Event lines: step, event ("skip" | "rewind" | "checkpoint_failed"), reason and details (trainer/reliability/guard.py).
 
 Append safety: a resumed run first truncates the file back to its checkpoint's
 step (a fresh start to step 0), so no step is ever logged twice; a line torn by
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from loom.trainer.faults import KILL_ENV, kill_point
+from loom.trainer.reliability.faults import KILL_ENV, kill_point
 
 
 def _plain(v):

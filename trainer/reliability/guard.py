@@ -15,7 +15,7 @@ After `train.spike_rewind = n` spikes since the last checkpoint the loop
 rewinds to that checkpoint and keeps the data position where it is, so the
 windows that caused the spikes are skipped (PaLM's rewind-and-skip).
 Every skip and rewind is a metrics.jsonl line with an `event` field.
-Tests inject NaN gradients with trainer/faults.py (LOOM_TEST_NAN_STEPS).
+Tests inject NaN gradients with trainer/reliability/faults.py (LOOM_TEST_NAN_STEPS).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 A leaf module (it imports only torch): every other trainer module may import
 it, it imports none of them. `Env` describes one process and is passed
 explicitly to whatever needs it; there is no module-level state. It is built
-by `loom.trainer.distributed.setup_env` (process groups, mesh) or as `Env()`
+by `loom.trainer.distributed.mesh.setup_env` (process groups, mesh) or as `Env()`
 for a single process, where every collective below is the identity, so the
 training loop has one code path.
 """

@@ -30,7 +30,7 @@ DTensors, so DeepSpeed runs write and read the full format.
 Full weights on demand: `checkpoint.consolidate_model(dcp_dir)` rebuilds the whole model
 state dict in one process from the metadata (CheckpointManager.load does this
 for `loom eval`, `loom generate` and conversion), and
-`python -m loom.trainer.dcp export CHECKPOINT OUT.safetensors` writes it out.
+`python -m loom.trainer.checkpoint.dcp export CHECKPOINT OUT.safetensors` writes it out.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
 from torch.distributed.tensor import DTensor
 
 from loom.models.config import ConfigError
-from loom.trainer.checkpoint import (SHARD_DIR, STATE_FILE, CheckpointError, consolidate_model,
+from loom.trainer.checkpoint.manager import (SHARD_DIR, STATE_FILE, CheckpointError, consolidate_model,
                                      step_dir_name)
 
 SHARDED_ENGINES = ("single", "ddp", "fsdp")
@@ -174,12 +174,12 @@ def load_sharded(engine, path: str | Path, env) -> None:
 
 def export(checkpoint: str | Path, out: str | Path) -> None:
     """Write a sharded checkpoint's full weights as one safetensors file."""
-    from loom.trainer.checkpoint import _saveable
+    from loom.trainer.checkpoint.manager import _saveable
 
     save_file(_saveable(consolidate_model(Path(checkpoint) / SHARD_DIR)), str(out))
 
 
 if __name__ == "__main__":
     if len(sys.argv) != 4 or sys.argv[1] != "export":
-        sys.exit("usage: python -m loom.trainer.dcp export CHECKPOINT_DIR OUT.safetensors")
+        sys.exit("usage: python -m loom.trainer.checkpoint.dcp export CHECKPOINT_DIR OUT.safetensors")
     export(sys.argv[2], sys.argv[3])

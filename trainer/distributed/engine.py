@@ -10,9 +10,9 @@ The loop calls only:
     engine.checkpoint_state() / engine.load_checkpoint_state(tensors, state)
 and, for parity tests, engine.grads() (full gradients by parameter name).
 Checkpoints hold full (unsharded) weights and the name-keyed optimizer state of
-trainer/optim_state.py, so any engine on any number of ranks can resume them.
+trainer/checkpoint/optim_state.py, so any engine on any number of ranks can resume them.
 `single` is here and is the base of the others (trainer/distributed/); the
-one `build_engine` (trainer/parallelize.py) picks one from `parallel.engine`.
+one `build_engine` (trainer/distributed/parallelize.py) picks one from `parallel.engine`.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch
 from loom.models import HybridLM
 from loom.trainer.config import OptimConfig
 from loom.trainer.optim import build_optimizer, build_scheduler
-from loom.trainer.optim_state import load_named_state, named_state
+from loom.trainer.checkpoint.optim_state import load_named_state, named_state
 
 
 class SingleEngine:
@@ -47,7 +47,7 @@ class SingleEngine:
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
         norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        if not math.isfinite(norm):  # never apply a NaN/inf gradient (trainer/guard.py logs the skip)
+        if not math.isfinite(norm):  # never apply a NaN/inf gradient (trainer/reliability/guard.py logs the skip)
             self.skip_step()
             return norm
         self.optimizer.step()
