@@ -212,7 +212,7 @@ def attention_config(fam: Family, hf: dict, *, head_dim_default: int | None, typ
     n_layers = int(fam.need(hf, "num_hidden_layers"))
     kinds, window = layer_kinds(types, sliding_window, n_layers)
     mixers = {}
-    if "attn" in kinds:
+    if "attn" in kinds and attn:
         mixers["attn"] = dict(attn)
     if "swa" in kinds:
         mixers["swa"] = {**attn, "window": window}
