@@ -31,6 +31,7 @@ import yaml
 transformers = pytest.importorskip("transformers")
 
 from loom.models import HybridLM  # noqa: E402
+from loom.trainer.checkpoint.manager import CheckpointManager  # noqa: E402
 from loom.trainer.hf.convert import ConvertError, convert_hf, load_converted, model_config_from_hf  # noqa: E402
 from loom.trainer.hf.export import export_hf  # noqa: E402
 from loom.trainer.hf.families import FAMILIES  # noqa: E402
@@ -234,3 +235,59 @@ def test_export_target_refuses_what_the_class_cannot_express(tmp_path):
 def test_every_family_is_registered():
     assert {f.architecture for f in FAMILIES.values()} == {"Qwen3ForCausalLM", "MistralForCausalLM",
                                                            "Olmo3ForCausalLM", "Gemma3ForCausalLM"}
+
+
+# ----- trained Loom models with a family's layout leave natively -----
+
+LOOM_LAYOUTS = {  # name -> (model section, expected target)
+    "gemma3": ({"d_model": 64, "n_heads": 4, "n_kv_heads": 2, "head_dim": 24, "layers": [["swa", "swa", "attn"], "x2"],
+                "norm_placement": "sandwich", "norm_zero_centred": True, "mlp_kind": "geglu", "embed_scale": 8.0,
+                "norm_eps": 1e-6, "rope": {"base": 1e5, "scaling": "linear", "factor": 2.0},
+                "mixers": {"swa": {"window": 6, "qk_norm": True, "scale": 0.25, "rope_config": {"base": 100.0}},
+                           "attn": {"qk_norm": True, "scale": 0.25}}}, "gemma3"),
+    "olmo3": ({"d_model": 64, "n_heads": 4, "layers": [["swa", "swa", "swa", "attn"], "x2"], "norm_placement": "post",
+               "norm_weight_fp32": True, "tie_embeddings": False,
+               "mixers": {"swa": {"window": 4, "qk_norm": True, "qk_norm_width": "full", "qk_norm_eps": 1e-5},
+                          "attn": {"qk_norm": True, "qk_norm_width": "full", "qk_norm_eps": 1e-5}}}, "olmo3"),
+    "qwen3": ({"d_model": 64, "n_heads": 4, "n_kv_heads": 1, "layers": ["swa", "attn", "swa"], "norm_eps": 1e-6,
+               "mixers": {"swa": {"window": 9, "qk_norm": True}, "attn": {"qk_norm": True}}}, "qwen3"),
+    "mistral": ({"d_model": 64, "n_heads": 4, "n_kv_heads": 2, "layers": ["swa", "x3"],
+                 "mixers": {"swa": {"window": 5}}}, "mistral"),
+}
+
+
+@pytest.mark.parametrize("name", list(LOOM_LAYOUTS))
+def test_trained_family_layout_exports_natively(tmp_path, make_run, name):
+    model, target = LOOM_LAYOUTS[name]
+    net = make_run(tmp_path / "run", model)
+    if model.get("norm_zero_centred"):  # make_run draws norm weights near 1: stored as w, near 0 here
+        with torch.no_grad():
+            for n, p in net.named_parameters():
+                if "norm" in n:
+                    p.sub_(1.0)
+        CheckpointManager(tmp_path / "run").save(6, net.state_dict(), {}, {"loss": 1.0})
+    _, chosen = export_hf(tmp_path / "run", tmp_path / "out")
+    assert chosen == target
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(hf).__name__ == FAMILIES[json.loads((tmp_path / "out" / "config.json").read_text())
+                                         ["model_type"]].architecture
+    ids = torch.randint(0, 256, (2, T), generator=torch.Generator().manual_seed(4))
+    check_logits_and_generation(hf, net, ids)
+
+
+@pytest.mark.parametrize("case", ["gemma3-5to1-headdim-qpas", "olmo3-3to1-rope-per-type"])
+def test_bf16_follows_transformers_rounding(tmp_path, case):
+    """In bf16 Loom's error against transformers' fp32 logits is no larger than transformers'
+    own bf16 error (plus a little): the norms round where the family's norms round, the
+    embedding scale is rounded to bf16 first, as transformers does (STYLE 6: a baseline's
+    own error sets the tolerance)."""
+    hf = hf_model(case)
+    hf.save_pretrained(tmp_path / "hf")
+    convert_hf(tmp_path / "hf", tmp_path / "loom")
+    loom = loom_model(tmp_path / "loom").bfloat16()
+    ids = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        hf_err = (hf.bfloat16()(ids).logits.float() - ref).abs()
+        loom_err = (loom.logits(loom(ids).hidden) - ref).abs()
+    assert loom_err.mean() <= 1.5 * hf_err.mean() + 1e-3 and loom_err.max() <= 2 * hf_err.max() + 1e-2
