@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from loom.kernels.loss import linear_cross_entropy
 from loom.models.config import ConfigError, build, nearest
@@ -49,6 +50,7 @@ class ModelConfig:
     mlp_bias: bool = False
     block_mlp: bool = True  # false: mixer blocks have no MLP (MLPs come from `mlp` entries in model.layers)
     embed_scale: float = 1.0  # embeddings times this, rounded to their dtype first (Gemma: sqrt(d_model))
+    logit_softcap: float | None = None  # head logits z -> c tanh(z / c) (Gemma 2/3 final_logit_softcapping)
 
     @property
     def norm_style(self) -> NormStyle:
@@ -201,7 +203,9 @@ class HybridLM(nn.Module):
         return ModelOutput(self.norm(x), aux, new_state)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.head_weight).float()
+        """hidden (..., D) -> fp32 logits (..., V), soft-capped when model.logit_softcap is set."""
+        z = F.linear(hidden, self.head_weight).float()
+        return z if self.cfg.logit_softcap is None else softcap(z, self.cfg.logit_softcap)
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 1024,
              reduction: str = "mean") -> torch.Tensor:
@@ -209,9 +213,24 @@ class HybridLM(nn.Module):
 
         Logits exist for at most `chunk` tokens at a time; each chunk's
         gradients are computed in its forward pass (loom.kernels.loss, fused),
-        so the head matmuls cost what full cross-entropy costs."""
+        so the head matmuls cost what full cross-entropy costs. With model.logit_softcap
+        the logits pass through c tanh(z / c) first: each chunk is then recomputed in
+        backward instead (torch.utils.checkpoint), one extra head matmul."""
+        if self.cfg.logit_softcap is not None:
+            return self._softcapped_loss(hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1), chunk, reduction)
         return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.head_weight, labels.reshape(-1),
                                     reduction=reduction, chunk=chunk)
+
+    def _softcapped_loss(self, h: torch.Tensor, y: torch.Tensor, chunk: int, reduction: str) -> torch.Tensor:
+        def piece(h_c: torch.Tensor, y_c: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(self.logits(h_c), y_c, ignore_index=-100, reduction="sum")
+
+        total = sum(checkpoint(piece, h[a:a + chunk], y[a:a + chunk], use_reentrant=False)
+                    if torch.is_grad_enabled() else piece(h[a:a + chunk], y[a:a + chunk])
+                    for a in range(0, h.shape[0], chunk))
+        if reduction == "sum":
+            return total
+        return total / (y != -100).sum().clamp_min(1)
 
     # ----- accounting -----
     def num_params(self, non_embedding: bool = False) -> int:
@@ -245,6 +264,11 @@ class HybridLM(nn.Module):
         else:
             tokens.append(nxt)
         return torch.cat(tokens, dim=1)
+
+
+def softcap(z: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(z / cap): logits squashed smoothly into (-cap, cap)."""
+    return torch.tanh(z / cap) * cap
 
 
 def seq_ids_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:

@@ -173,3 +173,21 @@ def test_embed_scale_rounds_to_the_weight_dtype():
     model(ids)
     scale = torch.tensor(D ** 0.5).bfloat16()  # 4.90625, not 4.899
     assert torch.equal(hooked["x"], model.embed.weight[:10][None] * scale)
+
+
+def test_logit_softcap_in_logits_and_loss():
+    """logits and the chunked loss (recomputed per chunk) both see c tanh(z / c); gradients equal
+    plain cross-entropy on the capped logits."""
+    model = lm(logit_softcap=1.5)
+    ids = torch.randint(0, 50, (2, 13))
+    y = ids.roll(-1, 1)
+    y[0, 3] = -100
+    h = model(ids).hidden
+    z = F.linear(h, model.head_weight).float()
+    torch.testing.assert_close(model.logits(h), 1.5 * torch.tanh(z / 1.5))
+    loss = model.loss(h, y, chunk=5)
+    ref = F.cross_entropy(1.5 * torch.tanh(z / 1.5).reshape(-1, 50), y.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-7)
+    g, g_ref = (torch.autograd.grad(v, model.lm_head.weight, retain_graph=True)[0] for v in (loss, ref))
+    torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-7)
+    assert torch.isclose(model.loss(h, y, reduction="sum"), ref * (y != -100).sum(), rtol=1e-6)

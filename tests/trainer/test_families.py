@@ -17,7 +17,8 @@ The sweep covers GQA / MQA / MHA, tied and untied heads, head_dim != hidden / he
 sliding windows on some, all or no layers (layer_types patterns, Qwen3's
 max_window_layers, Mistral's null window), RoPE default / linear / yarn / llama3 and
 per layer type, attention_bias, Gemma's query_pre_attn_scalar and GeGLU, and
-attn_logit_softcapping (ignored by transformers' Gemma3Attention, hence by the import).
+final_logit_softcapping, and attn_logit_softcapping (ignored by transformers'
+Gemma3Attention, hence by the import).
 Also: transformers-4 style configs resolve as the config classes resolve them, and
 what Loom cannot express is refused in one line naming the field.
 Cost: about 1 s per case on one core (tiny models; transformers import ~5 s once).
@@ -77,8 +78,9 @@ CASES = {
         query_pre_attn_scalar=16, attn_logit_softcapping=50.0, layer_types=[SLIDING, SLIDING, FULL] * 2,
         rope_parameters={FULL: {**YARN, "rope_theta": 20000.0}, SLIDING: {"rope_type": "default",
                                                                           "rope_theta": 1000.0}}), "gemma3"),
-    "gemma3-all-sliding": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
-        num_hidden_layers=3, head_dim=16, sliding_window=8, layer_types=[SLIDING] * 3), "gemma3"),
+    "gemma3-all-sliding-logit-softcap": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        num_hidden_layers=3, head_dim=16, sliding_window=8, layer_types=[SLIDING] * 3,
+        final_logit_softcapping=0.5), "gemma3"),  # |logits| ~ 1: a cap of 0.5 bends them
     "llama-attention-bias": ("LlamaConfig", "LlamaForCausalLM", dict(attention_bias=True, head_dim=24), "llama"),
 }
 
@@ -203,7 +205,6 @@ def test_legacy_config_resolves_as_the_config_class(name):
 
 
 @pytest.mark.parametrize("model_type,overrides,match", [
-    ("gemma3_text", {"final_logit_softcapping": 30.0}, "final_logit_softcapping"),
     ("gemma3_text", {"use_bidirectional_attention": True}, "use_bidirectional_attention"),
     ("gemma3_text", {"hidden_activation": "relu"}, "hidden_activation"),
     ("qwen3", {"layer_types": [SLIDING] * 6}, "sliding_window is null"),

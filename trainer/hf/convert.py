@@ -191,7 +191,7 @@ def model_yaml_dict(cfg: ModelConfig) -> dict:
 
 
 LAYOUT_FIELDS = ("norm_placement", "norm_zero_centred", "norm_weight_fp32", "mlp_kind", "mlp_bias", "block_mlp",
-                 "embed_scale")
+                 "embed_scale", "logit_softcap")
 
 
 # ----- weights -----

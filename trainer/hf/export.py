@@ -57,7 +57,8 @@ ARCH = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "q
         **{t: (f.architecture, f.model_types[0]) for t, f in FAMILY_TARGETS.items()}}
 # Model fields a Llama / Qwen2 export needs at their defaults (the families' layouts are other classes).
 _LLAMA_LAYOUT = {"norm_placement": "pre", "norm_zero_centred": False, "norm_weight_fp32": False,
-                 "mlp_kind": "swiglu", "mlp_bias": False, "block_mlp": True, "embed_scale": 1.0}
+                 "mlp_kind": "swiglu", "mlp_bias": False, "block_mlp": True, "embed_scale": 1.0,
+                 "logit_softcap": None}
 REMOTE_FILES = ("configuration_loom.py", "modeling_loom.py")
 
 

@@ -14,9 +14,10 @@ Gemma 3's text model, as transformers 5.25 computes it:
   -> swa (window sliding_window - 1) / attn, each type with its own RoPE
   (rope_parameters {full_attention, sliding_attention}; transformers-4 configs give
   rope_theta + rope_scaling to the full layers and rope_local_base_freq to the local ones).
-Refused: use_bidirectional_attention (Loom is causal) and final_logit_softcapping (the
-head and loss have no soft-cap). attn_logit_softcapping is accepted and ignored, exactly
-as transformers' Gemma3Attention ignores it (it never passes it to the attention function).
+- final_logit_softcapping c: head logits c tanh(z / c) (model.logit_softcap).
+Refused: use_bidirectional_attention (Loom is causal). attn_logit_softcapping is accepted
+and ignored, exactly as transformers' Gemma3Attention ignores it (it never passes it to
+the attention function).
 
 A Gemma3ForConditionalGeneration folder imports its language model (text_config, the
 `language_model` tensors and the head); the vision tower and projector are left out.
@@ -76,9 +77,7 @@ class Gemma3(Family):
         if self.get(hf, "use_bidirectional_attention"):
             raise ConvertError("config.json: use_bidirectional_attention: true is not supported (Loom's attention "
                                "is causal)")
-        if self.get(hf, "final_logit_softcapping") is not None:
-            raise ConvertError(f"config.json: final_logit_softcapping {self.get(hf, 'final_logit_softcapping')} "
-                               f"is not supported (HybridLM's head and loss have no logit soft-cap)")
+        cap = self.get(hf, "final_logit_softcapping")
         mlp_kind = mlp_kind_from_hf(self.get(hf, "hidden_activation"), "hidden_activation")
         n = int(self.need(hf, "num_hidden_layers"))
         pattern = int(self.get(hf, "sliding_window_pattern"))
@@ -92,7 +91,8 @@ class Gemma3(Family):
         return attention_config(self, hf, head_dim_default=self.defaults["head_dim"], types=types,
                                 sliding_window=self.get(hf, "sliding_window"), attn=attn, rope=full,
                                 sliding_rope=sliding, norm_placement="sandwich", norm_zero_centred=True,
-                                mlp_kind=mlp_kind, embed_scale=d_model ** 0.5)
+                                mlp_kind=mlp_kind, embed_scale=d_model ** 0.5,
+                                logit_softcap=None if cap is None else float(cap))
 
     def from_hf(self, name: str) -> str | None:
         if name.startswith(_VISION):
@@ -124,7 +124,7 @@ class Gemma3(Family):
                 "query_pre_attn_scalar": cfg.head_dim if o.scale is None else _scalar(o.scale),
                 "sliding_window": sliding_window_to_hf(opts) or 4096, "layer_types": layer_types_to_hf(cfg),
                 "rope_parameters": {FULL: rope_to_hf(cfg.rope), SLIDING: rope_to_hf(swa_rope)},
-                "final_logit_softcapping": None, "attn_logit_softcapping": None,
+                "final_logit_softcapping": cfg.logit_softcap, "attn_logit_softcapping": None,
                 "use_bidirectional_attention": False}
 
 

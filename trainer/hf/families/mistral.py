@@ -44,7 +44,7 @@ class Mistral(Family):
             expect={"qk_norm": False, "qkv_bias": False, "out_bias": False, "scale": None},
             model={"norm_placement": "pre", "norm_zero_centred": False, "norm_weight_fp32": False,
                    "mlp_kind": lambda k: k in ("swiglu", "geglu"), "mlp_bias": False, "block_mlp": True,
-                   "embed_scale": 1.0})[0]
+                   "embed_scale": 1.0, "logit_softcap": None})[0]
 
     def hf_config(self, cfg: ModelConfig) -> dict:
         return {**common_hf(cfg), "hidden_act": HIDDEN_ACT[cfg.mlp_kind],

@@ -52,7 +52,7 @@ class Olmo3(Family):
             expect={"qk_norm": True, "qk_norm_width": "full", "qk_norm_eps": cfg.norm_eps, "scale": None},
             model={"norm_placement": "post", "norm_zero_centred": False, "norm_weight_fp32": True,
                    "mlp_kind": lambda k: k in ("swiglu", "geglu"), "mlp_bias": False, "block_mlp": True,
-                   "embed_scale": 1.0}, swa_rope=True)
+                   "embed_scale": 1.0, "logit_softcap": None}, swa_rope=True)
         if problem is None and first_opts(opts).qkv_bias != first_opts(opts).out_bias:
             return "model.mixers.*.qkv_bias and out_bias differ; OLMo 3's attention_bias biases q, k, v and o"
         return problem

@@ -46,7 +46,7 @@ class Qwen3(Family):
             cfg, self.architecture,
             expect={"qk_norm": True, "qk_norm_width": "head", "qk_norm_eps": cfg.norm_eps, "scale": None},
             model={"norm_placement": "pre", "norm_zero_centred": False, "norm_weight_fp32": False,
-                   "mlp_kind": lambda k: k in ("swiglu", "geglu"), "mlp_bias": False, "block_mlp": True, "embed_scale": 1.0})
+                   "mlp_kind": lambda k: k in ("swiglu", "geglu"), "mlp_bias": False, "block_mlp": True, "embed_scale": 1.0, "logit_softcap": None})
         if problem is None and first_opts(opts).qkv_bias != first_opts(opts).out_bias:
             return "model.mixers.*.qkv_bias and out_bias differ; Qwen3's attention_bias biases q, k, v and o together"
         return problem
