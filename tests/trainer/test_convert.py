@@ -161,8 +161,6 @@ def test_v4_style_rope_scaling_is_read():
      "attention factor"),
     ({"mlp_bias": True}, "mlp_bias"),
     ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True,
-      "sliding_window": 64, "max_window_layers": 1}, "sliding-window"),
 ])
 def test_inexact_settings_are_refused(overrides, match):
     with pytest.raises(ConvertError, match=match) as e:

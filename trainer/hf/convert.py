@@ -15,9 +15,11 @@ with `safetensors`. OUT receives
 and a run starts from it with the recipe key `init_from: OUT`, which calls
 `load_converted(OUT)`.
 
+Qwen2's sliding-window layers become swa (window sliding_window - 1: transformers
+counts the query itself); Llama's attention_bias biases q, k, v and o (out_bias).
 Only settings that HybridLM computes exactly as transformers does are mapped.
 Anything else (dynamic NTK, LongRoPE, partial rotary, biases HybridLM has no
-place for, sliding-window layers, other activations) is refused with a
+place for, other activations) is refused with a
 one-line ValueError naming the config field, rather than imported into a
 model that would silently compute something else.
 
@@ -52,6 +54,7 @@ from loom.models.config import build
 from loom.models.rope import RopeConfig
 from loom.trainer.hf.common import ConvertError, require as _require, rope_from_params
 from loom.trainer.hf.families import FAMILIES, family_of
+from loom.trainer.hf.families.base import compact_layers
 
 # model_type -> the one architecture class accepted for it.
 SUPPORTED = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -140,12 +143,15 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
     if _get(hf, "mlp_bias"):
         raise ConvertError("config.json: mlp_bias: true is not supported (HybridLM's MLP has no biases)")
     n_layers = int(_require(hf, "num_hidden_layers"))
-    if arch == "Qwen2ForCausalLM":
-        sliding = _sliding_layers(hf, n_layers)
-        if sliding:
-            raise ConvertError(f"config.json: use_sliding_window: true makes layers {sliding[0]}..{sliding[-1]} "
-                               f"sliding-window ({hf.get('sliding_window')} tokens); HybridLM imports full "
-                               f"attention only")
+    kinds, window = ["attn"] * n_layers, None
+    if arch == "Qwen2ForCausalLM":  # sliding windows on the layers Qwen2Config makes sliding
+        sliding = set(_sliding_layers(hf, n_layers))
+        kinds = ["swa" if i in sliding else "attn" for i in range(n_layers)]
+        window = int(hf["sliding_window"]) - 1 if sliding else None  # transformers counts the query itself
+    attn = {"qkv_bias": True} if arch == "Qwen2ForCausalLM" else \
+        {"qkv_bias": True, "out_bias": True} if _get(hf, "attention_bias") else {}
+    mixers = {**({"attn": attn} if attn and "attn" in kinds else {}),
+              **({"swa": {**attn, "window": window}} if window is not None else {})}
     d_model = int(_require(hf, "hidden_size"))
     n_heads = int(_require(hf, "num_attention_heads"))
     return ModelConfig(
@@ -155,9 +161,8 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
         head_dim=int(hf.get("head_dim") or d_model // n_heads),
         mlp_hidden=int(_require(hf, "intermediate_size")),
-        layers=["attn", f"x{n_layers}"] if n_layers > 1 else ["attn"],
-        mixers={"attn": {"qkv_bias": True}} if arch == "Qwen2ForCausalLM" else
-        {"attn": {"qkv_bias": True, "out_bias": True}} if _get(hf, "attention_bias") else {},
+        layers=compact_layers(kinds),
+        mixers=mixers,
         tie_embeddings=bool(_get(hf, "tie_word_embeddings")),
         norm_eps=float(_get(hf, "rms_norm_eps")),
         rope=rope_from_hf(hf),

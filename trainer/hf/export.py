@@ -19,8 +19,8 @@ SRC is a run folder (latest valid checkpoint), a checkpoint folder or a
                   AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True).
                   The modeling code wraps the installed `loom` package, which
                   must be importable where the folder is loaded.
-`--target auto` (default) picks the first native class that fits (llama, qwen2,
-qwen3, mistral, olmo3, gemma3), else remote.
+`--target auto` (default) picks the first native class that fits (llama, mistral,
+qwen2, qwen3, olmo3, gemma3), else remote.
 An explicit target the model does not fit is refused in one line naming the
 first layer or option it cannot express.
 
@@ -71,33 +71,41 @@ def native_problem(cfg: ModelConfig, target: str) -> str | None:
         return FAMILY_TARGETS[target].native_problem(cfg)
     name = ARCH[target][0]
     kinds = cfg.layer_kinds()
-    other = [(i, k) for i, k in enumerate(kinds) if k != "attn"]
+    allowed = ("attn",) if target == "llama" else ("attn", "swa")  # Qwen2: layer_types sliding windows
+    other = [(i, k) for i, k in enumerate(kinds) if k not in allowed]
     if other:
         i, kind = other[0]
-        return (f"layer {i} is {kind!r} ({len(other)} of {len(kinds)} layers are not 'attn'); "
-                f"{name} has softmax attention layers only")
-    opts = mixer_options(cfg)["attn"]
-    if opts.gate != "none":
-        return f"model.mixers.attn.gate is {opts.gate!r}; {name} has no attention output gate"
-    if opts.moh:
-        return f"model.mixers.attn.moh is true; {name} has no mixture-of-head routing"
-    if opts.qk_norm:
-        return f"model.mixers.attn.qk_norm is true; {name} has no query/key norm"
-    if opts.conv_size > 1:
-        return f"model.mixers.attn.conv_size is {opts.conv_size}; {name} has no short conv on q, k, v"
-    if not opts.rope:
-        return f"model.mixers.attn.rope is false; {name} always applies RoPE"
+        return (f"layer {i} is {kind!r} ({len(other)} of {len(kinds)} layers are not {' or '.join(allowed)}); "
+                f"{name} has {'softmax attention' if target == 'llama' else 'attention and sliding-window'} "
+                f"layers only")
     for key, want in _LLAMA_LAYOUT.items():
         if getattr(cfg, key) != want:
             return f"model.{key} is {getattr(cfg, key)!r}; {name} needs {want!r}"
-    if opts.scale is not None or opts.rope_fraction != 1.0 or opts.rope_config not in (None, cfg.rope):
-        return (f"model.mixers.attn sets scale, rope_fraction or rope_config; {name} scales by head_dim^-1/2 "
-                f"and rotates whole heads with model.rope")
-    if target == "llama" and opts.qkv_bias != opts.out_bias:
-        return ("model.mixers.attn.qkv_bias and out_bias differ; LlamaForCausalLM biases q, k, v and o together "
-                "(qwen2: q, k, v only)")
-    if target == "qwen2" and opts.out_bias:
-        return "model.mixers.attn.out_bias is true; Qwen2ForCausalLM has no o_proj bias"
+    every = mixer_options(cfg)
+    present = [k for k in allowed if k in kinds]
+    for kind in present:
+        opts = every[kind]
+        where = f"model.mixers.{kind}"
+        if opts.gate != "none":
+            return f"{where}.gate is {opts.gate!r}; {name} has no attention output gate"
+        if opts.moh:
+            return f"{where}.moh is true; {name} has no mixture-of-head routing"
+        if opts.qk_norm:
+            return f"{where}.qk_norm is true; {name} has no query/key norm"
+        if opts.conv_size > 1:
+            return f"{where}.conv_size is {opts.conv_size}; {name} has no short conv on q, k, v"
+        if not opts.rope:
+            return f"{where}.rope is false; {name} always applies RoPE"
+        if opts.scale is not None or opts.rope_fraction != 1.0 or opts.rope_config not in (None, cfg.rope):
+            return (f"{where} sets scale, rope_fraction or rope_config; {name} scales by head_dim^-1/2 "
+                    f"and rotates whole heads with model.rope")
+        if target == "llama" and opts.qkv_bias != opts.out_bias:
+            return (f"{where}.qkv_bias and out_bias differ; LlamaForCausalLM biases q, k, v and o together "
+                    "(qwen2: q, k, v only)")
+        if target == "qwen2" and opts.out_bias:
+            return f"{where}.out_bias is true; Qwen2ForCausalLM has no o_proj bias"
+    if len(present) == 2 and every["attn"].qkv_bias != every["swa"].qkv_bias:
+        return f"model.mixers.attn.qkv_bias and model.mixers.swa.qkv_bias differ; {name} has one value for both"
     if cfg.rope.scaling == "ntk":
         return ("model.rope.scaling is 'ntk' (static); transformers' NTK scaling ('dynamic') changes with "
                 "the sequence length")
@@ -108,7 +116,9 @@ def choose_target(cfg: ModelConfig, target: str) -> str:
     if target not in TARGETS:
         raise ConvertError(f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
     if target == "auto":
-        for candidate in ("llama", "qwen2", *FAMILY_TARGETS):
+        # Mistral before Qwen2: a bias-free all-swa model is Mistral's; Qwen2 (zero biases if
+        # the model has none) takes mixed attn/swa layer patterns
+        for candidate in ("llama", "mistral", "qwen2", *[t for t in FAMILY_TARGETS if t != "mistral"]):
             if native_problem(cfg, candidate) is None:
                 return candidate
         return "remote"
@@ -175,10 +185,12 @@ def native_config(src: LoomSource, target: str) -> dict:
         **_special_ids(src.tokenizer),
     }
     if target == "llama":
-        out |= {"attention_bias": mixer_options(cfg)["attn"].qkv_bias, "mlp_bias": False, "pretraining_tp": 1}
+        out |= {"attention_bias": _first_attention(cfg).qkv_bias, "mlp_bias": False, "pretraining_tp": 1}
     else:
-        out |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": n,
-                "layer_types": ["full_attention"] * n}
+        opts = mixer_options(cfg)
+        window = opts["swa"].window + 1 if "swa" in opts else None  # transformers counts the query itself
+        out |= {"use_sliding_window": window is not None, "sliding_window": window, "max_window_layers": n,
+                "layer_types": ["sliding_attention" if k == "swa" else "full_attention" for k in cfg.layer_kinds()]}
     return out
 
 
@@ -223,12 +235,17 @@ def native_state(state: dict[str, torch.Tensor], cfg: ModelConfig, target: str) 
         if new is None:
             raise ConvertError(f"tensor {name!r} has no {ARCH[target][0]} equivalent")
         out[new] = t.contiguous()
-    if target == "qwen2" and not mixer_options(cfg)["attn"].qkv_bias:  # Qwen2 always has q/k/v biases
+    if target == "qwen2" and not _first_attention(cfg).qkv_bias:  # Qwen2 always has q/k/v biases
         for i in range(len(cfg.layer_kinds())):
             for p in "qkv":
                 w = out[f"model.layers.{i}.self_attn.{p}_proj.weight"]
                 out[f"model.layers.{i}.self_attn.{p}_proj.bias"] = w.new_zeros(w.shape[0])
     return out
+
+
+def _first_attention(cfg: ModelConfig):
+    opts = mixer_options(cfg)
+    return opts.get("attn") or opts["swa"]
 
 
 # ----- tokenizer -----
