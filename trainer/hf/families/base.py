@@ -19,15 +19,13 @@ N - 1 tokens before it (masking_utils.sliding_window_overlay: kv > q - N), Loom'
 """
 from __future__ import annotations
 
-import math
 import re
 from typing import Any, ClassVar
 
 from loom.models import ModelConfig
-from loom.models.mixers import MIXERS
 from loom.models.model import mixer_options
 from loom.models.rope import RopeConfig
-from loom.trainer.hf.common import ConvertError, require, rope_from_params, rope_to_hf
+from loom.trainer.hf.common import ConvertError, rope_from_params, rope_to_hf
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 _TOP = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight",
@@ -124,8 +122,9 @@ HIDDEN_ACT = {"swiglu": "silu", "geglu": "gelu_pytorch_tanh"}  # Loom mlp_kind -
 
 def mlp_kind_from_hf(act: str, field: str) -> str:
     """The gated MLP of a transformers activation name (ACT2FN: gelu_pytorch_tanh is
-    F.gelu(approximate="tanh"), silu and swish F.silu)."""
-    kinds = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu"}
+    F.gelu(approximate="tanh") and gelu_new the same tanh formula written out; silu and
+    swish F.silu)."""
+    kinds = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu"}
     if act not in kinds:
         raise ConvertError(f"config.json: {field} {act!r} is not supported (HybridLM's gated MLPs use silu or "
                            f"gelu_pytorch_tanh)")
@@ -278,9 +277,3 @@ def common_hf(cfg: ModelConfig) -> dict:
             "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": 0.0,
             "rope_parameters": rope_to_hf(cfg.rope)}
 
-
-def is_sqrt(value: float, of: float) -> bool:
-    return math.isclose(value, math.sqrt(of), rel_tol=1e-12)
-
-
-__all__ = ["Family", "ConvertError", "require", "MIXERS"]

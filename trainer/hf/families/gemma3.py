@@ -65,13 +65,18 @@ class Gemma3(Family):
         return accepted[0]
 
     def text_config(self, hf: dict) -> tuple[dict, str | None]:
-        if hf.get("model_type") != "gemma3":
-            return hf, None
-        text = dict(hf.get("text_config") or {})
-        if "tie_word_embeddings" in hf:  # Gemma3Config ties the head to the language model's embedding
-            text["tie_word_embeddings"] = hf["tie_word_embeddings"]
-        return text, (f"{MULTIMODAL}: imported its language model (text_config) only; the vision tower and the "
-                      f"multimodal projector are left out")
+        notes = []
+        text = hf
+        if hf.get("model_type") == "gemma3":
+            text = dict(hf.get("text_config") or {})
+            if "tie_word_embeddings" in hf:  # Gemma3Config ties the head to the language model's embedding
+                text["tie_word_embeddings"] = hf["tie_word_embeddings"]
+            notes.append(f"{MULTIMODAL}: imported its language model (text_config) only; the vision tower and the "
+                         f"multimodal projector are left out")
+        if self.get(text, "attn_logit_softcapping") is not None:
+            notes.append(f"attn_logit_softcapping {self.get(text, 'attn_logit_softcapping')} is not applied, as "
+                         f"transformers' Gemma3Attention does not apply it")
+        return text, "; ".join(notes) or None
 
     def config_from_hf(self, hf: dict) -> ModelConfig:
         if self.get(hf, "use_bidirectional_attention"):
