@@ -159,7 +159,7 @@ def test_v4_style_rope_scaling_is_read():
      "partial_rotary_factor"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4, "attention_factor": 1.0}},
      "attention factor"),
-    ({"mlp_bias": True}, "mlp_bias"),
+    ({"mlp_bias": True, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}, "mlp_bias"),
     ({"hidden_act": "gelu"}, "hidden_act"),
 ])
 def test_inexact_settings_are_refused(overrides, match):

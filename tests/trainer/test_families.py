@@ -1,6 +1,6 @@
 """`loom convert hf` / `loom convert to-hf` for the attention families: Qwen3, Mistral,
 Gemma 3 (Gemma3ForCausalLM and the text tower of Gemma3ForConditionalGeneration), OLMo 3,
-Llama with attention_bias and Qwen2 with sliding-window layers.
+Llama with attention and MLP biases, and Qwen2 with sliding-window layers.
 
 Each case is a tiny random transformers model built from its config class (never
 downloaded) with every weight perturbed away from its initial value (norm weights by
@@ -81,7 +81,8 @@ CASES = {
     "gemma3-all-sliding-logit-softcap": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
         num_hidden_layers=3, head_dim=16, sliding_window=8, layer_types=[SLIDING] * 3,
         final_logit_softcapping=0.5), "gemma3"),  # |logits| ~ 1: a cap of 0.5 bends them
-    "llama-attention-bias": ("LlamaConfig", "LlamaForCausalLM", dict(attention_bias=True, head_dim=24), "llama"),
+    "llama-attention-mlp-bias": ("LlamaConfig", "LlamaForCausalLM", dict(attention_bias=True, mlp_bias=True,
+                                                                          head_dim=24), "llama"),
     "qwen2-max_window_layers": ("Qwen2Config", "Qwen2ForCausalLM", dict(
         use_sliding_window=True, sliding_window=6, max_window_layers=2), "qwen2"),
     "qwen2-layer_types-tied": ("Qwen2Config", "Qwen2ForCausalLM", dict(

@@ -16,7 +16,8 @@ and a run starts from it with the recipe key `init_from: OUT`, which calls
 `load_converted(OUT)`.
 
 Qwen2's sliding-window layers become swa (window sliding_window - 1: transformers
-counts the query itself); Llama's attention_bias biases q, k, v and o (out_bias).
+counts the query itself); Llama's attention_bias biases q, k, v and o (out_bias), its
+mlp_bias gate, up and down (model.mlp_bias).
 Only settings that HybridLM computes exactly as transformers does are mapped.
 Anything else (dynamic NTK, LongRoPE, partial rotary, biases HybridLM has no
 place for, other activations) is refused with a
@@ -68,7 +69,7 @@ _RENAMES = [
     (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"blocks.\1.mixer_norm.weight"),
     (r"model\.layers\.(\d+)\.self_attn\.([qkvo]_proj)\.(weight|bias)", r"blocks.\1.mixer.\2.\3"),
     (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"blocks.\1.mlp_norm.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight", r"blocks.\1.mlp.\2.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.(weight|bias)", r"blocks.\1.mlp.\2.\3"),
     (r"model\.norm\.weight", "norm.weight"),
     (r"lm_head\.weight", "lm_head.weight"),
 ]
@@ -140,8 +141,8 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
     act = _get(hf, "hidden_act")
     if act not in ("silu", "swish"):
         raise ConvertError(f"config.json: hidden_act {act!r} is not supported (HybridLM's MLP is SwiGLU)")
-    if _get(hf, "mlp_bias"):
-        raise ConvertError("config.json: mlp_bias: true is not supported (HybridLM's MLP has no biases)")
+    if _get(hf, "mlp_bias") and arch != "LlamaForCausalLM":
+        raise ConvertError(f"config.json: mlp_bias: true is not a {arch} setting")
     n_layers = int(_require(hf, "num_hidden_layers"))
     kinds, window = ["attn"] * n_layers, None
     if arch == "Qwen2ForCausalLM":  # sliding windows on the layers Qwen2Config makes sliding
@@ -166,6 +167,7 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         tie_embeddings=bool(_get(hf, "tie_word_embeddings")),
         norm_eps=float(_get(hf, "rms_norm_eps")),
         rope=rope_from_hf(hf),
+        mlp_bias=bool(_get(hf, "mlp_bias")),
     )
 
 

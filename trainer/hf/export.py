@@ -79,7 +79,7 @@ def native_problem(cfg: ModelConfig, target: str) -> str | None:
                 f"{name} has {'softmax attention' if target == 'llama' else 'attention and sliding-window'} "
                 f"layers only")
     for key, want in _LLAMA_LAYOUT.items():
-        if getattr(cfg, key) != want:
+        if getattr(cfg, key) != want and not (key == "mlp_bias" and target == "llama"):  # Llama's mlp_bias
             return f"model.{key} is {getattr(cfg, key)!r}; {name} needs {want!r}"
     every = mixer_options(cfg)
     present = [k for k in allowed if k in kinds]
@@ -185,7 +185,7 @@ def native_config(src: LoomSource, target: str) -> dict:
         **_special_ids(src.tokenizer),
     }
     if target == "llama":
-        out |= {"attention_bias": _first_attention(cfg).qkv_bias, "mlp_bias": False, "pretraining_tp": 1}
+        out |= {"attention_bias": _first_attention(cfg).qkv_bias, "mlp_bias": cfg.mlp_bias, "pretraining_tp": 1}
     else:
         opts = mixer_options(cfg)
         window = opts["swa"].window + 1 if "swa" in opts else None  # transformers counts the query itself
@@ -219,7 +219,7 @@ _EXPORT_RENAMES = [
     (r"blocks\.(\d+)\.mixer_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
     (r"blocks\.(\d+)\.mixer\.([qkvo]_proj)\.(weight|bias)", r"model.layers.\1.self_attn.\2.\3"),
     (r"blocks\.(\d+)\.mlp_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
-    (r"blocks\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight", r"model.layers.\1.mlp.\2.weight"),
+    (r"blocks\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.(weight|bias)", r"model.layers.\1.mlp.\2.\3"),
     (r"norm\.weight", "model.norm.weight"),
     (r"lm_head\.weight", "lm_head.weight"),
 ]
