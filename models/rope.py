@@ -99,11 +99,12 @@ class Rotary(nn.Module):
 
 
 def rotary_dim(head_dim: int, fraction: float) -> int:
-    """R = int(head_dim * fraction), the rotated dims of each head; ValueError unless 0 < R, R even."""
+    """R = int(head_dim * fraction), the rotated dims of each head; ValueError unless 0 < R and,
+    for a partial rotary, R is even."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"rope_fraction must be in (0, 1]; got {fraction}")
     r = int(head_dim * fraction)
-    if r < 2 or r % 2:
+    if r < head_dim and (r < 2 or r % 2):
         raise ValueError(f"rope_fraction {fraction} of head_dim {head_dim} rotates {r} dims; it must be an even "
                          f"number >= 2")
     return r
