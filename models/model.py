@@ -2,26 +2,29 @@
 
 Legend: B batch, T tokens, D model width, V vocabulary.
 
-A block is pre-norm: x + mixer(norm(x)), then x + mlp(norm(x)). The mixer of
-layer i is `cfg.layer_kinds()[i]`, built from the registry with the options
-under `model.mixers.<kind>`. Parameter, FLOP and cache accounting walk the
-same list.
+By default a block is pre-norm: x + mixer(norm(x)), then x + mlp(norm(x))
+(blocks.py: post-norm and sandwich placements, MLP kinds, MLP-only and
+mixer-only blocks). The mixer of layer i is `cfg.layer_kinds()[i]`, built from
+the registry with the options under `model.mixers.<kind>`, or the kind `mlp`
+for an MLP-only block. Parameter, FLOP and cache accounting walk the same list.
 """
 from __future__ import annotations
 
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from loom.kernels.loss import linear_cross_entropy
 from loom.models.config import ConfigError, build, nearest
+from loom.models.blocks import MLP_ONLY, Block
 from loom.models.mixers import MIXERS, MixerDims, SeqContext
-from loom.models.norms import RMSNorm, SwiGLU
+from loom.models.norms import NormStyle, RMSNorm
 from loom.models.rope import RopeConfig
 
 
@@ -39,6 +42,19 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     rope: RopeConfig = field(default_factory=RopeConfig)
+    # Block and norm layout (models/blocks.py, models/norms.py); the defaults are Llama's.
+    norm_placement: Literal["pre", "post", "sandwich"] = "pre"  # post: OLMo 2/3; sandwich: Gemma 2/3
+    norm_zero_centred: bool = False  # RMSNorm weight stored as w, applied as 1 + w (Gemma)
+    norm_weight_fp32: bool = False  # RMSNorm multiplies by its weight before rounding to the dtype (OLMo)
+    mlp_kind: Literal["swiglu", "geglu", "relu2"] = "swiglu"  # geglu: tanh GELU (Gemma); relu2: Nemotron-H
+    mlp_bias: bool = False
+    block_mlp: bool = True  # false: mixer blocks have no MLP (MLPs come from `mlp` entries in model.layers)
+    embed_scale: float = 1.0  # embeddings times this, rounded to their dtype first (Gemma: sqrt(d_model))
+    logit_softcap: float | None = None  # head logits z -> c tanh(z / c) (Gemma 2/3 final_logit_softcapping)
+
+    @property
+    def norm_style(self) -> NormStyle:
+        return NormStyle(zero_centred=self.norm_zero_centred, weight_fp32=self.norm_weight_fp32)
 
     def layer_kinds(self) -> list[str]:
         return expand_layers(self.layers)
@@ -51,9 +67,12 @@ class ModelConfig:
         if self.n_heads % n_kv:
             raise ConfigError(f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({n_kv})")
         kinds = self.layer_kinds()
-        for kind in list(kinds) + list(self.mixers):
+        for kind in kinds:
+            if kind not in MIXERS and kind != MLP_ONLY:
+                raise ConfigError(f"unknown mixer kind {kind!r} in model.layers{nearest(kind, [*MIXERS, MLP_ONLY])}")
+        for kind in self.mixers:
             if kind not in MIXERS:
-                raise ConfigError(f"unknown mixer kind {kind!r} in model.layers/model.mixers{nearest(kind, MIXERS)}")
+                raise ConfigError(f"unknown mixer kind {kind!r} in model.mixers{nearest(kind, MIXERS)}")
         mixer_options(self)
         return ModelConfig(**{**self.__dict__, "n_kv_heads": n_kv, "head_dim": head_dim, "mlp_hidden": hidden})
 
@@ -80,22 +99,7 @@ def expand_layers(spec: list[Any]) -> list[str]:
 def mixer_options(cfg: ModelConfig) -> dict[str, Any]:
     """Typed options per kind used in the model, from cfg.mixers."""
     return {kind: build(MIXERS[kind].Config, cfg.mixers.get(kind), f"model.mixers.{kind}")
-            for kind in set(cfg.layer_kinds()) | set(cfg.mixers)}
-
-
-class Block(nn.Module):
-    def __init__(self, kind: str, dims: MixerDims, opts: Any, hidden: int, eps: float):
-        super().__init__()
-        self.kind = kind
-        self.mixer_norm = RMSNorm(dims.d_model, eps)
-        self.mixer = MIXERS[kind](dims, opts)
-        self.mlp_norm = RMSNorm(dims.d_model, eps)
-        self.mlp = SwiGLU(dims.d_model, hidden)
-
-    def forward(self, x: torch.Tensor, ctx: SeqContext, state=None):
-        y, new_state = self.mixer(self.mixer_norm(x), ctx, state)
-        x = x + y
-        return x + self.mlp(self.mlp_norm(x)), new_state
+            for kind in (set(cfg.layer_kinds()) - {MLP_ONLY}) | set(cfg.mixers)}
 
 
 @dataclass
@@ -124,9 +128,10 @@ class HybridLM(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(
             Block(kind, MixerDims(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, i, len(kinds),
-                                  cfg.rope, cfg.init_std), opts[kind], cfg.mlp_hidden, cfg.norm_eps)
+                                  cfg.rope, cfg.init_std, cfg.norm_style), opts.get(kind), cfg.mlp_hidden,
+                  cfg.norm_eps, cfg.norm_placement, cfg.mlp_kind, cfg.mlp_bias, cfg.block_mlp, cfg.norm_style)
             for i, kind in enumerate(kinds))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_style)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.init_weights()
 
@@ -141,7 +146,7 @@ class HybridLM(nn.Module):
         - output projections (names ending in o_proj, out_proj, down_proj):
           N(0, init_std / sqrt(2 * n_layers)), so the residual stream's
           variance does not grow with depth;
-        - norms: weight 1;
+        - norms: weight 1 (stored 0 when zero-centred);
         - then each mixer's `reset_parameters()` for its special parameters
           (gate biases, decay rates, memory initial weights, ...).
         """
@@ -153,7 +158,7 @@ class HybridLM(nn.Module):
                 if getattr(mod, "bias", None) is not None:
                     nn.init.zeros_(mod.bias)
             elif isinstance(mod, RMSNorm):
-                nn.init.ones_(mod.weight)
+                mod.reset_parameters()
         for block in self.blocks:
             block.mixer.reset_parameters()
 
@@ -186,6 +191,8 @@ class HybridLM(nn.Module):
             seq_ids = seq_ids_from_position_ids(position_ids)
         ctx = SeqContext(position_ids=position_ids, seq_ids=seq_ids, want_state=want_state, cp=cp, stats=stats)
         x = self.embed(input_ids)
+        if self.cfg.embed_scale != 1.0:  # transformers' Gemma rounds the fp32 scale to the weights' dtype
+            x = x * torch.tensor(self.cfg.embed_scale, dtype=torch.float32).to(x.dtype)
         new_state = [] if want_state else None
         for i, block in enumerate(self.blocks):
             layer_state = None if state is None else state[i]["mixer"]
@@ -196,7 +203,9 @@ class HybridLM(nn.Module):
         return ModelOutput(self.norm(x), aux, new_state)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.head_weight).float()
+        """hidden (..., D) -> fp32 logits (..., V), soft-capped when model.logit_softcap is set."""
+        z = F.linear(hidden, self.head_weight).float()
+        return z if self.cfg.logit_softcap is None else softcap(z, self.cfg.logit_softcap)
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 1024,
              reduction: str = "mean") -> torch.Tensor:
@@ -204,9 +213,24 @@ class HybridLM(nn.Module):
 
         Logits exist for at most `chunk` tokens at a time; each chunk's
         gradients are computed in its forward pass (loom.kernels.loss, fused),
-        so the head matmuls cost what full cross-entropy costs."""
+        so the head matmuls cost what full cross-entropy costs. With model.logit_softcap
+        the logits pass through c tanh(z / c) first: each chunk is then recomputed in
+        backward instead (torch.utils.checkpoint), one extra head matmul."""
+        if self.cfg.logit_softcap is not None:
+            return self._softcapped_loss(hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1), chunk, reduction)
         return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.head_weight, labels.reshape(-1),
                                     reduction=reduction, chunk=chunk)
+
+    def _softcapped_loss(self, h: torch.Tensor, y: torch.Tensor, chunk: int, reduction: str) -> torch.Tensor:
+        def piece(h_c: torch.Tensor, y_c: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(self.logits(h_c), y_c, ignore_index=-100, reduction="sum")
+
+        total = sum(checkpoint(piece, h[a:a + chunk], y[a:a + chunk], use_reentrant=False)
+                    if torch.is_grad_enabled() else piece(h[a:a + chunk], y[a:a + chunk])
+                    for a in range(0, h.shape[0], chunk))
+        if reduction == "sum":
+            return total
+        return total / (y != -100).sum().clamp_min(1)
 
     # ----- accounting -----
     def num_params(self, non_embedding: bool = False) -> int:
@@ -240,6 +264,11 @@ class HybridLM(nn.Module):
         else:
             tokens.append(nxt)
         return torch.cat(tokens, dim=1)
+
+
+def softcap(z: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(z / cap): logits squashed smoothly into (-cap, cap)."""
+    return torch.tanh(z / cap) * cap
 
 
 def seq_ids_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:

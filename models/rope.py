@@ -9,6 +9,11 @@ checkpoints need no permutation. Scalings, chosen by `RopeConfig.scaling`:
           (ramp between beta_fast and beta_slow rotations over
           `original_max_len`) and attention temperature 0.1 ln(factor) + 1
   llama3  Llama 3.1's band-wise frequency scaling
+
+Partial rotary (`fraction` < 1, Qwen3.5 / Qwen3-Next use 0.25): only the first
+R = int(K * fraction) dims of each head rotate (rotate-half within those R), the
+other K - R pass through unchanged, and the frequencies are those of a head of
+size R (base^(-2i/R)), as transformers computes them.
 """
 from __future__ import annotations
 
@@ -83,9 +88,10 @@ class Rotary(nn.Module):
         q = apply_rotary(q, cos, sin)           # q: (B, T, H, K)
     """
 
-    def __init__(self, head_dim: int, cfg: RopeConfig):
+    def __init__(self, head_dim: int, cfg: RopeConfig, fraction: float = 1.0):
         super().__init__()
-        inv, self.mscale = inv_frequencies(head_dim, cfg)
+        self.rotary_dim = rotary_dim(head_dim, fraction)
+        inv, self.mscale = inv_frequencies(self.rotary_dim, cfg)
         self.register_buffer("inv_freq", inv, persistent=False)
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,6 +100,24 @@ class Rotary(nn.Module):
         return angles.cos() * self.mscale, angles.sin() * self.mscale
 
 
+def rotary_dim(head_dim: int, fraction: float) -> int:
+    """R = int(head_dim * fraction), the rotated dims of each head; ValueError unless 0 < R and,
+    for a partial rotary, R is even."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"rope_fraction must be in (0, 1]; got {fraction}")
+    r = int(head_dim * fraction)
+    if r < head_dim and (r < 2 or r % 2):
+        raise ValueError(f"rope_fraction {fraction} of head_dim {head_dim} rotates {r} dims; it must be an even "
+                         f"number >= 2")
+    return r
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, T, H, K); cos, sin: (B, T, K). Computed in fp32, returned in x's dtype."""
-    return rotate(x.float(), cos[:, :, None, :], sin[:, :, None, :]).to(x.dtype)
+    """x: (B, T, H, K); cos, sin: (B, T, R) with R <= K: the first R dims of each head
+    rotate, the rest pass. Computed in fp32 (fp64 for fp64 x), returned in x's dtype."""
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    R = cos.shape[-1]
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    if R == x.shape[-1]:
+        return rotate(xf, c, s).to(x.dtype)
+    return torch.cat([rotate(xf[..., :R], c, s), xf[..., R:]], dim=-1).to(x.dtype)

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from loom.models.norms import NormStyle
 from loom.models.rope import RopeConfig
 
 
@@ -35,6 +36,7 @@ class MixerDims:
     n_layers: int
     rope: RopeConfig
     init_std: float = 0.02
+    norm: NormStyle = NormStyle()  # how the mixer's own norms (q/k norm) apply their weight
 
 
 @dataclass
@@ -64,11 +66,6 @@ class SeqContext:
     cp: Any = None
     aux_losses: list[torch.Tensor] = field(default_factory=list)
     stats: dict[str, torch.Tensor] | None = None
-
-    @property
-    def sharding(self) -> Any:
-        """The old name of `cp`, still read by trainer/parallelize.py: remove with its last reader."""
-        return self.cp
 
     @property
     def doc_starts(self) -> torch.Tensor:

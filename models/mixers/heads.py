@@ -7,7 +7,8 @@ Legend: B batch, T tokens, D model width, H heads, K head dim.
 
 Gate (Gated Attention, "G1"): Γ = σ(x W_G) computed from the mixer input x,
 one value per head ("headwise", W_G: D -> H) or per channel ("elementwise",
-W_G: D -> H*K).
+W_G: D -> H*K). W_G is `gate_proj`, or rows of the mixer's q_proj when the mixer
+packs it there (attn's gate_packing): the mixer then passes the logits x W_G.
 
 MoH (Mixture-of-Head attention): H_s shared heads always on, H_r = H - H_s
 routed heads of which each token picks top-k. With router logits from x:
@@ -44,11 +45,12 @@ class HeadOptions:
 
 
 class HeadOutput(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, head_dim: int, opts: HeadOptions, layer_idx: int):
+    def __init__(self, d_model: int, n_heads: int, head_dim: int, opts: HeadOptions, layer_idx: int,
+                 packed_gate: bool = False):
         super().__init__()
         self.opts, self.n_heads, self.head_dim, self.layer_idx = opts, n_heads, head_dim, layer_idx
         self.gate_proj = None
-        if opts.gate != "none":
+        if opts.gate != "none" and not packed_gate:
             width = n_heads if opts.gate == "headwise" else n_heads * head_dim
             self.gate_proj = nn.Linear(d_model, width, bias=False)
         self.gate_fn = torch.sigmoid  # tests force it to one to check the gate path is otherwise inert
@@ -64,7 +66,7 @@ class HeadOutput(nn.Module):
 
     @property
     def enabled(self) -> bool:
-        return self.gate_proj is not None or self.opts.moh
+        return self.opts.gate != "none" or self.opts.moh
 
     @property
     def row_losses(self) -> bool:
@@ -94,11 +96,13 @@ class HeadOutput(nn.Module):
                 ctx.stats[f"moh_balance/layer{self.layer_idx}"] = (f.detach().min() / f.detach().max().clamp_min(1e-9))
         return w
 
-    def forward(self, x: torch.Tensor, o: torch.Tensor, ctx: SeqContext | None) -> torch.Tensor:
-        """x: (B, T, D) mixer input; o: (B, T, H, K) attention output."""
-        if self.gate_proj is not None:
-            g = self.gate_fn(self.gate_proj(x))
-            g = g.view(*x.shape[:-1], self.n_heads, -1)  # (B, T, H, 1 or K)
+    def forward(self, x: torch.Tensor, o: torch.Tensor, ctx: SeqContext | None,
+                gate_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, D) mixer input; o: (B, T, H, K) attention output; gate_logits:
+        (B, T, H, 1 or K) x W_G when the mixer packs W_G in its q_proj, else None."""
+        if self.opts.gate != "none":
+            logits = self.gate_proj(x) if gate_logits is None else gate_logits
+            g = self.gate_fn(logits).reshape(*x.shape[:-1], self.n_heads, -1)  # (B, T, H, 1 or K)
             if ctx is not None and ctx.stats is not None:
                 ctx.stats[f"gate_mean/layer{self.layer_idx}"] = g.detach().float().mean()
             o = o * g.to(o.dtype)

@@ -72,7 +72,7 @@ class S2Attention(Attention):
     def forward(self, x: torch.Tensor, ctx: SeqContext, state=None):
         B, T, _ = x.shape
         c = self.cfg
-        q, k, v, conv_cache = self.project(x, ctx, state)
+        q, k, v, gate, conv_cache = self.project(x, ctx, state)
         pos, doc = ctx.position_ids, ctx.seq_ids
         if state is not None:
             doc = torch.cat([state["doc"], continue_docs(state["doc"], pos)], dim=1)
@@ -81,7 +81,8 @@ class S2Attention(Attention):
             v = torch.cat([state["v"], v], dim=1)
         want_lse = ctx.stats is not None and state is None
         o = s2_attention(q, k, v, block=c.block, local_blocks=c.local_blocks, vert_stride=c.vert_stride,
-                         head_offsets=self.head_offsets, seq_ids=doc, position_ids=pos, return_lse=want_lse,
+                         head_offsets=self.head_offsets, seq_ids=doc, position_ids=pos, scale=self.scale,
+                         return_lse=want_lse,
                          cp=ctx.cp)
         if want_lse:
             o, lse = o
@@ -89,8 +90,8 @@ class S2Attention(Attention):
             own = self.head_offsets.to(x.device)[torch.arange(H, device=x.device) // (H // len(self.head_offsets))]
             visible = (pos // c.block < c.local_blocks)[:, :, None] | (own == 0)  # (B, T, H): block 0 seen
             ctx.stats[f"sink_mass/layer{self.dims.layer_idx}"] = sink_mass(
-                q, k, lse, pos, 1 / math.sqrt(self.dims.head_dim), visible=visible)
-        o = self.heads(x, o, ctx)
+                q, k, lse, pos, self.scale, visible=visible)
+        o = self.heads(x, o, ctx, gate)
         y = self.o_proj(o.reshape(B, T, -1))
         new_state = None
         if ctx.want_state:

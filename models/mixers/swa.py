@@ -5,7 +5,9 @@ H query heads, G key/value heads, K head dim, W the window.
 
 The `attn` mixer with a window: key j is visible to query i when
 0 <= i - j <= W (the token itself plus W past tokens, RAT's convention) and
-both are in the same document. The op is loom.kernels.swa: banded on CPU (linear in
+both are in the same document. transformers counts the query in its
+`sliding_window` (key j visible when i - j < sliding_window): its sliding_window N
+is window N - 1 here. The op is loom.kernels.swa: banded on CPU (linear in
 T), flash-attn's window on CUDA, halo exchange under context parallelism.
 
 Decoding state: {"k": (B, <= W, G, K) post-RoPE keys, "v": same, "doc":
@@ -16,7 +18,6 @@ without seeing the cached ones.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -29,11 +30,11 @@ from loom.models.mixers.heads import sink_mass
 
 @dataclass
 class SWAConfig(AttnConfig):
-    window: int = 256  # tokens behind the query that stay visible
+    window: int = 256  # tokens behind the query that stay visible (transformers' sliding_window - 1)
 
     def __post_init__(self):
-        if self.window < 1:
-            raise ValueError(f"window must be >= 1; got {self.window}")
+        if self.window < 0:
+            raise ValueError(f"window must be >= 0; got {self.window}")
 
 
 @register("swa")
@@ -54,25 +55,27 @@ class SlidingWindowAttention(Attention):
     def forward(self, x: torch.Tensor, ctx: SeqContext, state=None):
         B, T, _ = x.shape
         W = self.window
-        q, k, v, conv_cache = self.project(x, ctx, state)
+        q, k, v, gate, conv_cache = self.project(x, ctx, state)
         doc = ctx.seq_ids
         if state is not None:
             doc = torch.cat([state["doc"], continue_docs(state["doc"], ctx.position_ids)], dim=1)[:, -(W + T):]
             k = torch.cat([state["k"], k], dim=1)[:, -(W + T):]
             v = torch.cat([state["v"], v], dim=1)[:, -(W + T):]
         want_lse = ctx.stats is not None and state is None
-        o = sliding_window_attention(q, k, v, window=W, seq_ids=doc, return_lse=want_lse, cp=ctx.cp)
+        o = sliding_window_attention(q, k, v, window=W, seq_ids=doc, scale=self.scale, return_lse=want_lse,
+                                     cp=ctx.cp)
         if want_lse:
             o, lse = o
             visible = (ctx.position_ids <= W)[:, :, None].expand(-1, -1, q.shape[2])  # first token in window
             ctx.stats[f"sink_mass/layer{self.dims.layer_idx}"] = sink_mass(
-                q, k, lse, ctx.position_ids, 1 / math.sqrt(self.dims.head_dim), visible=visible)
-        o = self.heads(x, o, ctx)
+                q, k, lse, ctx.position_ids, self.scale, visible=visible)
+        o = self.heads(x, o, ctx, gate)
         y = self.o_proj(o.reshape(B, T, -1))
         new_state = None
         if ctx.want_state:
             keep = min(k.shape[1], W)
             if doc is None:
                 doc = torch.zeros(B, k.shape[1], dtype=torch.long, device=x.device)
-            new_state = self.with_conv({"k": k[:, -keep:], "v": v[:, -keep:], "doc": doc[:, -keep:]}, conv_cache)
+            first = k.shape[1] - keep  # window 0 keeps nothing (a slice from -0 would keep all)
+            new_state = self.with_conv({"k": k[:, first:], "v": v[:, first:], "doc": doc[:, first:]}, conv_cache)
         return y, new_state

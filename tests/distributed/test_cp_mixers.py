@@ -63,6 +63,26 @@ CASES = {
     # a whole HybridLM (embedding, blocks with MLPs, final norm) stacking the four kinds
     "hybrid_lm_docs": ("model", dict(rat={"chunk": 3}, swa={"window": 7}, linear={"block": 4},
                                      s2={"block": 2, "local_blocks": 2, "vert_stride": 4}), 4, 2, 8, "ulysses", True),
+    # the imported families' attention options: q/k norms (per head, full width), logit scale,
+    # partial rotary, a per-kind RoPE, gates packed in q_proj, window 0
+    "attn_gemma_opts_ring": ("attn", dict(qk_norm=True, scale=0.3, rope_fraction=0.5,
+                                          rope_config=RopeConfig(base=100.0, scaling="linear", factor=2.0),
+                                          qkv_bias=True, out_bias=True), 4, 2, 8, "ring", True),
+    "swa_olmo_opts_ulysses": ("swa", dict(window=6, qk_norm=True, qk_norm_width="full", gate="elementwise",
+                                          gate_packing="group"), 4, 2, 8, "ulysses", True),
+    "swa_w0_gate_head_ring": ("swa", dict(window=0, gate="headwise", gate_packing="head", rope_fraction=0.25),
+                              4, 2, 8, "ring", True),
+    # whole models with the families' block layouts (sandwich / post norms, GeGLU / squared ReLU,
+    # MLP-only and mixer-only blocks, embedding scale), every norm weight perturbed
+    "gemma_lm_docs": ("lm", dict(layers=["swa", "swa", "attn"], norm_placement="sandwich", norm_zero_centred=True,
+                                 mlp_kind="geglu", embed_scale=4.0, head_dim=12,
+                                 mixers={"swa": {"window": 5, "qk_norm": True, "scale": 0.25,
+                                                 "rope_config": {"base": 100.0}},
+                                         "attn": {"qk_norm": True, "scale": 0.25}}), 4, 2, 8, "ring", True),
+    "olmo_nemotron_lm_docs": ("lm", dict(layers=["swa", "mlp", "attn", "mlp"], norm_placement="post",
+                                         norm_weight_fp32=True, block_mlp=False, mlp_kind="relu2",
+                                         mixers={"swa": {"window": 9, "qk_norm": True, "qk_norm_width": "full"}}),
+                              4, 2, 8, "ulysses", True),
 }
 COMM_CASES = ("linear_docs", "rat_L4_docs")
 TOL = dict(atol=1e-11, rtol=1e-9)
@@ -86,6 +106,13 @@ def _build(kind, opts, H, G, K):
         cfg = ModelConfig(vocab_size=VOCAB, d_model=H * K, n_heads=H, n_kv_heads=G,
                           layers=["rat", "swa", "linear", "s2"], mixers=opts)
         return HybridLM(cfg).double()
+    if kind == "lm":  # opts: ModelConfig fields
+        model = HybridLM(ModelConfig(vocab_size=VOCAB, d_model=H * K, n_heads=H, n_kv_heads=G, **opts)).double()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name or name.endswith("bias"):
+                    p.add_(torch.randn_like(p) * 0.3)
+        return model
     dims = MixerDims(D, H, G, K, layer_idx=1, n_layers=3, rope=RopeConfig())
     cls = MIXERS[kind]
     mixer = cls(dims, cls.Config(**opts))
@@ -105,13 +132,13 @@ def _run_case(name: str, world: int) -> dict:
     mixer = _build(kind, opts, H, G, K)
     g = torch.Generator().manual_seed(1234)
     x = torch.randn(B, T, D, generator=g, dtype=torch.float64)
-    dy = torch.randn(B, T, H * K if kind == "model" else D, generator=g, dtype=torch.float64)
+    dy = torch.randn(B, T, H * K if kind in ("model", "lm") else D, generator=g, dtype=torch.float64)
     pos, ids = _rows(docs)
-    if kind == "model":  # token ids instead of hidden states; no input gradient
+    if kind in ("model", "lm"):  # token ids instead of hidden states; no input gradient
         x = torch.randint(0, VOCAB, (B, T), generator=g)
 
     def run(inp, pos, ids, cp=None):
-        if kind == "model":
+        if kind in ("model", "lm"):
             return mixer(inp, position_ids=pos, seq_ids=ids, cp=cp).hidden
         return mixer(inp, SeqContext(position_ids=pos, seq_ids=ids, cp=cp))[0]
 

@@ -20,23 +20,50 @@ SMALL = {
     "titans_mac": {"chunk_size": 4, "segment": 8},
 }
 KINDS = sorted(MIXERS)
-# Every kind, plus the attention family with its short conv on q, k, v ("kind+conv").
-VARIANTS = KINDS + ["attn+conv", "swa+conv", "s2+conv"]
+# Attention options of the imported families, as "kind+name" -> mixer options.
+OPTION_VARIANTS = {
+    "attn+conv": {"conv_size": 3},
+    "swa+conv": {"conv_size": 3},
+    "s2+conv": {"conv_size": 3},
+    "attn+qwen3": {"qk_norm": True, "qkv_bias": True, "out_bias": True},  # per-head q/k norm, biases
+    "attn+olmo": {"qk_norm": True, "qk_norm_width": "full", "qk_norm_eps": 1e-5},  # q/k norm over H*K, G*K
+    "attn+gemma": {"qk_norm": True, "scale": 0.37, "rope_config": {"base": 500.0, "scaling": "linear",
+                                                                   "factor": 2.0}},
+    "swa+partial": {"rope_fraction": 0.5, "gate": "elementwise", "gate_packing": "head"},
+    "swa+w0": {"window": 0},
+    "attn+gate_group": {"gate": "headwise", "gate_packing": "group", "rope_fraction": 0.25},
+    "s2+gate_head": {"gate": "elementwise", "gate_packing": "head", "scale": 0.2},
+}
+# Whole-model layouts of the families: name -> (layers, model options); every norm weight perturbed.
+MODEL_VARIANTS = {
+    "gemma_lm": (["swa", "swa", "attn"], dict(norm_placement="sandwich", norm_zero_centred=True,
+                                              mlp_kind="geglu", embed_scale=8.0, head_dim=24)),
+    "olmo_lm": (["swa", "attn"], dict(norm_placement="post", norm_weight_fp32=True)),
+    "nemotron_lm": (["attn", "mlp", "swa", "mlp"], dict(block_mlp=False, mlp_kind="relu2", mlp_bias=True)),
+}
+VARIANTS = KINDS + list(OPTION_VARIANTS) + list(MODEL_VARIANTS)
 
 
 def tiny(kind: str, **opts) -> HybridLM:
-    kind, _, variant = kind.partition("+")
-    if variant == "conv":
-        opts = {"conv_size": 3, **opts}
-    mixers = {kind: {k: v for k, v in {**SMALL.get(kind, {}), **opts}.items()
-                     if k in MIXERS[kind].Config.__dataclass_fields__}}
-    cfg = ModelConfig(vocab_size=64, d_model=64, n_heads=4, n_kv_heads=2, layers=[kind, "x2"], mixers=mixers)
+    layers, model_opts = [kind, "x2"], {}
+    if kind in MODEL_VARIANTS:
+        layers, model_opts = MODEL_VARIANTS[kind]
+    elif kind in OPTION_VARIANTS:
+        opts = {**OPTION_VARIANTS[kind], **opts}
+        kind = kind.partition("+")[0]
+        layers = [kind, "x2"]
+    mixers = {k: {o: v for o, v in {**SMALL.get(k, {}), **opts}.items() if o in MIXERS[k].Config.__dataclass_fields__}
+              for k in set(layers) - {"x2", "mlp"}}
+    cfg = ModelConfig(vocab_size=64, d_model=64, n_heads=4, n_kv_heads=2, layers=layers, mixers=mixers,
+                      **model_opts)
     torch.manual_seed(0)
     model = HybridLM(cfg).double().eval()
-    if variant == "conv":  # the conv starts as the identity; make it mix neighbours
-        with torch.no_grad():
-            for block in model.blocks:
-                block.mixer.conv.weight.normal_(0.0, 0.5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("conv.weight"):  # the conv starts as the identity; make it mix neighbours
+                p.normal_(0.0, 0.5)
+            elif "norm" in name or name.endswith("bias"):  # away from 1 (or 0): a misplaced norm shows
+                p.add_(torch.randn_like(p) * 0.3)
     return model
 
 

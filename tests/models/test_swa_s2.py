@@ -155,7 +155,7 @@ def test_sink_mass_counts_only_visible_first_tokens(kind):
     x = torch.randn(1, 49, D, dtype=torch.float64)
     m(x, ctx)
     got = ctx.stats["sink_mass/layer0"]
-    q, k, _, _ = m.project(x, ctx)
+    q, k, _, _, _ = m.project(x, ctx)
     if kind == "swa":
         from loom.kernels.attention.reference import visibility_mask
         mask = visibility_mask(49, 49, seq, m.window, None).expand(1, H, 49, 49)
@@ -173,7 +173,7 @@ def test_sink_mass_counts_only_visible_first_tokens(kind):
 
 def test_config_errors():
     with pytest.raises(ConfigError, match="window"):
-        build(MIXERS["swa"].Config, {"window": 0}, "model.mixers.swa")
+        build(MIXERS["swa"].Config, {"window": -1}, "model.mixers.swa")
     with pytest.raises(ConfigError, match="vert_strid"):
         build(MIXERS["s2"].Config, {"vert_strid": 4}, "model.mixers.s2")
     with pytest.raises(ValueError, match="cannot cover"):

@@ -211,7 +211,7 @@ def test_checkpoint_folder_exports_that_step(tmp_path, make_run):
 @pytest.mark.parametrize("model,target,match,auto", [
     ("hybrid", "llama", "layer 1 is 'swa'", "remote"),
     ({**ATTN, "mixers": {"attn": {"gate": "elementwise"}}}, "llama", "gate is 'elementwise'", "remote"),
-    ({**ATTN, "mixers": {"attn": {"qkv_bias": True}}}, "llama", "qkv_bias is true", "qwen2"),
+    ({**ATTN, "mixers": {"attn": {"qkv_bias": True}}}, "llama", "qkv_bias and out_bias differ", "qwen2"),
     ({**ATTN, "rope": {"scaling": "ntk", "factor": 2.0}}, "qwen2", "'ntk'", "remote"),
     ({**ATTN, "mixers": {"attn": {"qk_norm": True}}}, "qwen2", "qk_norm", "remote"),
     ({**ATTN, "mixers": {"attn": {"conv_size": 4}}}, "llama", "conv_size is 4", "remote"),

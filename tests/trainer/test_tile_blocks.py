@@ -224,3 +224,30 @@ def test_tile_blocks_through_the_cli(tmp_path):
     assert len(logs[0]) == 3
     for (loss, norm), (loss_t, norm_t) in zip(*logs):
         assert loss_t == pytest.approx(loss, rel=1e-5) and norm_t == pytest.approx(norm, rel=1e-4)
+
+
+@pytest.mark.parametrize("layout", [
+    dict(layers=["swa", "attn", "swa"], norm_placement="sandwich", norm_zero_centred=True, mlp_kind="geglu",
+         embed_scale=5.0),
+    dict(layers=["swa", "mlp", "attn", "mlp"], norm_placement="post", norm_weight_fp32=True, block_mlp=False,
+         mlp_kind="relu2"),
+])
+def test_tiled_blocks_are_exact_for_the_family_layouts(layout, loss_and_grads):
+    """Sandwich / post norms, MLP-only and mixer-only blocks (models/blocks.py) tile exactly."""
+    def build():
+        torch.manual_seed(0)
+        cfg = ModelConfig(vocab_size=64, d_model=32, n_heads=2, mixers={"swa": {"window": 5, "qk_norm": True}},
+                          **layout)
+        model = HybridLM(cfg).double()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.add_(torch.randn_like(p) * 0.3)
+        return model
+
+    ids, pos = _batch()
+    ref = loss_and_grads(build(), ids, pos)
+    model = build()
+    apply_tile_blocks(model, 7)
+    apply_tile_mlp(model, 6)
+    _assert_same(loss_and_grads(model, ids, pos), ref)

@@ -1,4 +1,5 @@
-"""Import Hugging Face Llama- and Qwen2-family checkpoints into HybridLM.
+"""Import Hugging Face checkpoints into HybridLM: Llama, Qwen2 here, and the families
+with an adapter in trainer/hf/families/ (Qwen3, Mistral, Gemma 3, OLMo 3).
 
     loom convert hf PATH OUT
 
@@ -14,9 +15,12 @@ with `safetensors`. OUT receives
 and a run starts from it with the recipe key `init_from: OUT`, which calls
 `load_converted(OUT)`.
 
+Qwen2's sliding-window layers become swa (window sliding_window - 1: transformers
+counts the query itself); Llama's attention_bias biases q, k, v and o (out_bias), its
+mlp_bias gate, up and down (model.mlp_bias).
 Only settings that HybridLM computes exactly as transformers does are mapped.
 Anything else (dynamic NTK, LongRoPE, partial rotary, biases HybridLM has no
-place for, sliding-window layers, other activations) is refused with a
+place for, other activations) is refused with a
 one-line ValueError naming the config field, rather than imported into a
 model that would silently compute something else.
 
@@ -33,8 +37,8 @@ Both use rotate-half RoPE on the same head layout, so no permutation is needed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
 import os
 import re
 import shutil
@@ -49,6 +53,9 @@ from safetensors.torch import save_file
 from loom.models import HybridLM, ModelConfig
 from loom.models.config import build
 from loom.models.rope import RopeConfig
+from loom.trainer.hf.common import ConvertError, require as _require, rope_from_params
+from loom.trainer.hf.families import FAMILIES, family_of
+from loom.trainer.hf.families.base import compact_layers
 
 # model_type -> the one architecture class accepted for it.
 SUPPORTED = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -62,16 +69,12 @@ _RENAMES = [
     (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"blocks.\1.mixer_norm.weight"),
     (r"model\.layers\.(\d+)\.self_attn\.([qkvo]_proj)\.(weight|bias)", r"blocks.\1.mixer.\2.\3"),
     (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"blocks.\1.mlp_norm.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight", r"blocks.\1.mlp.\2.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.(weight|bias)", r"blocks.\1.mlp.\2.\3"),
     (r"model\.norm\.weight", "norm.weight"),
     (r"lm_head\.weight", "lm_head.weight"),
 ]
 # Non-persistent RoPE buffers that some old checkpoints contain; recomputed by HybridLM.
 _SKIP = re.compile(r".*rotary_emb\.inv_freq")
-
-
-class ConvertError(ValueError):
-    """A checkpoint that cannot be converted exactly; the message is one line."""
 
 
 # ----- config -----
@@ -93,24 +96,26 @@ def read_hf_config(src: str | Path) -> dict:
 
 def check_architecture(hf: dict) -> str:
     """The architecture name, or ConvertError naming what was found."""
+    family = family_of(hf)
+    if family is not None:
+        return family.check_architecture(hf)
     model_type = hf.get("model_type")
     archs = hf.get("architectures") or []
     expected = SUPPORTED.get(model_type)
     if expected is None or (archs and archs != [expected]):
         found = ", ".join(archs) if archs else "no architectures"
         raise ConvertError(f"unsupported architecture {found} (model_type {model_type!r}); "
-                           f"loom convert hf supports {', '.join(SUPPORTED.values())}")
+                           f"loom convert hf supports {', '.join(supported_architectures())}")
     return expected
+
+
+def supported_architectures() -> list[str]:
+    return list(SUPPORTED.values()) + list(dict.fromkeys(f.architecture for f in FAMILIES.values())) + \
+        ["Gemma3ForConditionalGeneration (its language model)"]
 
 
 def _get(hf: dict, key: str):
     return hf[key] if hf.get(key) is not None else HF_DEFAULTS.get(key)
-
-
-def _require(hf: dict, key: str, where: str = "config.json"):
-    if hf.get(key) is None:
-        raise ConvertError(f"{where}: missing {key!r}")
-    return hf[key]
 
 
 def rope_from_hf(hf: dict) -> RopeConfig:
@@ -120,81 +125,34 @@ def rope_from_hf(hf: dict) -> RopeConfig:
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if params and all(isinstance(v, dict) for v in params.values()):
         raise ConvertError(f"config.json: rope parameters per layer type ({', '.join(params)}) are not supported")
-    theta = float(params.get("rope_theta") or _get(hf, "rope_theta"))
-    kind = params.get("rope_type") or params.get("type") or "default"
-    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-    if partial not in (None, 1, 1.0):
+    rope, partial = rope_from_params(params, hf, float(_get(hf, "rope_theta")))
+    if partial != 1.0:
         raise ConvertError(f"config.json: partial_rotary_factor {partial} is not supported "
                            f"(HybridLM rotates the whole head)")
-    original = params.get("original_max_position_embeddings",
-                          hf.get("original_max_position_embeddings", hf.get("max_position_embeddings")))
-
-    def need(key: str) -> float:
-        return float(_require(params, key, "config.json rope scaling"))
-
-    if kind == "default":
-        return RopeConfig(base=theta)
-    if kind == "linear":
-        return RopeConfig(base=theta, scaling="linear", factor=need("factor"))
-    if kind in ("llama3", "yarn") and original is None:
-        raise ConvertError(f"config.json: {kind} rope scaling needs original_max_position_embeddings")
-    if kind == "llama3":
-        return RopeConfig(base=theta, scaling="llama3", factor=need("factor"),
-                          original_max_len=int(original),
-                          low_freq_factor=need("low_freq_factor"),
-                          high_freq_factor=need("high_freq_factor"))
-    if kind == "yarn":
-        return _yarn_from_hf(hf, params, theta, original)
-    if kind == "dynamic":
-        raise ConvertError("config.json: rope scaling 'dynamic' (NTK re-scaled with the sequence length, only past "
-                           "max_position_embeddings) has no exact equivalent; Loom's 'ntk' is static. Set the "
-                           "rope type to default in config.json to import it with plain RoPE (what transformers "
-                           "computes up to max_position_embeddings)")
-    raise ConvertError(f"config.json: rope scaling {kind!r} is not supported "
-                       f"(supported: default, linear, yarn, llama3)")
-
-
-def _yarn_from_hf(hf: dict, params: dict, theta: float, original: int) -> RopeConfig:
-    factor = params.get("factor")
-    if factor is None:  # transformers: the ratio of the extended to the pretrained length
-        factor = _require(hf, "max_position_embeddings") / original
-    factor = float(factor)
-    if params.get("truncate", True) is not True:
-        raise ConvertError("config.json: yarn with truncate: false is not supported")
-    rope = RopeConfig(base=theta, scaling="yarn", factor=factor, original_max_len=int(original),
-                      beta_fast=float(params.get("beta_fast") or 32.0), beta_slow=float(params.get("beta_slow") or 1.0))
-
-    def mscale(scale: float, m: float = 1.0) -> float:
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-    # HybridLM scales cos/sin by mscale(factor); transformers lets configs override it.
-    attn_factor = params.get("attention_factor")
-    if attn_factor is None and params.get("mscale") and params.get("mscale_all_dim"):
-        attn_factor = mscale(factor, params["mscale"]) / mscale(factor, params["mscale_all_dim"])
-    if attn_factor is not None and not math.isclose(attn_factor, mscale(factor), rel_tol=0, abs_tol=1e-12):
-        raise ConvertError(f"config.json: yarn attention factor {attn_factor:g} differs from 0.1 ln(factor) + 1 "
-                           f"= {mscale(factor):g}, the only one HybridLM implements")
     return rope
 
 
 def model_config_from_hf(hf: dict) -> ModelConfig:
     """A Loom ModelConfig computing the same function as the transformers model."""
     arch = check_architecture(hf)
+    family = family_of(hf)
+    if family is not None:
+        return family.config_from_hf(family.text_config(hf)[0])
     act = _get(hf, "hidden_act")
     if act not in ("silu", "swish"):
         raise ConvertError(f"config.json: hidden_act {act!r} is not supported (HybridLM's MLP is SwiGLU)")
-    if _get(hf, "mlp_bias"):
-        raise ConvertError("config.json: mlp_bias: true is not supported (HybridLM's MLP has no biases)")
-    if arch == "LlamaForCausalLM" and _get(hf, "attention_bias"):
-        raise ConvertError("config.json: attention_bias: true is not supported (it also biases o_proj, "
-                           "which HybridLM does not have)")
+    if _get(hf, "mlp_bias") and arch != "LlamaForCausalLM":
+        raise ConvertError(f"config.json: mlp_bias: true is not a {arch} setting")
     n_layers = int(_require(hf, "num_hidden_layers"))
-    if arch == "Qwen2ForCausalLM":
-        sliding = _sliding_layers(hf, n_layers)
-        if sliding:
-            raise ConvertError(f"config.json: use_sliding_window: true makes layers {sliding[0]}..{sliding[-1]} "
-                               f"sliding-window ({hf.get('sliding_window')} tokens); HybridLM imports full "
-                               f"attention only")
+    kinds, window = ["attn"] * n_layers, None
+    if arch == "Qwen2ForCausalLM":  # sliding windows on the layers Qwen2Config makes sliding
+        sliding = set(_sliding_layers(hf, n_layers))
+        kinds = ["swa" if i in sliding else "attn" for i in range(n_layers)]
+        window = int(hf["sliding_window"]) - 1 if sliding else None  # transformers counts the query itself
+    attn = {"qkv_bias": True} if arch == "Qwen2ForCausalLM" else \
+        {"qkv_bias": True, "out_bias": True} if _get(hf, "attention_bias") else {}
+    mixers = {**({"attn": attn} if attn and "attn" in kinds else {}),
+              **({"swa": {**attn, "window": window}} if window is not None else {})}
     d_model = int(_require(hf, "hidden_size"))
     n_heads = int(_require(hf, "num_attention_heads"))
     return ModelConfig(
@@ -204,11 +162,12 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
         head_dim=int(hf.get("head_dim") or d_model // n_heads),
         mlp_hidden=int(_require(hf, "intermediate_size")),
-        layers=["attn", f"x{n_layers}"] if n_layers > 1 else ["attn"],
-        mixers={"attn": {"qkv_bias": True}} if arch == "Qwen2ForCausalLM" else {},
+        layers=compact_layers(kinds),
+        mixers=mixers,
         tie_embeddings=bool(_get(hf, "tie_word_embeddings")),
         norm_eps=float(_get(hf, "rms_norm_eps")),
         rope=rope_from_hf(hf),
+        mlp_bias=bool(_get(hf, "mlp_bias")),
     )
 
 
@@ -232,7 +191,14 @@ def model_yaml_dict(cfg: ModelConfig) -> dict:
     rope.update({k: getattr(cfg.rope, k) for k in used.get(cfg.rope.scaling, [])})
     keys = ["vocab_size", "d_model", "n_heads", "n_kv_heads", "head_dim", "mlp_hidden", "layers", "mixers",
             "tie_embeddings", "norm_eps"]
-    return {**{k: getattr(cfg, k) for k in keys}, "rope": rope}
+    # block and norm layout fields, written only when they differ from the (Llama) defaults
+    layout = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig) if f.name in LAYOUT_FIELDS
+              and getattr(cfg, f.name) != f.default}
+    return {**{k: getattr(cfg, k) for k in keys}, "rope": rope, **layout}
+
+
+LAYOUT_FIELDS = ("norm_placement", "norm_zero_centred", "norm_weight_fp32", "mlp_kind", "mlp_bias", "block_mlp",
+                 "embed_scale", "logit_softcap")
 
 
 # ----- weights -----
@@ -295,15 +261,16 @@ def loom_name(hf_name: str) -> str | None:
     raise ConvertError(f"unexpected tensor {hf_name!r} in the checkpoint (no HybridLM equivalent)")
 
 
-def convert_state_dict(files: list[Path], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Read, rename and check every tensor against HybridLM(cfg)'s names and shapes."""
+def convert_state_dict(files: list[Path], cfg: ModelConfig, rename=loom_name) -> dict[str, torch.Tensor]:
+    """Read, rename (`rename`: checkpoint name -> HybridLM name or None to skip) and check
+    every tensor against HybridLM(cfg)'s names and shapes."""
     with torch.device("meta"):  # names and shapes only, no memory
         expected = {k: tuple(v.shape) for k, v in HybridLM(cfg).state_dict().items()}
     out: dict[str, torch.Tensor] = {}
     for path in files:
         with open_safetensors(path) as f:
             for hf_name in f.keys():
-                name = loom_name(hf_name)
+                name = rename(hf_name)
                 if name is None or (name == "lm_head.weight" and cfg.tie_embeddings):
                     continue  # tied: transformers uses embed_tokens for the head as well
                 if name in out:
@@ -345,12 +312,16 @@ def convert_hf(src: str | Path, out: str | Path) -> Path:
     files = weight_files(src)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out}: already exists and is not empty; remove it or choose another output folder")
-    state = convert_state_dict(files, cfg)
+    family = family_of(hf)
+    state = convert_state_dict(files, cfg, loom_name if family is None else family.from_hf)
 
-    arch = SUPPORTED[hf["model_type"]]
+    arch = check_architecture(hf)
+    note = None if family is None else family.text_config(hf)[1]
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state.values()})
+    text_hf = hf if family is None else family.text_config(hf)[0]
     header = (f"# Converted by `loom convert hf` from {src.resolve()} ({arch}, {', '.join(dtypes)}).\n"
-              f"# Pretrained context: max_position_embeddings {hf.get('max_position_embeddings')}.\n"
+              + (f"# {note}.\n" if note else "")
+              + f"# Pretrained context: max_position_embeddings {text_hf.get('max_position_embeddings')}.\n"
               f"# Use this model section in a recipe and set `init_from: {out}` to start from these weights.\n")
     text = header + yaml.safe_dump({"model": model_yaml_dict(cfg)}, sort_keys=False)
 
@@ -402,7 +373,8 @@ def main_convert(argv: list[str]) -> int:
     Prints one line; errors print `error: ...` on stderr and return 2 (the
     exit code of every other `loom` user error)."""
     parser = argparse.ArgumentParser(prog="loom convert hf",
-                                     description="Import a local Llama/Qwen2 folder (config.json + *.safetensors).")
+                                     description="Import a local Hugging Face folder (config.json + *.safetensors) of "
+                                                 "Llama, Qwen2, Qwen3, Mistral, Gemma 3 or OLMo 3.")
     parser.add_argument("src", help="Hugging Face model folder")
     parser.add_argument("out", help="output folder (must not exist, or be empty)")
     args = parser.parse_args(argv)
@@ -414,6 +386,11 @@ def main_convert(argv: list[str]) -> int:
         return 2
     with torch.device("meta"):
         n_params = HybridLM(cfg).num_params()
-    print(f"converted {args.src} -> {out} ({len(cfg.layer_kinds())} attn layers, {n_params / 1e6:.1f}M params); "
+    kinds = cfg.layer_kinds()
+    layers = ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds))
+    family = family_of(read_hf_config(args.src))
+    note = family.text_config(read_hf_config(args.src))[1] if family is not None else None
+    note = f"{note}; " if note else ""
+    print(f"converted {args.src} -> {out} ({note}{len(kinds)} layers: {layers}; {n_params / 1e6:.1f}M params); "
           f"start a run with `model:` from {out / 'model.yaml'} and `init_from: {out}` in the recipe")
     return 0

@@ -1,21 +1,26 @@
 """Export a Loom model to a Hugging Face folder: `loom convert to-hf SRC OUT`.
 
 SRC is a run folder (latest valid checkpoint), a checkpoint folder or a
-`loom convert hf` folder (see loom.trainer.hf.source). Two targets:
+`loom convert hf` folder (see loom.trainer.hf.source). Targets:
 
   llama / qwen2   attention-only models (every layer `attn`, no gate, no MoH,
-                  no qk_norm, RoPE none/linear/yarn/llama3) become a
-                  LlamaForCausalLM (no q/k/v biases) or Qwen2ForCausalLM
-                  (q/k/v biases) folder that plain transformers loads; the
-                  inverse of `loom convert hf`, so import -> export -> import
-                  is the identity.
+                  no qk_norm, the Llama block layout, RoPE none/linear/yarn/llama3)
+                  become a LlamaForCausalLM (no biases, or q/k/v/o biases) or
+                  Qwen2ForCausalLM (q/k/v biases) folder that plain transformers
+                  loads; the inverse of `loom convert hf`, so import -> export ->
+                  import is the identity.
+  qwen3 / mistral / olmo3 / gemma3
+                  attn/swa models with the layout and options of one of those
+                  families (trainer/hf/families/: each adapter's native_problem says
+                  what its class can express) become its *ForCausalLM folder.
   remote          any HybridLM: config.json with `auto_map` plus
                   configuration_loom.py / modeling_loom.py (copied from
                   loom.trainer.hf.remote), loaded with
                   AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True).
                   The modeling code wraps the installed `loom` package, which
                   must be importable where the folder is loaded.
-`--target auto` (default) picks llama/qwen2 when the model fits, else remote.
+`--target auto` (default) picks the first native class that fits (llama, mistral,
+qwen2, qwen3, olmo3, gemma3), else remote.
 An explicit target the model does not fit is refused in one line naming the
 first layer or option it cannot express.
 
@@ -41,39 +46,66 @@ from safetensors.torch import save_file
 
 from loom.models import ModelConfig
 from loom.models.model import mixer_options
+from loom.trainer.hf.common import rope_to_hf as rope_params_to_hf
 from loom.trainer.hf.convert import ConvertError, model_yaml_dict
+from loom.trainer.hf.families import TARGETS as FAMILY_TARGETS
 from loom.trainer.data.tokenizer import ByteTokenizer
 from loom.trainer.hf.source import LoomSource, load_source
 
-TARGETS = ("auto", "llama", "qwen2", "remote")
-ARCH = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2")}
+TARGETS = ("auto", "llama", "qwen2", *FAMILY_TARGETS, "remote")
+ARCH = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+        **{t: (f.architecture, f.model_types[0]) for t, f in FAMILY_TARGETS.items()}}
+# Model fields a Llama / Qwen2 export needs at their defaults (the families' layouts are other classes).
+_LLAMA_LAYOUT = {"norm_placement": "pre", "norm_zero_centred": False, "norm_weight_fp32": False,
+                 "mlp_kind": "swiglu", "mlp_bias": False, "block_mlp": True, "embed_scale": 1.0,
+                 "logit_softcap": None}
 REMOTE_FILES = ("configuration_loom.py", "modeling_loom.py")
 
 
 # ----- which target can express the model -----
 
 def native_problem(cfg: ModelConfig, target: str) -> str | None:
-    """Why `cfg` cannot become a native `target` ("llama" or "qwen2") model, or None if it can."""
+    """Why `cfg` cannot become a native `target` model (llama, qwen2 or a family of
+    trainer/hf/families), or None if it can."""
+    if target in FAMILY_TARGETS:
+        return FAMILY_TARGETS[target].native_problem(cfg)
     name = ARCH[target][0]
     kinds = cfg.layer_kinds()
-    other = [(i, k) for i, k in enumerate(kinds) if k != "attn"]
+    allowed = ("attn",) if target == "llama" else ("attn", "swa")  # Qwen2: layer_types sliding windows
+    other = [(i, k) for i, k in enumerate(kinds) if k not in allowed]
     if other:
         i, kind = other[0]
-        return (f"layer {i} is {kind!r} ({len(other)} of {len(kinds)} layers are not 'attn'); "
-                f"{name} has softmax attention layers only")
-    opts = mixer_options(cfg)["attn"]
-    if opts.gate != "none":
-        return f"model.mixers.attn.gate is {opts.gate!r}; {name} has no attention output gate"
-    if opts.moh:
-        return f"model.mixers.attn.moh is true; {name} has no mixture-of-head routing"
-    if opts.qk_norm:
-        return f"model.mixers.attn.qk_norm is true; {name} has no query/key norm"
-    if opts.conv_size > 1:
-        return f"model.mixers.attn.conv_size is {opts.conv_size}; {name} has no short conv on q, k, v"
-    if not opts.rope:
-        return f"model.mixers.attn.rope is false; {name} always applies RoPE"
-    if target == "llama" and opts.qkv_bias:
-        return "model.mixers.attn.qkv_bias is true; LlamaForCausalLM biases q, k, v and o together (use qwen2)"
+        return (f"layer {i} is {kind!r} ({len(other)} of {len(kinds)} layers are not {' or '.join(allowed)}); "
+                f"{name} has {'softmax attention' if target == 'llama' else 'attention and sliding-window'} "
+                f"layers only")
+    for key, want in _LLAMA_LAYOUT.items():
+        if getattr(cfg, key) != want and not (key == "mlp_bias" and target == "llama"):  # Llama's mlp_bias
+            return f"model.{key} is {getattr(cfg, key)!r}; {name} needs {want!r}"
+    every = mixer_options(cfg)
+    present = [k for k in allowed if k in kinds]
+    for kind in present:
+        opts = every[kind]
+        where = f"model.mixers.{kind}"
+        if opts.gate != "none":
+            return f"{where}.gate is {opts.gate!r}; {name} has no attention output gate"
+        if opts.moh:
+            return f"{where}.moh is true; {name} has no mixture-of-head routing"
+        if opts.qk_norm:
+            return f"{where}.qk_norm is true; {name} has no query/key norm"
+        if opts.conv_size > 1:
+            return f"{where}.conv_size is {opts.conv_size}; {name} has no short conv on q, k, v"
+        if not opts.rope:
+            return f"{where}.rope is false; {name} always applies RoPE"
+        if opts.scale is not None or opts.rope_fraction != 1.0 or opts.rope_config not in (None, cfg.rope):
+            return (f"{where} sets scale, rope_fraction or rope_config; {name} scales by head_dim^-1/2 "
+                    f"and rotates whole heads with model.rope")
+        if target == "llama" and opts.qkv_bias != opts.out_bias:
+            return (f"{where}.qkv_bias and out_bias differ; LlamaForCausalLM biases q, k, v and o together "
+                    "(qwen2: q, k, v only)")
+        if target == "qwen2" and opts.out_bias:
+            return f"{where}.out_bias is true; Qwen2ForCausalLM has no o_proj bias"
+    if len(present) == 2 and every["attn"].qkv_bias != every["swa"].qkv_bias:
+        return f"model.mixers.attn.qkv_bias and model.mixers.swa.qkv_bias differ; {name} has one value for both"
     if cfg.rope.scaling == "ntk":
         return ("model.rope.scaling is 'ntk' (static); transformers' NTK scaling ('dynamic') changes with "
                 "the sequence length")
@@ -84,10 +116,12 @@ def choose_target(cfg: ModelConfig, target: str) -> str:
     if target not in TARGETS:
         raise ConvertError(f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
     if target == "auto":
-        if set(cfg.layer_kinds()) != {"attn"}:
-            return "remote"
-        preferred = "qwen2" if mixer_options(cfg)["attn"].qkv_bias else "llama"
-        return preferred if native_problem(cfg, preferred) is None else "remote"
+        # Mistral before Qwen2: a bias-free all-swa model is Mistral's; Qwen2 (zero biases if
+        # the model has none) takes mixed attn/swa layer patterns
+        for candidate in ("llama", "mistral", "qwen2", *[t for t in FAMILY_TARGETS if t != "mistral"]):
+            if native_problem(cfg, candidate) is None:
+                return candidate
+        return "remote"
     if target != "remote":
         problem = native_problem(cfg, target)
         if problem is not None:
@@ -100,18 +134,7 @@ def choose_target(cfg: ModelConfig, target: str) -> str:
 
 def rope_to_hf(cfg: ModelConfig) -> dict:
     """transformers' rope_parameters (v5) for cfg.rope; rope_theta included."""
-    r = cfg.rope
-    if r.scaling == "none":
-        return {"rope_type": "default", "rope_theta": r.base}
-    if r.scaling == "linear":
-        return {"rope_type": "linear", "factor": r.factor, "rope_theta": r.base}
-    if r.scaling == "yarn":
-        return {"rope_type": "yarn", "factor": r.factor, "original_max_position_embeddings": r.original_max_len,
-                "beta_fast": r.beta_fast, "beta_slow": r.beta_slow, "rope_theta": r.base}
-    if r.scaling == "llama3":
-        return {"rope_type": "llama3", "factor": r.factor, "original_max_position_embeddings": r.original_max_len,
-                "low_freq_factor": r.low_freq_factor, "high_freq_factor": r.high_freq_factor, "rope_theta": r.base}
-    raise ConvertError(f"model.rope.scaling {r.scaling!r} has no transformers equivalent")
+    return rope_params_to_hf(cfg.rope)
 
 
 def _max_positions(src: LoomSource) -> int:
@@ -139,6 +162,13 @@ def _special_ids(tokenizer) -> dict:
 def native_config(src: LoomSource, target: str) -> dict:
     cfg = src.cfg
     arch, model_type = ARCH[target]
+    if target in FAMILY_TARGETS:
+        return {"architectures": [arch], "model_type": model_type, "vocab_size": cfg.vocab_size,
+                "hidden_size": cfg.d_model, "intermediate_size": cfg.mlp_hidden,
+                "num_hidden_layers": len(cfg.layer_kinds()), "num_attention_heads": cfg.n_heads,
+                "max_position_embeddings": _max_positions(src), "initializer_range": cfg.init_std,
+                "use_cache": True, "torch_dtype": _dtype_name(src.state), **_special_ids(src.tokenizer),
+                **FAMILY_TARGETS[target].hf_config(cfg)}
     rope = rope_to_hf(cfg)
     n = len(cfg.layer_kinds())
     out = {
@@ -155,10 +185,12 @@ def native_config(src: LoomSource, target: str) -> dict:
         **_special_ids(src.tokenizer),
     }
     if target == "llama":
-        out |= {"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
+        out |= {"attention_bias": _first_attention(cfg).qkv_bias, "mlp_bias": cfg.mlp_bias, "pretraining_tp": 1}
     else:
-        out |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": n,
-                "layer_types": ["full_attention"] * n}
+        opts = mixer_options(cfg)
+        window = opts["swa"].window + 1 if "swa" in opts else None  # transformers counts the query itself
+        out |= {"use_sliding_window": window is not None, "sliding_window": window, "max_window_layers": n,
+                "layer_types": ["sliding_attention" if k == "swa" else "full_attention" for k in cfg.layer_kinds()]}
     return out
 
 
@@ -187,7 +219,7 @@ _EXPORT_RENAMES = [
     (r"blocks\.(\d+)\.mixer_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
     (r"blocks\.(\d+)\.mixer\.([qkvo]_proj)\.(weight|bias)", r"model.layers.\1.self_attn.\2.\3"),
     (r"blocks\.(\d+)\.mlp_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
-    (r"blocks\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight", r"model.layers.\1.mlp.\2.weight"),
+    (r"blocks\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.(weight|bias)", r"model.layers.\1.mlp.\2.\3"),
     (r"norm\.weight", "model.norm.weight"),
     (r"lm_head\.weight", "lm_head.weight"),
 ]
@@ -195,18 +227,25 @@ _EXPORT_RENAMES = [
 
 def native_state(state: dict[str, torch.Tensor], cfg: ModelConfig, target: str) -> dict[str, torch.Tensor]:
     """HybridLM state dict -> the transformers one (Qwen2: zero q/k/v biases when the model has none)."""
+    if target in FAMILY_TARGETS:
+        return {FAMILY_TARGETS[target].to_hf(name): t.contiguous() for name, t in state.items()}
     out = {}
     for name, t in state.items():
         new = next((re.sub(pat, repl, name) for pat, repl in _EXPORT_RENAMES if re.fullmatch(pat, name)), None)
         if new is None:
             raise ConvertError(f"tensor {name!r} has no {ARCH[target][0]} equivalent")
         out[new] = t.contiguous()
-    if target == "qwen2" and not mixer_options(cfg)["attn"].qkv_bias:  # Qwen2 always has q/k/v biases
+    if target == "qwen2" and not _first_attention(cfg).qkv_bias:  # Qwen2 always has q/k/v biases
         for i in range(len(cfg.layer_kinds())):
             for p in "qkv":
                 w = out[f"model.layers.{i}.self_attn.{p}_proj.weight"]
                 out[f"model.layers.{i}.self_attn.{p}_proj.bias"] = w.new_zeros(w.shape[0])
     return out
+
+
+def _first_attention(cfg: ModelConfig):
+    opts = mixer_options(cfg)
+    return opts.get("attn") or opts["swa"]
 
 
 # ----- tokenizer -----
