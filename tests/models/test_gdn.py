@@ -75,3 +75,29 @@ def test_sigmoid2_beta_is_twice_sigmoid(monkeypatch):
 def test_head_counts_must_divide():
     with pytest.raises(ValueError, match="n_v_heads = 4 must be a multiple of n_k_heads = 3"):
         gdn(n_k_heads=3)
+
+
+def test_bf16_autocast_error_within_the_token_loops():
+    """Under CPU bf16 autocast (projections in bf16, the op in fp32) the chunked layer's error
+    against the fp64 layer stays within 2x that of the same layer on the token-loop reference,
+    for the output and every parameter gradient; no NaN (STYLE.md 6)."""
+    x = torch.randn(2, 70, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    pos = torch.cat([torch.arange(30), torch.arange(40)]).expand(2, 70)
+
+    def run(impl, dtype):
+        bf16 = dtype == torch.bfloat16
+        mixer = gdn(n_k_heads=2, chunk=16, impl=impl).to(torch.float32 if bf16 else torch.float64)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # casts fp32 matmuls only
+            y = mixer(x.to(torch.float32) if bf16 else x, SeqContext(position_ids=pos))[0]
+        assert (y.dtype == torch.bfloat16) == bf16  # out_proj ran in bf16
+        y.double().pow(2).sum().backward()
+        return [y.double()] + [p.grad.double() for p in mixer.parameters()]
+
+    ref = run("reference", torch.float64)
+    got, base = run("chunked", torch.bfloat16), run("reference", torch.bfloat16)
+    names = ["y"] + [n for n, _ in gdn().named_parameters()]
+    for name, r, a, b in zip(names, ref, got, base):
+        assert not torch.isnan(a).any(), name
+        assert (a - r).abs().max() > 0, f"{name}: no bf16 rounding at all"
+        err, base_err = (a - r).abs().max().item(), (b - r).abs().max().item()
+        assert err <= 2 * base_err + 2 ** -8 * r.abs().max().item(), f"{name}: chunked {err:.3g}, loop {base_err:.3g}"
