@@ -127,7 +127,8 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
         return (o, state) if return_state else o
     if impl == "auto":
         impl = "fla" if on_gpu(v) and have_fla() else "chunked"
-    require(impl != "fla" or have_fla(), "gated_delta_rule", impl, "fla-core is not installed (pip install -e '.[gpu]')")
+    require(impl != "fla" or have_fla(), "gated_delta_rule", impl,
+            "fla-core is not installed (pip install -e '.[gpu]')")
     announce(OP, impl)
     if impl == "fla":
         from loom.kernels.gated_delta_rule.fla import gated_delta_rule_fla
