@@ -46,7 +46,8 @@ def gated_delta_rule_fla(q, k, v, g, beta, *, scale: float, initial_state=None, 
                              h0.new_zeros(flat_starts.shape[0], HV, K, V))
         last = torch.searchsorted(flat_starts, torch.arange(1, B + 1, device=v.device) * T) - 1  # (B,)
         q, k, v, g, beta = (x.reshape(1, B * T, *x.shape[2:]) for x in (q, k, v, g, beta))
-    o, final = chunk_gated_delta_rule(q, k, v, g.float(), beta, scale=scale, initial_state=h0,
+    # dtypes as transformers passes them: g in fp32, beta in the activations' dtype
+    o, final = chunk_gated_delta_rule(q, k, v, g.float(), beta.to(v.dtype), scale=scale, initial_state=h0,
                                       output_final_state=return_state, cu_seqlens=cu_seqlens,
                                       use_qk_l2norm_in_kernel=use_qk_l2norm)
     o = o.reshape(B, T, HV, V)
