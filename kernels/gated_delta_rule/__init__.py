@@ -122,8 +122,9 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
             raise ValueError("gated_delta_rule under context parallelism takes no initial_state and no cu_seqlens")
         from loom.kernels.gated_delta_rule.cp import cp_gated_delta_rule
 
-        o, state = cp_gated_delta_rule(q, k, v, g, beta, cp, scale=scale, seq_ids=seq_ids,
-                                       use_qk_l2norm=use_qk_l2norm, chunk=chunk)
+        with torch.autocast(device_type=v.device.type, enabled=False):
+            o, state = cp_gated_delta_rule(q, k, v, g, beta, cp, scale=scale, seq_ids=seq_ids,
+                                           use_qk_l2norm=use_qk_l2norm, chunk=chunk)
         return (o, state) if return_state else o
     if impl == "auto":
         impl = "fla" if on_gpu(v) and have_fla() else "chunked"
@@ -137,6 +138,14 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
                                         cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm, return_state=return_state)
         return (o, state) if return_state else o
 
+    # fp32 (fp64) inside whatever autocast is in force: it would run the state's matmuls in bf16
+    with torch.autocast(device_type=v.device.type, enabled=False):
+        o, state = _cpu(q, k, v, g, beta, scale, initial_state, seq_ids, cu_seqlens, use_qk_l2norm, impl, chunk)
+    return (o, state) if return_state else o
+
+
+def _cpu(q, k, v, g, beta, scale, initial_state, seq_ids, cu_seqlens, use_qk_l2norm, impl, chunk):
+    """The reference and chunked paths (any device), varlen rows padded into a batch."""
     T = q.shape[1]
     reset = _reset(seq_ids)
     if cu_seqlens is not None:  # one row per sequence, end-padded with beta = g = 0 (the state stays exact)
@@ -153,4 +162,4 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
         o = o.to(v.dtype)
     if cu_seqlens is not None:
         o = o[valid][None]  # (1, T, HV, V) in the packed order
-    return (o, state) if return_state else o
+    return o, state

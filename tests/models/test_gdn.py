@@ -78,7 +78,7 @@ def test_head_counts_must_divide():
 
 
 def test_bf16_autocast_error_within_the_token_loops():
-    """Under CPU bf16 autocast (projections in bf16, the op in fp32) the chunked layer's error
+    """Under CPU bf16 autocast (projections in bf16, the op in fp32 with autocast off inside) the chunked layer's error
     against the fp64 layer stays within 2x that of the same layer on the token-loop reference,
     for the output and every parameter gradient; no NaN (STYLE.md 6)."""
     x = torch.randn(2, 70, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
