@@ -16,8 +16,10 @@ Weights map one to one onto transformers' names: in_proj_qkv, in_proj_z, in_proj
 dt_bias, A_log, norm.weight, out_proj as Qwen3.5; conv1d.weight is (C, W) with weight[:, j]
 multiplying x_{t-j}, i.e. HF's conv1d.weight (C, 1, W) as weight[:, 0].flip(-1). Qwen3-Next packs
 in_proj_qkvz / in_proj_ba per key head ([q, k, v_group, z_group] of each of the HK heads): the
-importer un-interleaves them into these four matrices. OLMo-hybrid's q/k/v_proj, g_proj (= z),
-a_proj, b_proj, o_proj map the same way (its separate q/k/v convs concatenate into conv1d).
+importer un-interleaves them into these four matrices. OLMo-hybrid's q/k/v_proj (concatenated
+into in_proj_qkv), g_proj (= in_proj_z), a_proj, b_proj, conv1d, o_norm (= norm) and o_proj (=
+out_proj) map the same way, with beta: sigmoid2 and norm_eps: 1e-5 (tests/models/test_gdn_parity.py
+checks all three layers).
 The conv keeps documents apart (models/mixers/conv.py), as does the op (seq_ids).
 
 Decoding state: {"conv": (B, W-1, C) the last pre-conv projections, "recurrent": (B, HV, K, V)

@@ -1,6 +1,7 @@
 """The `gdn` mixer against transformers' own layers, weights copied one to one (the mapping the
-HF importer uses): Qwen3_5GatedDeltaNet (separate in_proj_qkv / z / b / a) and
-Qwen3NextGatedDeltaNet (in_proj_qkvz / in_proj_ba interleaved per key head), grouped heads
+HF importer uses): Qwen3_5GatedDeltaNet (separate in_proj_qkv / z / b / a),
+Qwen3NextGatedDeltaNet (in_proj_qkvz / in_proj_ba interleaved per key head) and
+OlmoHybridGatedDeltaNet (q/k/v/g/a/b_proj, beta = 2 sigmoid: `beta: sigmoid2`), grouped heads
 (HV = 2 HK), K != V; and the op against transformers' torch_chunk_gated_delta_rule. fp32
 (transformers computes the rule in fp32). Cost: ~2 s.
 """
@@ -20,10 +21,11 @@ SIZES = dict(hidden_size=D, linear_num_key_heads=HK, linear_num_value_heads=HV, 
              layer_types=["linear_attention"], hidden_act="silu")
 
 
-def loom_gdn():
+def loom_gdn(**opts):
     dims = MixerDims(D, HV, HV, 16, layer_idx=0, n_layers=1, rope=RopeConfig())
     cls = MIXERS["gdn"]
-    return cls(dims, cls.Config(n_v_heads=HV, n_k_heads=HK, head_k_dim=K, head_v_dim=V, conv_size=W, chunk=16))
+    return cls(dims, cls.Config(n_v_heads=HV, n_k_heads=HK, head_k_dim=K, head_v_dim=V, conv_size=W, chunk=16,
+                                **opts))
 
 
 def randomise(module):
@@ -34,13 +36,13 @@ def randomise(module):
     return module
 
 
-def copy_common(hf, ours):
+def copy_common(hf, ours, norm="norm", out="out_proj"):
     with torch.no_grad():
         ours.conv1d.weight.copy_(hf.conv1d.weight[:, 0].flip(-1))  # HF's tap W-1-j multiplies x_{t-j}
         ours.dt_bias.copy_(hf.dt_bias)
         ours.A_log.copy_(hf.A_log)
-        ours.norm.weight.copy_(hf.norm.weight)
-        ours.out_proj.weight.copy_(hf.out_proj.weight)
+        ours.norm.weight.copy_(getattr(hf, norm).weight)
+        ours.out_proj.weight.copy_(getattr(hf, out).weight)
 
 
 def compare(hf, ours, T=77):
@@ -74,6 +76,21 @@ def test_matches_qwen3_next_gated_delta_net():
         ours.in_proj_z.weight.copy_(z.reshape(-1, D))
         ours.in_proj_b.weight.copy_(b.reshape(-1, D))
         ours.in_proj_a.weight.copy_(a.reshape(-1, D))
+    compare(hf, ours)
+
+
+def test_matches_olmo_hybrid_gated_delta_net():
+    olmo = pytest.importorskip("transformers.models.olmo_hybrid.modeling_olmo_hybrid")
+    sizes = {**SIZES, "num_hidden_layers": 2, "layer_types": ["linear_attention", "full_attention"]}
+    cfg = olmo.OlmoHybridConfig(**sizes, num_attention_heads=2, linear_allow_neg_eigval=True)
+    hf = randomise(olmo.OlmoHybridGatedDeltaNet(cfg, layer_idx=0)).eval()
+    ours = loom_gdn(beta="sigmoid2", norm_eps=1e-5)  # OLMo-hybrid's gated norm: eps 1e-5
+    copy_common(hf, ours, norm="o_norm", out="o_proj")
+    with torch.no_grad():
+        ours.in_proj_qkv.weight.copy_(torch.cat([hf.q_proj.weight, hf.k_proj.weight, hf.v_proj.weight]))
+        ours.in_proj_z.weight.copy_(hf.g_proj.weight)
+        ours.in_proj_b.weight.copy_(hf.b_proj.weight)
+        ours.in_proj_a.weight.copy_(hf.a_proj.weight)
     compare(hf, ours)
 
 
