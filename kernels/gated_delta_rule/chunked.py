@@ -83,6 +83,7 @@ def gated_delta_rule_chunked(q, k, v, g, beta, *, reset=None, initial_state=None
         reset = torch.zeros(B, T, dtype=torch.bool, device=k.device)
     reset = torch.cat([torch.zeros_like(reset[:, :1]), reset[:, 1:]], dim=1)
     Z = v.new_zeros(B, H, K, v.shape[3]) if initial_state is None else initial_state.to(v.dtype)
+    chunk = min(chunk, T)  # a decoding step (T = 1) is one chunk of one token, not 64 padded ones
     span = chunk * segment_chunks
     outs = []
     # split, not slicing in the loop: each slice's backward would build a full-size gradient
