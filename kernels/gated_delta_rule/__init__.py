@@ -16,7 +16,8 @@ WY / UT chunk form, a loop over chunks only); "reference" runs the token loop of
 (tests); each can be forced, and a forced "fla" without fla-core raises. The choice is announced
 once per process (loom.kernels.dispatch, op "gated delta rule").
 Under `cp` (a CPContext) the sequence is sharded across ranks (cp.py: each piece's end state is
-affine in its start state; the ranks exchange those maps and compose them in global order).
+affine in its start state; the ranks exchange those maps and compose them in global order); the
+pieces run on the backend `impl` resolves to (fla's kernel on CUDA), announced with the layout.
 
 Example:
     o, S = gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True, seq_ids=doc_ids, return_state=True)
@@ -117,19 +118,20 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     if impl not in IMPLS:
         raise ValueError(f"unknown gated_delta_rule impl {impl!r}; choose one of {IMPLS}")
     scale = q.shape[3] ** -0.5 if scale is None else float(scale)
+    if impl == "auto":
+        impl = "fla" if on_gpu(v) and have_fla() else "chunked"
+    require(impl != "fla" or have_fla(), "gated_delta_rule", impl,
+            "fla-core is not installed (pip install -e '.[gpu]')")
     if cp is not None:
         if initial_state is not None or cu_seqlens is not None:
             raise ValueError("gated_delta_rule under context parallelism takes no initial_state and no cu_seqlens")
         from loom.kernels.gated_delta_rule.cp import cp_gated_delta_rule
 
+        announce(OP, f"{impl} (context-parallel, layout={cp.layout}, cp={cp.world_size})")
         with torch.autocast(device_type=v.device.type, enabled=False):
             o, state = cp_gated_delta_rule(q, k, v, g, beta, cp, scale=scale, seq_ids=seq_ids,
-                                           use_qk_l2norm=use_qk_l2norm, chunk=chunk)
+                                           use_qk_l2norm=use_qk_l2norm, chunk=chunk, impl=impl)
         return (o, state) if return_state else o
-    if impl == "auto":
-        impl = "fla" if on_gpu(v) and have_fla() else "chunked"
-    require(impl != "fla" or have_fla(), "gated_delta_rule", impl,
-            "fla-core is not installed (pip install -e '.[gpu]')")
     announce(OP, impl)
     if impl == "fla":
         from loom.kernels.gated_delta_rule.fla import gated_delta_rule_fla

@@ -12,7 +12,8 @@ with M_t (K, K) the product of the tokens' exp(g) (I - beta k k^T), O_t the stat
 start. One run of the chunked form computes all of it: values [v, 0] (V + K columns) from the
 start state [0, I] give outputs [o|0, r] and the final state [O, M] (each column evolves on its
 own). So each rank
-  1. runs its pieces that way (a document starting inside a piece zeroes its M);
+  1. runs its pieces that way (`piece_maps`, on the op's backend: the chunked form, or fla's
+     kernel on CUDA; a document starting inside a piece zeroes its M);
   2. all-gathers every piece's (O, M) (B HV K (V + K) numbers per piece) and, without
      gradient, the document ids at the pieces' ends;
   3. composes in GLOBAL piece order: Z_in(0) = 0, Z_end(c) = M_c Z_in(c) + O_c, and
@@ -30,9 +31,9 @@ import torch
 from loom.kernels.context_parallel.gather import all_gather, all_gather_nograd, depend_on
 from loom.kernels.context_parallel.layout import CPContext, check_seq_len, chunk_ranges
 from loom.kernels.gated_delta_rule.chunked import gated_delta_rule_chunked
-from loom.kernels.gated_delta_rule.reference import prepare
+from loom.kernels.gated_delta_rule.reference import gated_delta_rule_reference, prepare
 
-__all__ = ["cp_gated_delta_rule", "piece_indices"]
+__all__ = ["cp_gated_delta_rule", "piece_indices", "piece_maps"]
 
 
 def piece_indices(T: int, cp: CPContext, rank: int) -> list[int]:
@@ -41,31 +42,53 @@ def piece_indices(T: int, cp: CPContext, rank: int) -> list[int]:
     return [a // P for a, _ in chunk_ranges(T, cp.world_size, rank, cp.layout)]
 
 
+def piece_maps(q, k, v, g, beta, *, scale: float, seq_ids=None, use_qk_l2norm=False, chunk: int = 64,
+               impl: str = "chunked"):
+    """One piece run from the start state [0, I] with values [v, 0] by backend `impl` ("chunked",
+    "reference" or "fla"). q, k: (B, P, HK, K); v: (B, P, HV, V); g, beta: (B, P, HV); seq_ids (B, P)
+    or None. Returns (o, r) (B, P, HV, V + K): the output from a zero state and the reads
+    r_t = M_t^T (scale q_t), and (O, M) (B, HV, K, V + K): the end state from zero and the map."""
+    B, P, HV, V = v.shape
+    K = k.shape[3]
+    dt = torch.float64 if v.dtype == torch.float64 else torch.float32
+    start = torch.cat([torch.zeros(K, V, dtype=dt, device=v.device), torch.eye(K, dtype=dt, device=v.device)], 1)
+    start = start.expand(B, HV, K, V + K)  # (B, HV, K, V + K)
+    v_ext = torch.cat([v, v.new_zeros(B, P, HV, K)], dim=-1)  # (B, P, HV, V + K)
+    if impl == "fla":
+        from loom.kernels.gated_delta_rule.fla import gated_delta_rule_fla
+
+        o, final = gated_delta_rule_fla(q, k, v_ext, g, beta, scale=scale, initial_state=start, seq_ids=seq_ids,
+                                        use_qk_l2norm=use_qk_l2norm, return_state=True)
+        return o.to(dt), final.to(dt)
+    reset = None if seq_ids is None else torch.cat([torch.zeros_like(seq_ids[:, :1], dtype=torch.bool),
+                                                    seq_ids[:, 1:] != seq_ids[:, :-1]], 1)
+    if impl == "reference":
+        o, final = gated_delta_rule_reference(q, k, v_ext.to(dt), g, beta, scale=scale, reset=reset,
+                                              initial_state=start, use_qk_l2norm=use_qk_l2norm)
+        return o, final
+    qq, kk, vv, gg, bb = prepare(q, k, v_ext, g, beta, scale, use_qk_l2norm)
+    return gated_delta_rule_chunked(qq, kk, vv, gg, bb, reset=reset, initial_state=start, chunk=chunk)
+
+
 def cp_gated_delta_rule(q, k, v, g, beta, cp: CPContext, *, scale: float, seq_ids=None, use_qk_l2norm=False,
-                        chunk: int = 64):
+                        chunk: int = 64, impl: str = "chunked"):
     """`gated_delta_rule` on this rank's shard (either layout). q, k: (B, L, HK, K); v: (B, L, HV, V);
     g, beta: (B, L, HV); seq_ids: (B, L) shard of the global document ids, or None (one document
     per row). Returns o (B, L, HV, V) in v's dtype, equal to the shard of the single-process output,
     and the state after the whole sequence (B, HV, K, V), the same on every rank. Collective."""
-    B, L = v.shape[:2]
+    B, L, HV, V = v.shape
+    K = k.shape[3]
     T = L * cp.world_size
     check_seq_len(T, cp)
     P = T // cp.n_chunks
-    qq, kk, vv, gg, bb = prepare(q, k, v, g, beta, scale, use_qk_l2norm)
-    HV, K, V = vv.shape[2], kk.shape[3], vv.shape[3]
-    start = torch.cat([vv.new_zeros(K, V), torch.eye(K, dtype=vv.dtype, device=vv.device)], 1)  # (K, V + K)
-    start = start.expand(B, HV, K, V + K)
-    v_ext = torch.cat([vv, vv.new_zeros(B, L, HV, K)], dim=-1)  # (B, L, HV, V + K)
 
-    # 1. every local piece from the start state [0, I]
+    # 1. every local piece from the start state [0, I], on backend `impl`
     outs, maps, ends = [], [], []
     for i in range(L // P):
         sl = slice(i * P, (i + 1) * P)
         ids = None if seq_ids is None else seq_ids[:, sl]
-        reset = None if ids is None else torch.cat([torch.zeros_like(ids[:, :1], dtype=torch.bool),
-                                                    ids[:, 1:] != ids[:, :-1]], 1)
-        o, final = gated_delta_rule_chunked(qq[:, sl], kk[:, sl], v_ext[:, sl], gg[:, sl], bb[:, sl],
-                                            reset=reset, initial_state=start, chunk=chunk)
+        o, final = piece_maps(q[:, sl], k[:, sl], v[:, sl], g[:, sl], beta[:, sl], scale=scale, seq_ids=ids,
+                              use_qk_l2norm=use_qk_l2norm, chunk=chunk, impl=impl)
         outs.append(o)  # (B, P, HV, V + K): [o from zero, r]
         maps.append(final)  # (B, HV, K, V + K): [O, M]
         if ids is not None:
@@ -80,7 +103,7 @@ def cp_gated_delta_rule(q, k, v, g, beta, cp: CPContext, *, scale: float, seq_id
             if ids_all is not None:
                 ids_by_piece[c] = ids_all[r, i]
     # 3. compose in position order
-    Z = vv.new_zeros(B, HV, K, V)
+    Z = maps[0].new_zeros(B, HV, K, V)
     incoming = []
     for c in range(cp.n_chunks):
         if c > 0 and ids_by_piece:

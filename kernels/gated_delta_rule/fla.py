@@ -31,7 +31,7 @@ def gated_delta_rule_fla(q, k, v, g, beta, *, scale: float, initial_state=None, 
     B, T, HV, V = v.shape
     K = k.shape[3]
     q, k = expand_heads(q, HV), expand_heads(k, HV)
-    h0 = None if initial_state is None else initial_state.float()
+    h0 = None if initial_state is None else initial_state.float().contiguous()  # cp passes an expanded [0, I]
     last = None
     if cu_seqlens is None:
         starts = torch.zeros(B, T, dtype=torch.bool, device=v.device)

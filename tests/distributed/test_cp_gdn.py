@@ -27,7 +27,8 @@ import _gloo  # noqa: E402
 B, T, HK, HV, K, V = 2, 48, 2, 4, 4, 3
 TOL = dict(atol=1e-11, rtol=1e-9)
 # (layout, world): the cases each process group runs
-CASES = {"zigzag_cp2": ("zigzag", 2), "contiguous_cp2": ("contiguous", 2), "zigzag_cp4": ("zigzag", 4)}
+CASES = {"zigzag_cp2": ("zigzag", 2), "contiguous_cp2": ("contiguous", 2), "zigzag_cp4": ("zigzag", 4),
+         "zigzag_cp2_reference": ("zigzag", 2)}  # the pieces on the token-loop reference (impl="reference")
 
 
 def _inputs():
@@ -51,8 +52,9 @@ def _run_case(name: str, world: int) -> dict:
     o, S = gated_delta_rule(*full, seq_ids=ids, use_qk_l2norm=True, return_state=True, chunk=5)
     torch.autograd.backward([o, S], [dy, dS])
     shards = [shard_sequence(x, cp).clone().requires_grad_() for x in xs]
+    impl = "reference" if name.endswith("_reference") else "auto"
     o_loc, S_loc = gated_delta_rule(*shards, seq_ids=shard_sequence(ids, cp), use_qk_l2norm=True, return_state=True,
-                                    cp=cp, chunk=5)
+                                    cp=cp, chunk=5, impl=impl)
     # every rank returns the whole sequence's state: its gradient is taken once (on rank 0)
     torch.autograd.backward([o_loc, S_loc], [shard_sequence(dy, cp), dS if cp.rank == 0 else torch.zeros_like(dS)])
     torch.testing.assert_close(o_loc, shard_sequence(o, cp).detach(), **TOL, msg=lambda m: f"o: {m}")

@@ -13,6 +13,7 @@ import torch
 
 from loom.kernels import dispatch
 from loom.kernels.gated_delta_rule import gated_delta_rule
+from loom.kernels.gated_delta_rule.cp import piece_maps
 
 F64, BF16 = torch.float64, torch.bfloat16
 HK, HV, K, V = 2, 4, 8, 6
@@ -196,3 +197,18 @@ def test_past_131k_tokens_chunked_tail_equals_reference():
     assert torch.isfinite(o).all()
     torch.testing.assert_close(o[:, cut:], o_ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(S, S_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "reference"])
+def test_piece_maps_are_the_affine_map_of_the_start_state(impl):
+    """cp.py's building block: one run from [0, I] gives (o, r) and (O, M) with, for any start
+    state Z, output o + Z^T r and end state M Z + O (documents inside: M after a start is 0)."""
+    q, k, v, g, beta, Z = inputs(2, 37)
+    ids = doc_ids(2, 37)
+    (o0, r), (O, M) = (x.split([V, K], dim=-1) for x in piece_maps(q, k, v, g, beta, scale=K ** -0.5, seq_ids=ids,
+                                                                   use_qk_l2norm=True, chunk=8, impl=impl))
+    o, S = gated_delta_rule(q, k, v, g, beta, initial_state=Z, seq_ids=ids, use_qk_l2norm=True, return_state=True,
+                            impl="reference")
+    torch.testing.assert_close(o0 + torch.einsum("bthk,bhkv->bthv", r, Z), o, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(M @ Z + O, S, rtol=1e-10, atol=1e-10)
+    assert M[0].abs().max() == 0 and M[1].abs().max() > 0  # row 0 starts documents inside the piece
