@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-KINDS = ["attn", "swa", "s2", "rat", "linear", "memory", "titans_mag", "titans_mac"]
+KINDS = ["attn", "swa", "s2", "rat", "linear", "gdn", "memory", "titans_mag", "titans_mac"]
 SETTINGS = {  # as benchmarks/mixers.py (paper defaults)
     "swa": {"window": 512},
     "rat": {"chunk": 16},
@@ -36,7 +36,7 @@ SETTINGS = {  # as benchmarks/mixers.py (paper defaults)
     "titans_mag": {"chunk_size": 64, "window": 512},
     "titans_mac": {"chunk_size": 64, "segment": 512},
 }
-RECIPES = ["rat-swa-125m", "rat-swa-350m", "s2-hybrid-350m"]
+RECIPES = ["rat-swa-125m", "rat-swa-350m", "s2-hybrid-350m", "gdn-hybrid-350m"]
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0,
                     "RTX 4090": 165.0, "RTX 3090": 71.0}
 FULL = dict(lengths=[4096, 8192, 16384, 32768, 65536, 131072], d_model=1024, n_heads=16,

@@ -35,6 +35,7 @@ SETTINGS = {  # options per kind for the benchmark (paper defaults where they ex
     "rat": {"chunk": 16},
     "s2": {"block": 64, "local_blocks": 8, "vert_stride": 4},
     "linear": {},
+    "gdn": {},  # Qwen3.5 layer defaults: conv 4, chunk 64, q/k heads = value heads
     "memory": {"chunk_size": 64},
     "titans_mag": {"chunk_size": 64, "window": 512},
     "titans_mac": {"chunk_size": 64, "segment": 512},

@@ -1,4 +1,4 @@
-"""Context parallelism of the swa, linear, rat and s2 mixers against the single process.
+"""Context parallelism of the swa, linear, gdn, rat and s2 mixers against the single process.
 
 Multi-process (gloo, CPU, fp64), cp = 2 and cp = 4, zigzag layout (what the
 trainer uses; a few cases also contiguous): for each case, a mixer built identically on every
@@ -49,6 +49,7 @@ CASES = {
     "swa_w5_conv3_ring": ("swa", dict(window=5, conv_size=3), 4, 2, 8, "ring", True),
     "linear_docs": ("linear", dict(block=4), 4, 4, 8, "ring", True),
     "linear_one_doc": ("linear", dict(block=5, output_gate="full"), 4, 4, 8, "ulysses", False),
+    "gdn_docs": ("gdn", dict(chunk=5, n_k_heads=2, conv_size=4), 4, 4, 8, "ring", True),
     "rat_L4_docs": ("rat", dict(chunk=4, groups=2), 4, 4, 8, "ring", True),
     "rat_L3_docs_norope": ("rat", dict(chunk=3, groups=1, rope=False), 4, 4, 8, "ring", True),
     "rat_L2_one_doc": ("rat", dict(chunk=2, groups=2, gate="elementwise"), 4, 4, 8, "ulysses", False),
@@ -58,6 +59,7 @@ CASES = {
     "s2_conv4_docs": ("s2", dict(block=2, local_blocks=2, vert_stride=4, conv_size=4), 4, 4, 8, "ulysses", True),
     # the contiguous layout (rank r holds one piece of T / cp)
     "linear_docs_contiguous": ("linear", dict(block=4), 4, 4, 8, "ring", True),
+    "gdn_docs_contiguous": ("gdn", dict(chunk=5, n_k_heads=2, beta="sigmoid2"), 4, 4, 8, "ulysses", True),
     "rat_L4_docs_contiguous": ("rat", dict(chunk=4, groups=2), 4, 4, 8, "ring", True),
     "s2_gqa_docs_contiguous": ("s2", dict(block=3, local_blocks=2, vert_stride=4), 4, 2, 8, "ulysses", True),
     # a whole HybridLM (embedding, blocks with MLPs, final norm) stacking the four kinds

@@ -15,6 +15,7 @@ SMALL = {
     "rat": {"chunk": 4},
     "s2": {"block": 4, "local_blocks": 2, "vert_stride": 3},
     "linear": {"block": 8},
+    "gdn": {"chunk": 8, "n_k_heads": 2},
     "memory": {"chunk_size": 4},
     "titans_mag": {"chunk_size": 4, "window": 7},
     "titans_mac": {"chunk_size": 4, "segment": 8},

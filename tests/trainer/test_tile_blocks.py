@@ -1,6 +1,6 @@
 """train.tile_blocks (trainer/distributed/tiling.py): every block runs on sequence tiles, each
 tile recomputed in backward: swa blocks with a halo of `window` tokens, blocks of
-unbounded reach (attention, RAT, Titans, linear attention) with their mixer's state
+unbounded reach (attention, RAT, Titans, linear attention, Gated DeltaNet) with their mixer's state
 carried from tile to tile. Both give the loss and gradients of the untiled model
 (float64; packed documents; tiles that do not divide T; every mixer kind; with full
 checkpointing and MLP tiling), evaluation and decoding are unchanged, a tile shorter
@@ -17,7 +17,7 @@ from loom.trainer.distributed.tiling import apply_tile_blocks, apply_tile_mlp
 
 # Structure (chunks, windows, blocks) smaller than the tiles, so both are crossed.
 SMALL = {"swa": {"window": 5}, "rat": {"chunk": 4}, "s2": {"block": 4, "local_blocks": 2, "vert_stride": 2},
-         "linear": {"block": 8}, "memory": {"chunk_size": 4}, "titans_mag": {"chunk_size": 4, "window": 7},
+         "linear": {"block": 8}, "gdn": {"chunk": 8}, "memory": {"chunk_size": 4}, "titans_mag": {"chunk_size": 4, "window": 7},
          "titans_mac": {"chunk_size": 4, "segment": 8}}
 
 
