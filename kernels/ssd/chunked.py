@@ -2,6 +2,7 @@
 
 Legend: B batch, T tokens, H heads = G groups x R heads per group, P head dim,
 N state size, M chunks, Q chunk length, t, j offsets inside a chunk.
+Inside, a group's state is kept as (N, R P): its R heads' (P, N) states transposed, side by side.
 
 With v_t = dt_t x_t and the log decay g_t = dt_t A_h (<= 0, per token and head),
 split the zero-padded sequence into M chunks of Q tokens and let
@@ -28,51 +29,65 @@ import torch.nn.functional as F
 __all__ = ["ssd_chunked"]
 
 
-def _chunks(x: torch.Tensor, M: int, Q: int, G: int) -> torch.Tensor:
-    """(B, T, H, X) -> zero-padded (B, G, H / G, M, Q, X); (B, T, H) -> (B, G, H / G, M, Q)."""
-    flat = x.dim() == 3
-    if flat:
-        x = x[..., None]
-    Bt, T, H, X = x.shape
-    x = F.pad(x, (0, 0, 0, 0, 0, M * Q - T))
-    x = x.view(Bt, M, Q, G, H // G, X).permute(0, 3, 4, 1, 2, 5)
-    return x[..., 0] if flat else x
+# exp(x) below which a decay factor is set to exactly 0: e^-60 ~ 1e-26 in fp32 (its smallest normal
+# number is ~1e-38), e^-600 in fp64. Mamba-2's decays reach exp(-100s) within a chunk; left to
+# underflow gradually they become subnormal numbers, on which CPU arithmetic (the matmuls they
+# enter) runs tens of times slower. Terms that small do not change any result at its precision.
+CUTOFF = {torch.float32: -60.0, torch.float64: -600.0}
+
+
+def _decay(x: torch.Tensor, cut: float) -> torch.Tensor:
+    """exp(x) for x <= 0, exactly 0 where x < cut (or masked to -inf)."""
+    return torch.where(x > cut, x, -torch.inf).exp()
 
 
 def _scan(U: torch.Tensor, a: torch.Tensor, S: torch.Tensor):
-    """States before each chunk (B, G, R, M, P, N) and after the last one."""
+    """U: (B, G, M, N, R, P) chunk contributions; a: (B, G, M, 1, R, 1) chunk transitions;
+    S: (B, G, N, R, P). Returns the states before each chunk (B, G, M, N, R, P) and after the last."""
     before = []
-    # unbind, not U[..., m, :, :]: indexing in a loop makes autograd build one full-size gradient per step
-    for U_m, a_m in zip(U.unbind(3), a[..., None, None].unbind(3)):
+    # unbind, not U[:, :, m]: indexing in a loop makes autograd build one full-size gradient per step
+    for U_m, a_m in zip(U.unbind(2), a.unbind(2)):
         before.append(S)
         S = a_m * S + U_m
-    return torch.stack(before, dim=3), S
+    return torch.stack(before, dim=2), S
 
 
 def _segment(v, g, Bm, Cm, starts, S, Q: int):
     """One stretch of whole chunks. v: (B, T, H, P); g: (B, T, H); Bm, Cm: (B, T, G, N);
-    starts: (B, T) bool; S: (B, G, R, P, N). Returns y (B, T, H, P) and the state after it."""
+    starts: (B, T) bool; S: (B, G, N, R, P). Returns y (B, T, H, P) and the state after it.
+
+    The R heads of a group are merged into one matmul dimension (R P) wherever they share
+    B or C, so every big product is a plain batched matmul over (B, G, M) with no operand
+    broadcast over heads (several times faster on CPU than broadcasting B and C)."""
     Bt, T, H, P = v.shape
-    G = Bm.shape[2]
+    G, N = Bm.shape[2], Bm.shape[3]
+    R = H // G
     M = -(-T // Q)
-    vc, gc = _chunks(v, M, Q, G), _chunks(g, M, Q, G)         # (B, G, R, M, Q, P), (B, G, R, M, Q)
-    Bc, Cc = _chunks(Bm, M, Q, G), _chunks(Cm, M, Q, G)       # (B, G, 1, M, Q, N)
-    seg = F.pad(starts, (0, M * Q - T)).view(Bt, 1, 1, M, Q).long().cumsum(-1)  # document index in the chunk
-    L = gc.cumsum(-1)                                         # (B, G, R, M, Q)
+    pad = M * Q - T
+    v6 = F.pad(v, (0, 0, 0, 0, 0, pad)).view(Bt, M, Q, G, R, P).permute(0, 3, 1, 2, 4, 5)  # (B, G, M, Q, R, P)
+    L = F.pad(g, (0, 0, 0, pad)).view(Bt, M, Q, G, R).permute(0, 3, 4, 1, 2).cumsum(-1)  # (B, G, R, M, Q)
+    Bc, Cc = (F.pad(t, (0, 0, 0, 0, 0, pad)).view(Bt, M, Q, G, N).transpose(1, 3).transpose(2, 3)
+              for t in (Bm, Cm))                                                        # (B, G, M, Q, N)
+    seg = F.pad(starts, (0, pad)).view(Bt, 1, 1, M, Q).long().cumsum(-1)             # document index in the chunk
     L_last = L[..., -1:]
+    heads_last = lambda f: f.permute(0, 1, 3, 4, 2)[..., None]  # (B, G, R, M, Q) -> (B, G, M, Q, R, 1)  # noqa: E731
 
     i = torch.arange(Q, device=v.device)
     visible = (i[:, None] >= i[None, :]) & (seg[..., :, None] == seg[..., None, :])  # (B, 1, 1, M, Q, Q)
-    W = torch.where(visible, L[..., :, None] - L[..., None, :], -torch.inf).exp()    # (B, G, R, M, Q, Q)
-    y = torch.matmul(torch.matmul(Cc, Bc.transpose(-1, -2)) * W, vc)                 # (B, G, R, M, Q, P)
+    cut = CUTOFF[v.dtype]
+    W = _decay(torch.where(visible, L[..., :, None] - L[..., None, :], -torch.inf), cut)  # (B, G, R, M, Q, Q)
+    scores = torch.matmul(Cc, Bc.transpose(-1, -2))[:, :, None] * W                  # (B, G, R, M, Q, Q)
+    y = torch.matmul(scores, v6.permute(0, 1, 4, 2, 3, 5)).permute(0, 1, 3, 4, 2, 5)  # (B, G, M, Q, R, P)
 
-    k_fac = torch.exp(L_last - L) * (seg == seg[..., -1:])   # (B, G, R, M, Q): padding shares the last segment
-    U = torch.matmul((vc * k_fac[..., None]).transpose(-1, -2), Bc)                  # (B, G, R, M, P, N)
-    a = torch.exp(L_last[..., 0]) * (seg[..., -1] == 0)                               # (B, G, R, M)
-    before, S = _scan(U, a, S)
-    q_fac = torch.exp(L) * (seg == 0)                                                 # (B, G, R, M, Q)
-    y = y + torch.matmul(Cc * q_fac[..., None], before.transpose(-1, -2))
-    y = y.permute(0, 3, 4, 1, 2, 5).reshape(Bt, M * Q, H, P)[:, :T]                  # (B, T, H, P)
+    k_fac = _decay(L_last - L, cut) * (seg == seg[..., -1:])   # (B, G, R, M, Q): padding shares the last segment
+    vk = (v6 * heads_last(k_fac)).reshape(Bt, G, M, Q, R * P)
+    U = torch.matmul(Bc.transpose(-1, -2), vk).view(Bt, G, M, N, R, P)               # (B, G, M, N, R, P)
+    a = _decay(L_last[..., 0], cut) * (seg[..., -1] == 0)                               # (B, G, R, M)
+    before, S = _scan(U, a.permute(0, 1, 3, 2)[:, :, :, None, :, None], S)
+    read = torch.matmul(Cc, before.view(Bt, G, M, N, R * P)).view(Bt, G, M, Q, R, P)
+    q_fac = _decay(L, cut) * (seg == 0)                                                 # (B, G, R, M, Q)
+    y = y + read * heads_last(q_fac)
+    y = y.permute(0, 2, 3, 1, 4, 5).reshape(Bt, M * Q, H, P)[:, :T]                  # (B, T, H, P)
     return y, S
 
 
@@ -92,8 +107,9 @@ def ssd_chunked(x, dt, A, B, C, *, D=None, starts=None, initial_state=None, retu
     Bm, Cm = B.to(cd), C.to(cd)
     if starts is None:
         starts = torch.zeros(Bt, T, dtype=torch.bool, device=x.device)
+    R = H // G
     S = (x.new_zeros(Bt, H, P, N, dtype=cd) if initial_state is None else initial_state.to(cd))
-    S = S.view(Bt, G, H // G, P, N)
+    S = S.view(Bt, G, R, P, N).permute(0, 1, 4, 2, 3)  # (B, G, N, R, P): the heads of a group side by side
     span = chunk * segment_chunks
     outs = []
     # split, not slicing in the loop: each slice's backward would build a full-size gradient
@@ -103,4 +119,4 @@ def ssd_chunked(x, dt, A, B, C, *, D=None, starts=None, initial_state=None, retu
     y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
     if D is not None:
         y = y + D.to(cd)[:, None] * xf
-    return y.to(x.dtype), (S.reshape(Bt, H, P, N) if return_state else None)
+    return y.to(x.dtype), (S.permute(0, 1, 3, 4, 2).reshape(Bt, H, P, N) if return_state else None)
