@@ -35,7 +35,7 @@ def ssd_fla(x, dt, A, B, C, *, D=None, doc_starts=None, cu_seqlens=None, initial
     k = B.repeat_interleave(H // G, dim=2)
     v = x * dt[..., None].to(x.dtype)                    # (B, T, H, P)
     g = (dt.float() * A.float())                         # (B, T, H)
-    h0 = None if initial_state is None else initial_state.float().transpose(-1, -2)  # (., H, N, P)
+    h0 = None if initial_state is None else initial_state.float().transpose(-1, -2).contiguous()  # (., H, N, P)
     if cu_seqlens is None:
         starts = torch.zeros(Bt, T, dtype=torch.bool, device=x.device)
         starts[:, 0] = True
@@ -52,8 +52,8 @@ def ssd_fla(x, dt, A, B, C, *, D=None, doc_starts=None, cu_seqlens=None, initial
     else:
         cu = cu_seqlens.to(torch.int32)
     flat = lambda t: t.reshape(1, Bt * T, H, t.shape[-1])  # noqa: E731
-    y, final = chunk_simple_gla(flat(q), flat(k), flat(v), g=g.reshape(1, Bt * T, H), scale=1.0,
-                                initial_state=h0, output_final_state=return_state, cu_seqlens=cu)
+    y, final = chunk_simple_gla(flat(q).contiguous(), flat(k).contiguous(), flat(v), g=g.reshape(1, Bt * T, H),
+                                scale=1.0, initial_state=h0, output_final_state=return_state, cu_seqlens=cu)
     y = y.reshape(Bt, T, H, P)
     if D is not None:
         y = y + D.to(y.dtype)[:, None] * x

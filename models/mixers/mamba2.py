@@ -193,7 +193,8 @@ class Mamba2(Mixer):
         # (2 x 2 N P H). The conv's taps are parameters, counted by the model.
         cfg = self.cfg
         Q = min(cfg.chunk, seq_len)
-        return 2 * Q * cfg.d_state * cfg.n_groups + self.n_heads * (2 * Q * cfg.head_dim + 4 * cfg.d_state * cfg.head_dim)
+        P, N = cfg.head_dim, cfg.d_state
+        return 2 * Q * N * cfg.n_groups + self.n_heads * (2 * Q * P + 4 * N * P)
 
     def state_bytes(self, seq_len: int, bytes_per_elem: int = 2) -> int:
         # The SSM state (H P N, fp32 whatever the model dtype) and the last W-1 conv inputs; flat in seq_len.
