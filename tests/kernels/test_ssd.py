@@ -197,3 +197,20 @@ def test_auto_is_announced_and_fla_forcing_fails_clearly(caplog):
     if not have_fla():
         with pytest.raises(RuntimeError, match="fla-core is not installed"):
             ssd(**inputs, impl="fla")
+
+
+@pytest.mark.slow
+def test_past_131k_tokens_equals_reference():
+    """STYLE.md 15: one length past 2^17 tokens (where int32 offsets overflow for common head
+    shapes), with documents, chunked against the reference path. ~30 s."""
+    T = (1 << 17) + 37
+    g = torch.Generator().manual_seed(3)
+    x, dt = torch.randn(1, T, 2, 2, generator=g, dtype=F64), torch.rand(1, T, 2, generator=g, dtype=F64) * 0.1
+    B, C = torch.randn(1, T, 1, 2, generator=g, dtype=F64), torch.randn(1, T, 1, 2, generator=g, dtype=F64)
+    A = torch.tensor([-0.5, -0.05], dtype=F64)
+    starts = torch.zeros(1, T, dtype=torch.bool)
+    starts[0, [70000, 131071]] = True
+    want = ssd(x, dt, A, B, C, dt_softplus=False, doc_starts=starts, return_state=True, impl="reference")
+    got = ssd(x, dt, A, B, C, dt_softplus=False, doc_starts=starts, return_state=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
