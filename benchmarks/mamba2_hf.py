@@ -125,7 +125,8 @@ def table(rows: list[dict], diffs: dict, lengths: list[int]) -> str:
              "| --- | --- | --- | --- | --- | --- |"]
     for T in lengths:
         h, m, d = by.get(("hf", T)), by.get(("loom", T)), diffs.get(T, {})
-        cell = lambda r: "-" if not r or r.get("seconds") is None else f"{r['seconds']:.3f} / {r['peak_mib']:.0f}"  # noqa: E731
+        def cell(r):
+            return "-" if not r or r.get("seconds") is None else f"{r['seconds']:.3f} / {r['peak_mib']:.0f}"
         ok = h and m and h.get("seconds") and m.get("seconds")
         speed = f"{h['seconds'] / m['seconds']:.2f}x" if ok else "-"
         diff_y = f"{d['max_diff_y']:.1e} ({d['max_abs_y']:.2f})" if "max_diff_y" in d else "-"
