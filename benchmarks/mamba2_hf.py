@@ -119,19 +119,21 @@ def child(args: list[str], timeout: float, threads: int) -> dict | None:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _cell(r: dict | None) -> str:
+    return "-" if not r or r.get("seconds") is None else f"{r['seconds']:.3f} / {r['peak_mib']:.0f}"
+
+
 def table(rows: list[dict], diffs: dict, lengths: list[int]) -> str:
     by = {(r.get("layer"), r.get("T")): r for r in rows}
     lines = ["| T | transformers s / MiB | Loom s / MiB | speed-up | max diff y (max y) | max diff dx (max dx) |",
              "| --- | --- | --- | --- | --- | --- |"]
     for T in lengths:
         h, m, d = by.get(("hf", T)), by.get(("loom", T)), diffs.get(T, {})
-        def cell(r):
-            return "-" if not r or r.get("seconds") is None else f"{r['seconds']:.3f} / {r['peak_mib']:.0f}"
         ok = h and m and h.get("seconds") and m.get("seconds")
         speed = f"{h['seconds'] / m['seconds']:.2f}x" if ok else "-"
         diff_y = f"{d['max_diff_y']:.1e} ({d['max_abs_y']:.2f})" if "max_diff_y" in d else "-"
         diff_dx = f"{d['max_diff_dx']:.1e} ({d['max_abs_dx']:.1e})" if "max_diff_dx" in d else "-"
-        lines.append(f"| {T // 1024}K | {cell(h)} | {cell(m)} | {speed} | {diff_y} | {diff_dx} |")
+        lines.append(f"| {T // 1024}K | {_cell(h)} | {_cell(m)} | {speed} | {diff_y} | {diff_dx} |")
     growth = []
     for which in ("hf", "loom"):
         g = [by[(which, 2 * T)]["seconds"] / by[(which, T)]["seconds"] for T in lengths
