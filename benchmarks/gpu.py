@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-KINDS = ["attn", "swa", "s2", "rat", "linear", "gdn", "memory", "titans_mag", "titans_mac"]
+KINDS = ["attn", "swa", "s2", "rat", "linear", "gdn", "mamba2", "memory", "titans_mag", "titans_mac"]
 SETTINGS = {  # as benchmarks/mixers.py (paper defaults)
     "swa": {"window": 512},
     "rat": {"chunk": 16},
     "s2": {"block": 64, "local_blocks": 8, "vert_stride": 4},
+    "mamba2": {"d_state": 128, "head_dim": 64, "n_groups": 1},  # expand 2: 32 heads of 64 at d_model 1024
     "memory": {"chunk_size": 64},
     "titans_mag": {"chunk_size": 64, "window": 512},
     "titans_mac": {"chunk_size": 64, "segment": 512},

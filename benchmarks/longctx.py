@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT = ["quickstart", "swa", "rat-swa", "s2-hybrid", "gated-attn", "moh", "titans-mal", "linear-attn", "gdn-hybrid"]
+DEFAULT = ["quickstart", "swa", "rat-swa", "s2-hybrid", "gated-attn", "moh", "titans-mal", "linear-attn", "gdn-hybrid", "mamba2-hybrid"]
 SUITE = ["passkey", "niah_single", "niah_multikey", "vt", "mqar"]
 
 

@@ -36,6 +36,7 @@ SETTINGS = {  # options per kind for the benchmark (paper defaults where they ex
     "s2": {"block": 64, "local_blocks": 8, "vert_stride": 4},
     "linear": {},
     "gdn": {},  # Qwen3.5 layer defaults: conv 4, chunk 64, q/k heads = value heads
+    "mamba2": {"n_heads": 4, "head_dim": 64, "d_state": 128, "n_groups": 1},  # 4 heads of 64, Nemotron-H's state
     "memory": {"chunk_size": 64},
     "titans_mag": {"chunk_size": 64, "window": 512},
     "titans_mac": {"chunk_size": 64, "segment": 512},

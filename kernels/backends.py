@@ -6,6 +6,7 @@ On a CUDA tensor, the ops pick (kernels/<op>/__init__.py):
     rat               Triton scan (rat/triton.py) + FlexAttention over chunk states (rat/flex.py)
     memory            the chunked block with the chunk update in Triton (memory/triton.py)
     linear            fla-core's chunk_simple_gla (linear/fla.py), when the `gpu` extra is installed
+    ssd               fla-core's chunk_simple_gla with a per-token decay g = dt A (ssd/fla.py), likewise
 On CPU every op keeps its PyTorch path. Each backend can be forced with `impl=` (tests); a
 forced backend that cannot run raises, naming what is missing (no silent fallback).
 """

@@ -26,7 +26,7 @@ Decoding state: {"conv": (B, W-1, C) the last pre-conv projections, "recurrent":
 fp32}, constant in the sequence length. A continuation whose first token is a document start
 (position 0) drops the recurrent state (the conv's taps stop there too).
 
-Context parallelism (ctx.sharding, passed on as `cp`): the conv takes its W-1 previous inputs
+Context parallelism (ctx.cp, passed on as `cp`): the conv takes its W-1 previous inputs
 from the preceding chunk's rank, and the op composes the pieces' affine state maps across ranks
 (kernels/gated_delta_rule/cp.py); the same for either cp_impl.
 """
@@ -120,7 +120,7 @@ class GatedDeltaNet(Mixer):
     def forward(self, x: torch.Tensor, ctx: SeqContext, state=None):
         B, T, _ = x.shape
         HK, HV, K, V = self.HK, self.HV, self.K, self.V
-        cp = ctx.sharding
+        cp = ctx.cp
         pos = ctx.position_ids
         qkv, conv_cache = short_conv(self.conv1d, self.in_proj_qkv(x), pos, None if state is None else state["conv"],
                                      cp=cp)

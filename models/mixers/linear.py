@@ -2,17 +2,23 @@
 
 Legend: B batch, T tokens, D model width, H heads, K head dim.
 
-As TransNormerLLM / TNL (OpenNLPLab/lightning-attention examples/module/tnl_attn.py):
+The TransNormerLLM / TNL attention (OpenNLPLab/lightning-attention examples/module/tnl_attn.py):
     q, k, v = SiLU(x W_q), SiLU(x W_k), SiLU(x W_v)           (B, T, H, K) each
     o       = linear attention with decay lambda_h = exp(-s_h)  (loom.kernels.linear)
-    o       = RMSNorm(o) per head                               (the operator has no denominator)
+    o       = norm(o)                                           (the operator has no denominator)
     o       = o * sigmoid(x W_a W_b)                            (low-rank output gate, rank K)
     y       = o_proj(o)
 Slopes s_h are ALiBi's, scaled per layer by (1 - l / (n_layers - 1) + 1e-5) as
 TNL, so deeper layers forget more slowly.
 
-q is scaled by K^-1/2 (TNL has no scale): the per-head RMSNorm after the
-operator makes the forward independent of that factor up to its eps, and the
+`norm` picks the normalisation of o:
+    "head_rms"  (default) an RMSNorm over each head's K channels, weight (K,) shared by heads;
+    "layernorm" TNL's: a LayerNorm over the full H K width, weight and bias (H K,).
+With norm: layernorm, qk_scale: false (and H K = D) the layer computes TNL's module
+exactly (tests/models/test_linear_tnl.py); the default differs from TNL in the norm.
+
+q is scaled by K^-1/2 (TNL has no scale) unless qk_scale is false: either norm after
+the operator makes the forward independent of that factor up to its eps, and the
 smaller state is the fix reported for overflow in lightning-attention issue #17.
 All H heads have their own k and v (n_kv_heads is not used): the state is
 H x K x K whatever the grouping.
@@ -43,6 +49,7 @@ class LinearConfig:
     gate_rank: int = 0  # rank of the low-rank gate; 0: head_dim (TNL)
     layer_decay: bool = True  # TNL's per-layer scaling of the slopes
     qk_scale: bool = True  # multiply q by head_dim^-1/2
+    norm: Literal["head_rms", "layernorm"] = "head_rms"  # per-head RMSNorm, or TNL's LayerNorm over H K
     norm_eps: float = 1e-5
 
     def __post_init__(self):
@@ -63,7 +70,7 @@ class LinearAttention(Mixer):
         self.q_proj = nn.Linear(D, H * K, bias=False)
         self.k_proj = nn.Linear(D, H * K, bias=False)
         self.v_proj = nn.Linear(D, H * K, bias=False)
-        self.norm = RMSNorm(K, cfg.norm_eps)
+        self.norm = RMSNorm(K, cfg.norm_eps) if cfg.norm == "head_rms" else nn.LayerNorm(H * K, eps=cfg.norm_eps)
         if cfg.output_gate == "lowrank":
             rank = cfg.gate_rank or K
             self.gate = nn.Sequential(nn.Linear(D, rank, bias=False), nn.Linear(rank, H * K, bias=False))
@@ -86,6 +93,8 @@ class LinearAttention(Mixer):
         """The decay rates are a fixed buffer (ALiBi slopes, TNL layer scaling); refilled here
         so that a model built on the meta device gets them at initialisation."""
         self.decay = self._slopes().to(self.q_proj.weight.device)
+        if isinstance(self.norm, nn.LayerNorm):  # weight 1, bias 0 (HybridLM.init_weights fills only RMSNorms)
+            self.norm.reset_parameters()
 
     def forward(self, x: torch.Tensor, ctx: SeqContext, state=None):
         B, T, _ = x.shape
@@ -97,10 +106,11 @@ class LinearAttention(Mixer):
         o, kv = linear_attention(q, k, v, self.decay, block=self.cfg.block, reset=ctx.doc_starts,
                                  initial_state=None if state is None else state["kv"], return_state=True,
                                  scale=scale, cp=ctx.cp)
-        o = self.norm(o)
+        o = self.norm(o) if self.cfg.norm == "head_rms" else self.norm(o.reshape(B, T, H * K))
+        o = o.reshape(B, T, H * K)
         if self.gate is not None:
-            o = o * torch.sigmoid(self.gate(x)).view(B, T, H, K)
-        y = self.o_proj(o.reshape(B, T, H * K))
+            o = o * torch.sigmoid(self.gate(x))
+        y = self.o_proj(o)
         return y, ({"kv": kv} if ctx.want_state else None)
 
     def mixing_flops_per_token(self, seq_len: int) -> float:

@@ -1,4 +1,4 @@
-"""Context parallelism of the swa, linear, gdn, rat and s2 mixers against the single process.
+"""Context parallelism of the swa, linear, gdn, rat, s2 and mamba2 mixers against the single process.
 
 Multi-process (gloo, CPU, fp64), cp = 2 and cp = 4, zigzag layout (what the
 trainer uses; a few cases also contiguous): for each case, a mixer built identically on every
@@ -56,11 +56,16 @@ CASES = {
     "s2_kv4_docs": ("s2", dict(block=2, local_blocks=2, vert_stride=4), 4, 4, 8, "ulysses", True),
     "s2_gqa_docs": ("s2", dict(block=3, local_blocks=2, vert_stride=4, head_shift=1), 4, 2, 8, "ulysses", True),
     "s2_one_doc": ("s2", dict(block=2, local_blocks=3, vert_stride=2), 4, 2, 8, "ulysses", False),
+    "mamba2_docs": ("mamba2", dict(chunk=4, d_state=4, head_dim=4, n_groups=2, d_conv=4), 4, 4, 8, "ring", True),
+    "mamba2_one_doc": ("mamba2", dict(chunk=5, d_state=3, head_dim=8, n_groups=1, expand=1), 4, 4, 8, "ulysses",
+                       False),
     "s2_conv4_docs": ("s2", dict(block=2, local_blocks=2, vert_stride=4, conv_size=4), 4, 4, 8, "ulysses", True),
     # the contiguous layout (rank r holds one piece of T / cp)
     "linear_docs_contiguous": ("linear", dict(block=4), 4, 4, 8, "ring", True),
     "gdn_docs_contiguous": ("gdn", dict(chunk=5, n_k_heads=2, beta="sigmoid2"), 4, 4, 8, "ulysses", True),
     "rat_L4_docs_contiguous": ("rat", dict(chunk=4, groups=2), 4, 4, 8, "ring", True),
+    "mamba2_docs_contiguous": ("mamba2", dict(chunk=4, d_state=4, head_dim=4, n_groups=2, d_conv=4), 4, 4, 8, "ring",
+                               True),
     "s2_gqa_docs_contiguous": ("s2", dict(block=3, local_blocks=2, vert_stride=4), 4, 2, 8, "ulysses", True),
     # a whole HybridLM (embedding, blocks with MLPs, final norm) stacking the four kinds
     "hybrid_lm_docs": ("model", dict(rat={"chunk": 3}, swa={"window": 7}, linear={"block": 4},
@@ -173,7 +178,7 @@ def _run_case(name: str, world: int) -> dict:
 # Process groups: name -> (world size, cases, marks). cp = 4 in the default tier runs the
 # recurrent mixers only (at cp = 2 no piece's state reaches past a non-adjacent piece of
 # the same zigzag shard; at cp = 4 it does); the rest of cp = 4 is slow.
-CP4_FAST = ["linear_docs", "rat_L4_docs", "rat_L3_docs_norope"]
+CP4_FAST = ["linear_docs", "rat_L4_docs", "rat_L3_docs_norope", "mamba2_docs"]
 GROUPS = {"cp2": (2, list(CASES), ()),
           "cp4": (4, CP4_FAST, ()),
           "cp4-rest": (4, [c for c in CASES if c not in CP4_FAST], (pytest.mark.slow,))}
@@ -235,9 +240,9 @@ def test_state_bytes_match_formulas(cp_results, case):
 # ---- in-process --------------------------------------------------------------------------------
 
 def test_declared_cp_impls():
-    own = {kind: tuple(vars(MIXERS[kind]).get("cp_impls", ())) for kind in ("swa", "linear", "rat", "s2")}
+    own = {kind: tuple(vars(MIXERS[kind]).get("cp_impls", ())) for kind in ("swa", "linear", "rat", "s2", "mamba2")}
     assert own == {"swa": ("ring", "ulysses"), "linear": ("ring", "ulysses"), "rat": ("ring", "ulysses"),
-                   "s2": ("ulysses",)}
+                   "s2": ("ulysses",), "mamba2": ("ring", "ulysses")}
     assert _build("rat", dict(chunk=8), 4, 4, 8).cp_chunk_tokens() == 8
 
 

@@ -12,6 +12,7 @@ from loom.kernels.linear import linear_attention
 from loom.kernels.memory import init_memory_weights, neural_memory
 from loom.kernels.rat import rat
 from loom.kernels.s2 import s2_attention
+from loom.kernels.ssd import ssd
 from loom.kernels.swa import sliding_window_attention
 
 B, T, H, K = 2, 19, 2, 8
@@ -38,6 +39,8 @@ def _calls():
         "linear attention": (lambda impl: linear_attention(q, k, v, torch.full((H,), 0.1, dtype=torch.float64),
                                                            block=4, impl=impl), "chunked"),
         "neural memory": (lambda impl: neural_memory(q, k, v, *gates, w0, chunk_size=4, impl=impl), "chunked"),
+        "ssd": (lambda impl: ssd(q, gates[0], -torch.ones(H, dtype=torch.float64), k[:, :, :1], v[:, :, :1], chunk=4,
+                                 impl=impl), "chunked"),
     }
 
 

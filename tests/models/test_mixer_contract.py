@@ -16,6 +16,7 @@ SMALL = {
     "s2": {"block": 4, "local_blocks": 2, "vert_stride": 3},
     "linear": {"block": 8},
     "gdn": {"chunk": 8, "n_k_heads": 2},
+    "mamba2": {"chunk": 4, "d_state": 8, "head_dim": 16, "n_groups": 2, "d_conv": 3},
     "memory": {"chunk_size": 4},
     "titans_mag": {"chunk_size": 4, "window": 7},
     "titans_mac": {"chunk_size": 4, "segment": 8},

@@ -17,7 +17,8 @@ from loom.trainer.distributed.tiling import apply_tile_blocks, apply_tile_mlp
 
 # Structure (chunks, windows, blocks) smaller than the tiles, so both are crossed.
 SMALL = {"swa": {"window": 5}, "rat": {"chunk": 4}, "s2": {"block": 4, "local_blocks": 2, "vert_stride": 2},
-         "linear": {"block": 8}, "gdn": {"chunk": 8}, "memory": {"chunk_size": 4}, "titans_mag": {"chunk_size": 4, "window": 7},
+         "linear": {"block": 8}, "gdn": {"chunk": 8}, "mamba2": {"chunk": 4, "d_state": 8, "head_dim": 16, "n_groups": 2, "d_conv": 3},
+         "memory": {"chunk_size": 4}, "titans_mag": {"chunk_size": 4, "window": 7},
          "titans_mac": {"chunk_size": 4, "segment": 8}}
 
 
