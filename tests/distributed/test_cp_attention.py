@@ -17,8 +17,6 @@ ValueErrors. Cost: one spawned group per world size (about 2 s for cp=2 and
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -31,8 +29,7 @@ from loom.kernels.context_parallel import CPContext, comm_bytes, gather_sequence
 from loom.kernels.context_parallel.all_to_all import ulysses_kv_heads
 from loom.kernels.context_parallel.halo import halo_plan
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _gloo, next to this file
-import _gloo  # noqa: E402
+import loomtest
 
 B, T, K = 2, 48, 6
 DOC_LENS = ([5, 17, 1, 3, 22], [30, 18])  # documents cross every chunk boundary at cp = 2 and 4
@@ -93,9 +90,9 @@ def _run_case(name: str, world: int) -> dict:
     kwargs = dict(seq_ids=sid) if op in ("auto", "ulysses_auto") and window is None else \
         dict(seq_ids=sid, window=window)
     with mock.patch.object(ring_module, "_TILE_ROWS", 5 if op == "ring_tiled" else ring_module._TILE_ROWS):
-        with _gloo.ByteCounter(world, COUNTED) as fwd:
+        with loomtest.ByteCounter(world, COUNTED) as fwd:
             o = fn(*loc, cp, **kwargs)
-        with _gloo.ByteCounter(world, COUNTED) as bwd:
+        with loomtest.ByteCounter(world, COUNTED) as bwd:
             o.backward(shard_sequence(do, cp))
 
     tol = TOL[dtype]
@@ -112,14 +109,14 @@ def _run_case(name: str, world: int) -> dict:
 def cp_results(request, tmp_path_factory) -> dict:
     """Runs one gloo group of request.param ranks; returns {case: [result of each rank]}."""
     world = request.param
-    return _gloo.launch(__file__, world, list(CASES), tmp_path_factory.mktemp(f"cp{world}"))
+    return loomtest.launch(__file__, world, list(CASES), tmp_path_factory.mktemp(f"cp{world}"))
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("cp_results", [2, 4], indirect=True, ids=["cp2", "cp4"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_parity_with_single_process(cp_results, case):
-    _gloo.assert_no_errors(cp_results[case])
+    loomtest.assert_no_errors(cp_results[case])
 
 
 @pytest.mark.distributed
@@ -128,7 +125,7 @@ def test_parity_with_single_process(cp_results, case):
 def test_comm_bytes_matches_measured(cp_results, case):
     world = cp_results["world"]
     op, layout, window, docs, H, G, dtype = CASES[case]
-    measured = _gloo.busiest_bytes(cp_results[case])
+    measured = loomtest.busiest_bytes(cp_results[case])
     expected = comm_bytes(COMM_CASES[case], batch=B, seq_len=T, n_heads=H, n_kv_heads=G, head_dim=K, cp=world,
                           elem_bytes=torch.finfo(dtype).bits // 8, docs=docs, window=window, layout=layout)
     assert tuple(measured) == tuple(expected)
@@ -205,5 +202,5 @@ def test_comm_bytes_formulas():
         4096 * 2 * 8 * 128 * 2
 
 
-if __name__ == "__main__":  # a worker process started by _gloo.launch
-    _gloo.worker_main(_run_case)
+if __name__ == "__main__":  # a worker process started by loomtest.launch
+    loomtest.worker_main(_run_case)

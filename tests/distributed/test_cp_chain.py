@@ -11,8 +11,6 @@ Cost: two spawned groups (about 4 s each on 2 cores).
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,8 +19,7 @@ import torch.distributed as dist
 from loom.kernels.context_parallel import CPContext, StateChain, carry, shard_sequence
 from loom.kernels.context_parallel.p2p import wait
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _gloo, next to this file
-import _gloo  # noqa: E402
+import loomtest
 
 B, T, D = 2, 24, 3
 CASES = ("carry_zigzag", "carry_contiguous", "send_recv")
@@ -108,14 +105,14 @@ def _run_case(name: str, world: int) -> None:
 @pytest.fixture(scope="module", params=[2, 3])
 def chain_results(request, tmp_path_factory):
     world = request.param
-    return _gloo.launch(__file__, world, list(CASES), tmp_path_factory.mktemp(f"chain{world}"))
+    return loomtest.launch(__file__, world, list(CASES), tmp_path_factory.mktemp(f"chain{world}"))
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("case", CASES)
 def test_chain_across_ranks(chain_results, case):
-    _gloo.assert_no_errors(chain_results[case])
+    loomtest.assert_no_errors(chain_results[case])
 
 
-if __name__ == "__main__":  # a worker process started by _gloo.launch
-    _gloo.worker_main(_run_case)
+if __name__ == "__main__":  # a worker process started by loomtest.launch
+    loomtest.worker_main(_run_case)

@@ -17,8 +17,6 @@ Cost: one cp=2 group, ~15 s of CPU (default tier); the whole-suite case is `slow
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,8 +24,7 @@ import torch
 from loom.kernels.context_parallel import CPContext
 from loom.models import HybridLM, ModelConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _gloo, next to this file
-import _gloo  # noqa: E402
+import loomtest
 
 VOCAB = 259
 
@@ -97,9 +94,9 @@ def run_case(name: str, world: int) -> dict:
 @pytest.mark.distributed
 def test_cp_eval_matches_one_process(tmp_path):
     names = ["scores", "generate", "bad_length"]
-    res = _gloo.launch(__file__, 2, names, tmp_path)
+    res = loomtest.launch(__file__, 2, names, tmp_path)
     for name in names:
-        _gloo.assert_no_errors(res[name])
+        loomtest.assert_no_errors(res[name])
     assert res["generate"][0]["tokens"] == res["generate"][1]["tokens"]
     assert res["scores"][0]["mean_loss"] == res["scores"][1]["mean_loss"]
 
@@ -107,9 +104,9 @@ def test_cp_eval_matches_one_process(tmp_path):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_cp_suite_matches_one_process(tmp_path):
-    res = _gloo.launch(__file__, 2, ["suite"], tmp_path)
-    _gloo.assert_no_errors(res["suite"])
+    res = loomtest.launch(__file__, 2, ["suite"], tmp_path)
+    loomtest.assert_no_errors(res["suite"])
 
 
 if __name__ == "__main__":
-    _gloo.worker_main(run_case)
+    loomtest.worker_main(run_case)

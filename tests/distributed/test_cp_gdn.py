@@ -12,8 +12,6 @@ pieces straddle chunks. The gdn mixer's own cp cases are in test_cp_mixers.py. C
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,8 +19,7 @@ import torch
 from loom.kernels.context_parallel import CPContext, shard_sequence
 from loom.kernels.gated_delta_rule import gated_delta_rule
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _gloo, next to this file
-import _gloo  # noqa: E402
+import loomtest
 
 B, T, HK, HV, K, V = 2, 48, 2, 4, 4, 3
 TOL = dict(atol=1e-11, rtol=1e-9)
@@ -71,14 +68,14 @@ GROUPS = {2: [n for n, (_, w) in CASES.items() if w == 2], 4: [n for n, (_, w) i
 def results(tmp_path_factory):
     out = {}
     for world, names in GROUPS.items():
-        out.update(_gloo.launch(__file__, world, names, tmp_path_factory.mktemp(f"cp{world}"), timeout_s=300.0))
+        out.update(loomtest.launch(__file__, world, names, tmp_path_factory.mktemp(f"cp{world}"), timeout_s=300.0))
     return out
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("case", list(CASES))
 def test_cp_gated_delta_rule_equals_single_process(results, case):
-    _gloo.assert_no_errors(results[case])
+    loomtest.assert_no_errors(results[case])
 
 
 def test_cp_rejects_initial_state():
@@ -88,5 +85,5 @@ def test_cp_rejects_initial_state():
                          cp=CPContext(None, 0, 2))
 
 
-if __name__ == "__main__":  # a worker process started by _gloo.launch
-    _gloo.worker_main(_run_case)
+if __name__ == "__main__":  # a worker process started by loomtest.launch
+    loomtest.worker_main(_run_case)

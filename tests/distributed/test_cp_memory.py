@@ -22,8 +22,6 @@ Cost: one spawned group per world size (about 5 s for cp=2, 15 s for cp=4 on 2 c
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -39,8 +37,7 @@ from loom.models.mixers.titans_mac import MACConfig, TitansMAC
 from loom.models.mixers.titans_mag import MAGConfig, TitansMAG
 from loom.models.rope import RopeConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _gloo, next to this file
-import _gloo  # noqa: E402
+import loomtest
 
 B, T, D, H, K = 2, 48, 16, 4, 4
 DOC_LENS = ([5, 17, 1, 3, 22], [24, 6, 18])
@@ -172,7 +169,7 @@ def _run_case(name: str, world: int) -> None:
 def cp_results(request, tmp_path_factory) -> dict:
     """Runs one gloo group of request.param ranks; returns {case: [result of each rank]}."""
     world = request.param
-    return _gloo.launch(__file__, world, list(CASES), tmp_path_factory.mktemp(f"cpmem{world}"))
+    return loomtest.launch(__file__, world, list(CASES), tmp_path_factory.mktemp(f"cpmem{world}"))
 
 
 @pytest.mark.distributed
@@ -180,7 +177,7 @@ def cp_results(request, tmp_path_factory) -> dict:
                          ids=["cp2", "cp4"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_parity_with_single_process(cp_results, case):
-    _gloo.assert_no_errors(cp_results[case])
+    loomtest.assert_no_errors(cp_results[case])
 
 
 # ---- in-process -----------------------------------------------------------------------------
@@ -214,5 +211,5 @@ def test_single_rank_is_the_plain_op():
     torch.testing.assert_close(y, neural_memory(q, k, v, theta, eta, alpha, w0, chunk_size=5), atol=0, rtol=0)
 
 
-if __name__ == "__main__":  # a worker process started by _gloo.launch
-    _gloo.worker_main(_run_case)
+if __name__ == "__main__":  # a worker process started by loomtest.launch
+    loomtest.worker_main(_run_case)

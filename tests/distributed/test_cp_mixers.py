@@ -18,8 +18,6 @@ cp=4 group with the other cases (~17 s).
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -32,8 +30,7 @@ from loom.models import HybridLM, ModelConfig
 from loom.models.mixers import MIXERS, MixerDims, SeqContext
 from loom.models.rope import RopeConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _gloo, next to this file
-import _gloo  # noqa: E402
+import loomtest
 
 B, T, D, VOCAB = 2, 48, 16, 50
 # Row 0: documents crossing boundaries (pieces of 12 at cp=2, 6 at cp=4), a one-token one.
@@ -156,9 +153,9 @@ def _run_case(name: str, world: int) -> dict:
     mixer.zero_grad(set_to_none=True)
 
     x_loc = shard_sequence(x, cp).clone().requires_grad_(x.is_floating_point())
-    with _gloo.ByteCounter(world, COUNTED) as fwd:
+    with loomtest.ByteCounter(world, COUNTED) as fwd:
         y = run(x_loc, shard_sequence(pos, cp), None if ids is None else shard_sequence(ids, cp), cp)
-    with _gloo.ByteCounter(world, COUNTED) as bwd:
+    with loomtest.ByteCounter(world, COUNTED) as bwd:
         y.backward(shard_sequence(dy, cp))
 
     torch.testing.assert_close(y, shard_sequence(y_ref, cp).detach(), **TOL, msg=lambda m: f"output: {m}")
@@ -187,7 +184,7 @@ GROUPS = {"cp2": (2, list(CASES), ()),
 def _results(group: str, tmp_path_factory) -> dict:
     """Runs one gloo group (GROUPS[group]); returns {case: [result of each rank]}."""
     world, names, _ = GROUPS[group]
-    return _gloo.launch(__file__, world, names, tmp_path_factory.mktemp(group), timeout_s=300.0)
+    return loomtest.launch(__file__, world, names, tmp_path_factory.mktemp(group), timeout_s=300.0)
 
 
 # One module-scoped fixture per group, so each group is launched once whatever the test order.
@@ -219,7 +216,7 @@ def cp_results(request, group: str) -> dict:
 @pytest.mark.distributed
 @pytest.mark.parametrize(("group", "case"), _params(CASES))
 def test_mixer_parity_with_single_process(cp_results, case):
-    _gloo.assert_no_errors(cp_results[case])
+    loomtest.assert_no_errors(cp_results[case])
 
 
 @pytest.mark.distributed
@@ -227,7 +224,7 @@ def test_mixer_parity_with_single_process(cp_results, case):
 def test_state_bytes_match_formulas(cp_results, case):
     world = cp_results["world"]
     kind, opts, H, G, K, impl, docs = CASES[case]
-    measured = _gloo.busiest_bytes(cp_results[case])
+    measured = loomtest.busiest_bytes(cp_results[case])
     if kind == "rat":
         expected = rat_comm_bytes(batch=B, seq_len=T, n_heads=H, head_dim=K, chunk=opts["chunk"], cp=world,
                                   state_bytes=8)
@@ -262,5 +259,5 @@ def test_s2_rank_head_offsets_follow_global_heads():
     assert rank_head_offsets(torch.tensor([0, 1, 2, 3]), 4, CPContext(None, 3, 4)).tolist() == [3]
 
 
-if __name__ == "__main__":  # a worker process started by _gloo.launch
-    _gloo.worker_main(_run_case)
+if __name__ == "__main__":  # a worker process started by loomtest.launch
+    loomtest.worker_main(_run_case)

@@ -11,8 +11,6 @@ sent: (cp - 1) n_local B (H P N + H) fp64 numbers each way. Cost: ~5 s.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,8 +19,7 @@ import torch.distributed as dist
 from loom.kernels.context_parallel import CPContext, shard_sequence
 from loom.kernels.ssd import ssd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _gloo, next to this file
-import _gloo  # noqa: E402
+import loomtest
 
 Bt, T, H, P, G, N = 2, 48, 4, 3, 2, 5
 CASES = ("zigzag_docs", "contiguous_docs", "zigzag_one_doc", "contiguous_one_doc")
@@ -53,10 +50,10 @@ def _run_case(name: str, world: int) -> dict:
 
     loc = {k: shard_sequence(v, cp).clone().requires_grad_() for k, v in seq.items()}
     pars = {k: v.clone().requires_grad_() for k, v in par.items()}
-    with _gloo.ByteCounter(world, ("all_gather", "reduce_scatter_single")) as fwd:
+    with loomtest.ByteCounter(world, ("all_gather", "reduce_scatter_single")) as fwd:
         y, s = ssd(**loc, **pars, doc_starts=shard_sequence(starts, cp), dt_limit=(0.01, 5.0), return_state=True,
                    chunk=4, cp=cp)
-    with _gloo.ByteCounter(world, ("all_gather", "reduce_scatter_single")) as bwd:
+    with loomtest.ByteCounter(world, ("all_gather", "reduce_scatter_single")) as bwd:
         # the final state is every rank's: count its gradient once
         ((y * shard_sequence(dy, cp)).sum() + (s * ds).sum() / world).backward()
 
@@ -73,13 +70,13 @@ def _run_case(name: str, world: int) -> dict:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    return _gloo.launch(__file__, 2, CASES, tmp_path_factory.mktemp("cp_ssd"), timeout_s=300.0)
+    return loomtest.launch(__file__, 2, CASES, tmp_path_factory.mktemp("cp_ssd"), timeout_s=300.0)
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("case", CASES)
 def test_ssd_parity_with_single_process(results, case):
-    _gloo.assert_no_errors(results[case])
+    loomtest.assert_no_errors(results[case])
 
 
 @pytest.mark.distributed
@@ -87,8 +84,8 @@ def test_ssd_parity_with_single_process(results, case):
 def test_bytes_sent_match_the_formula(results, case):
     n_local = 2 if case.startswith("zigzag") else 1
     n = (2 - 1) * n_local * Bt * (H * P * N + H) * 8
-    assert tuple(_gloo.busiest_bytes(results[case])) == (n, n)
+    assert tuple(loomtest.busiest_bytes(results[case])) == (n, n)
 
 
-if __name__ == "__main__":  # a worker process started by _gloo.launch
-    _gloo.worker_main(_run_case)
+if __name__ == "__main__":  # a worker process started by loomtest.launch
+    loomtest.worker_main(_run_case)

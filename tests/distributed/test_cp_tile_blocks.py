@@ -6,8 +6,6 @@ untiled single process (output and parameter gradients; packed documents crossin
 shard boundaries; both layouts)."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +16,7 @@ from loom.models import HybridLM, ModelConfig
 from loom.trainer.distributed.parallelize import apply_activation_checkpointing
 from loom.trainer.distributed.tiling import apply_tile_blocks
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _gloo, next to this file
-import _gloo  # noqa: E402
+import loomtest
 
 B, T, VOCAB = 2, 48, 50
 DOC_LENS = ([5, 17, 1, 3, 22], [30, 18])
@@ -80,14 +77,14 @@ def _run_case(name: str, world: int) -> dict:
 
 @pytest.fixture(scope="module")
 def cp2(tmp_path_factory):
-    return _gloo.launch(__file__, 2, list(CASES), tmp_path_factory.mktemp("cp2"), timeout_s=300.0)
+    return loomtest.launch(__file__, 2, list(CASES), tmp_path_factory.mktemp("cp2"), timeout_s=300.0)
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("case", list(CASES))
 def test_tiled_blocks_under_cp_equal_single_process(cp2, case):
-    _gloo.assert_no_errors(cp2[case])
+    loomtest.assert_no_errors(cp2[case])
 
 
 if __name__ == "__main__":
-    _gloo.worker_main(_run_case)
+    loomtest.worker_main(_run_case)

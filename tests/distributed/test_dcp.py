@@ -20,6 +20,7 @@ from loom.trainer.checkpoint.manager import CheckpointManager
 from loom.trainer.cli import main
 from loom.trainer.checkpoint.dcp import export
 from loom.trainer.observe.metrics import train_losses as losses
+from loomtest import TINY
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.distributed
@@ -42,7 +43,7 @@ def torchrun(nproc: int, args: list[str], cwd: Path) -> None:
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("recipe") / "tiny.yaml"
-    p.write_text(f"base: {REPO / 'tests' / 'tiny.yaml'}\n"
+    p.write_text(f"base: {TINY}\n"
                  "train: {steps: 6, batch_size: 4, eval_every: 3, save_every: 3}\n")
     return p
 

@@ -46,6 +46,7 @@ from safetensors.torch import load_file
 
 from loom.trainer.cli import main
 from loom.trainer.observe.metrics import train_losses as losses
+from loomtest import TINY
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("engine_worker.py")
@@ -157,7 +158,7 @@ def test_engine_matches_single_process(reference, tmp_path, case):
 def recipe(tmp_path_factory) -> Path:
     """tests/tiny.yaml with 6 steps of 4 windows, evaluated and saved every 3."""
     p = tmp_path_factory.mktemp("recipe") / "tiny.yaml"
-    p.write_text(f"base: {REPO / 'tests' / 'tiny.yaml'}\n"
+    p.write_text(f"base: {TINY}\n"
                  "train: {steps: 6, batch_size: 4, eval_every: 3, save_every: 3}\n")
     return p
 

@@ -1,12 +1,12 @@
-"""Shared fixtures of the reliability tests: the tiny recipe in a temporary folder, and a helper that
-runs the CLI in-process and returns (exit code, stdout, stderr)."""
-from pathlib import Path
+"""Shared fixtures of the reliability tests: the tiny recipe in a temporary folder, a tiny run stopped
+at step 4, an uninterrupted reference run, and a helper that runs the CLI in-process and returns
+(exit code, stdout, stderr)."""
 
 import pytest
 
 from loom.trainer.cli import main
 
-TINY = Path(__file__).resolve().parents[1] / "tiny.yaml"
+from loomtest import TINY
 
 
 @pytest.fixture
@@ -14,6 +14,16 @@ def recipe(tmp_path):
     p = tmp_path / "tiny.yaml"
     p.write_text(TINY.read_text())
     return p
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory):
+    """(recipe, run folder) of a tiny run stopped at step 4, with checkpoints at 2 and 4."""
+    d = tmp_path_factory.mktemp("stopped")
+    recipe = d / "tiny.yaml"
+    recipe.write_text(TINY.read_text())
+    assert main(["train", str(recipe), f"output_dir={d / 'run'}", "train.stop_after_steps=4"]) == 0
+    return recipe, d / "run"
 
 
 @pytest.fixture

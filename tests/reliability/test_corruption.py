@@ -4,22 +4,10 @@ step folder) is reported
 in one warning line, the run resumes from the newest intact checkpoint, and the losses equal an
 uninterrupted run's."""
 import shutil
-from pathlib import Path
 
 import pytest
 
-from loom.trainer.cli import main
 
-TINY = Path(__file__).resolve().parents[1] / "tiny.yaml"
-
-
-@pytest.fixture(scope="module")
-def stopped(tmp_path_factory):
-    d = tmp_path_factory.mktemp("stopped")
-    recipe = d / "tiny.yaml"
-    recipe.write_text(TINY.read_text())
-    assert main(["train", str(recipe), f"output_dir={d / 'run'}", "train.stop_after_steps=4"]) == 0
-    return recipe, d / "run"
 
 
 def _flip(path):

@@ -3,7 +3,6 @@ batch size, betas) takes effect with a one-line notice of what changed, checked 
 new setting implies; each impossible change (model shape, tokenizer by hash, seq_len, data sources) is
 refused in one line naming the key, before the model is built."""
 import shutil
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,23 +11,12 @@ import torch
 import loom.trainer.train as train_mod
 from loom.models.config import ConfigError
 from loom.trainer.checkpoint.manager import CheckpointManager
-from loom.trainer.cli import main
 from loom.trainer.config import load_config
 from loom.trainer.observe.metrics import read_metrics
 from loom.trainer.optim import lr_multiplier
 from loom.trainer.checkpoint.resume_policy import check_resume, recipe_record
 
-TINY = Path(__file__).resolve().parents[1] / "tiny.yaml"
-
-
-@pytest.fixture(scope="module")
-def stopped(tmp_path_factory):
-    """(recipe, run folder) of a tiny run stopped at step 4, with checkpoints at 2 and 4."""
-    d = tmp_path_factory.mktemp("stopped")
-    recipe = d / "tiny.yaml"
-    recipe.write_text(TINY.read_text())
-    assert main(["train", str(recipe), f"output_dir={d / 'run'}", "train.stop_after_steps=4"]) == 0
-    return recipe, d / "run"
+from loomtest import TINY
 
 
 @pytest.fixture

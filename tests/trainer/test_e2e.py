@@ -13,7 +13,7 @@ import pytest
 from loom.trainer.cli import main
 from loom.trainer.observe.metrics import read_metrics, train_losses as losses
 
-TINY = Path(__file__).resolve().parents[1] / "tiny.yaml"
+from loomtest import TINY
 
 
 @pytest.fixture

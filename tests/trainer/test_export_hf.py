@@ -273,7 +273,7 @@ def test_trained_run_through_the_command_line(tmp_path):
     """`loom train` (tests/tiny.yaml, 8 steps) -> `loom convert to-hf` -> transformers (~25 s)."""
     from pathlib import Path
 
-    tiny = Path(__file__).resolve().parents[1] / "tiny.yaml"
+    from loomtest import TINY as tiny
     env_run = dict(cwd=tmp_path, capture_output=True, text=True, timeout=600)
     loom_bin = Path(sys.executable).parent / "loom"
     train = subprocess.run([str(loom_bin), "train", str(tiny), f"output_dir={tmp_path / 'run'}"], **env_run)

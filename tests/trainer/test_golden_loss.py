@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from loomtest import TINY
+
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = REPO / "tests" / "assets" / "losses" / "tiny.json"
 STEPS = 50
@@ -39,7 +41,7 @@ def train_losses(name: str, out: Path) -> list[float]:
 
     recipe = out / f"{name}.yaml"
     layers = MODELS[name]
-    recipe.write_text(f"base: {REPO / 'tests' / 'tiny.yaml'}\n" + SOURCES
+    recipe.write_text(f"base: {TINY}\n" + SOURCES
                       + (f"model: {{layers: {layers}}}\n" if layers else "")
                       + f"train: {{steps: {STEPS}, log_every: 1, eval_every: 100000, save_every: 100000}}\n")
     assert main(["train", str(recipe), f"output_dir={out / name}"]) == 0

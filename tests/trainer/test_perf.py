@@ -19,7 +19,7 @@ from loom.trainer.observe.perf import cpu_theoretical_peak, device_peak, measure
 from loom.trainer.train import model_config_for
 from loom.trainer.data import load_tokenizer
 
-TINY = Path(__file__).resolve().parents[1] / "tiny.yaml"
+from loomtest import TINY
 
 
 def test_mfu_in_metrics_and_trace_written(tmp_path, capsys):

@@ -22,6 +22,7 @@ from loom.trainer.data import SourceConfig, load_tokenizer
 from loom.trainer.data.prepare import prepare_source
 from loom.trainer.data.prepared import ManifestError, open_prepared
 from loom.trainer.data.sources import in_val
+from loomtest import TINY
 
 BYTE = load_tokenizer("byte")
 REPO = Path(__file__).resolve().parents[2]
@@ -128,7 +129,7 @@ def test_killed_prepare_resumes_byte_identical(tmp_path):
 
 
 def _train_args(tmp_path, prepared: Path, *extra):
-    return ["train", str(REPO / "tests" / "tiny.yaml"), f"output_dir={tmp_path / 'run'}",
+    return ["train", str(TINY), f"output_dir={tmp_path / 'run'}",
             f"data.sources=[{{kind: prepared, path: '{prepared}'}}]", *extra]
 
 
@@ -232,11 +233,11 @@ def test_recipe_prepare_then_train_reads_the_cache(tmp_path, capsys):
     _write_corpus(tmp_path / "raw", 2, 300)
     cache = tmp_path / "cache"
     over = [f"data.cache_dir={cache}", f"data.sources=[{{kind: files, path: '{tmp_path / 'raw'}'}}]"]
-    assert main(["data", "prepare", str(REPO / "tests" / "tiny.yaml"), *over]) == 0
+    assert main(["data", "prepare", str(TINY), *over]) == 0
     out = capsys.readouterr().out
     assert "ready:" in out and len(list((cache / "prepared").glob("files-*/manifest.json"))) == 1
     before = _tree_bytes(cache)
-    assert main(["train", str(REPO / "tests" / "tiny.yaml"), f"output_dir={tmp_path / 'run'}", "train.steps=2",
+    assert main(["train", str(TINY), f"output_dir={tmp_path / 'run'}", "train.steps=2",
                  *over]) == 0
     assert "preparing" not in capsys.readouterr().out and _tree_bytes(cache) == before
 
@@ -261,7 +262,7 @@ def test_training_killed_with_sigkill_resumes_with_the_same_losses(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def cmd(out):
-        return [sys.executable, "-m", "loom.trainer", "train", str(REPO / "tests" / "tiny.yaml"), f"output_dir={out}",
+        return [sys.executable, "-m", "loom.trainer", "train", str(TINY), f"output_dir={out}",
                 f"data.sources=[{{kind: prepared, path: '{prep.path}'}}]", "train.steps=12", "train.save_every=3"]
 
     subprocess.run(cmd(tmp_path / "a"), check=True, env=env, capture_output=True)

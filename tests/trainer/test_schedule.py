@@ -18,7 +18,7 @@ from loom.trainer.data.schedule import resolve_stages
 from loom.trainer.observe.metrics import read_metrics, train_losses
 
 BYTE = load_tokenizer("byte")
-TINY = Path(__file__).resolve().parents[1] / "tiny.yaml"
+from loomtest import TINY
 
 
 def _cfg(schedule, sources=None):

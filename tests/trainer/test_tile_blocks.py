@@ -214,7 +214,7 @@ def test_tile_blocks_through_the_cli(tmp_path):
     from loom.trainer.cli import main
     from loom.trainer.observe.metrics import read_metrics
 
-    tiny = Path(__file__).resolve().parents[1] / "tiny.yaml"
+    from loomtest import TINY as tiny
     logs = []
     for tile in (0, 32):
         out = tmp_path / f"tile{tile}"

@@ -1,13 +1,14 @@
-"""Plumbing shared by the multi-process (gloo, CPU) tests of this folder.
+"""Helpers shared by the test suite (tests/lib is on sys.path through pytest's `pythonpath`):
+the tiny recipe the end-to-end tests train, and the plumbing of the multi-process (gloo, CPU) tests.
 
-A test file runs itself as `world` worker processes (no torchrun, no pickling of
-test code, so it works under any pytest import mode): `launch` starts them and
-reads back what each rank wrote; the file's `if __name__ == "__main__":` calls
-`worker_main(run_case)`, which runs every named case on every rank, records a
-failure per case (the other cases still run) and writes the rank's results as JSON.
-
-A test file imports this module as `_gloo` after putting its own folder on
-sys.path; a worker process, started as a script of this folder, has it there already.
+    TINY                      tests/tiny.yaml: the debug recipe (attn x2, seconds on a CPU)
+    tiny_recipe(folder, ...)  a copy of it in `folder` (a run's recipe must not be shared), extra YAML appended
+    launch / worker_main      a test file runs itself as `world` worker processes (no torchrun, no pickling
+                              of test code, so it works under any pytest import mode): `launch` starts them
+                              and reads back what each rank wrote; the file's `if __name__ == "__main__":`
+                              calls `worker_main(run_case)`, which runs every named case on every rank,
+                              records a failure per case (the other cases still run) and writes the rank's
+                              results as JSON. Workers get this folder on PYTHONPATH.
 """
 from __future__ import annotations
 
@@ -24,12 +25,22 @@ import torch
 import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "tests" / "tiny.yaml"
+LIB = Path(__file__).resolve().parent
+
+
+def tiny_recipe(folder: Path, extra: str = "") -> Path:
+    """tests/tiny.yaml copied into `folder` as tiny.yaml, with `extra` YAML lines appended."""
+    path = Path(folder) / "tiny.yaml"
+    path.write_text(TINY.read_text() + extra)
+    return path
 
 
 def launch(script: str | Path, world: int, names: Sequence[str], d: Path, timeout_s: float = 240.0) -> dict:
     """Runs `script` as `world` worker processes on the cases `names` (files in `d`); raises
     with their logs on failure. Returns {"world": world, case: [result of each rank]}."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(LIB), os.environ.get("PYTHONPATH")]))}
     logs = [d / f"rank{r}.log" for r in range(world)]
     args = [str(d / "store"), str(d), ",".join(names)]
     procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world), *args],
