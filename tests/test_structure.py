@@ -18,6 +18,7 @@ import cycles anywhere in loom.*, no context-parallel branches in the mixers.
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -104,8 +105,15 @@ def test_pyproject_lists_every_subpackage():
 
 
 def test_wheel_holds_only_loom(tmp_path):
+    # built from a copy of what the wheel is made of: setuptools' build/ folder in the checkout would
+    # otherwise keep modules that were moved or deleted since an earlier build
+    src = tmp_path / "src"
+    for name in FOLDERS:
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, src / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path), str(REPO)], check=True, cwd=tmp_path, capture_output=True)
+                    str(tmp_path), str(src)], check=True, cwd=tmp_path, capture_output=True)
     (wheel,) = tmp_path.glob("loom_lm-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}

@@ -195,9 +195,6 @@ def main() -> None:
     checkpoint, an unknown task) is one `error:` line and exit 2 (LOOM_DEBUG=1: traceback)."""
     import os
 
-    from loom.trainer import drop_checkout_from_path
-
-    drop_checkout_from_path()
     from lm_eval.__main__ import cli_evaluate
 
     from loom.trainer.checkpoint.manager import CheckpointError
