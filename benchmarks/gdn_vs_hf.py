@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
 import sys
-import time
 from pathlib import Path
 
+from harness import cell, run_child, timed_steps
+
 RESULTS = Path(__file__).resolve().parent / "results"
-MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
 H, K = 4, 64
 
 
@@ -63,17 +60,13 @@ def measure(impl: str, T: int, repeats: int, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     xs, fn = _inputs(T), _fn(impl)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
-    for _ in range(repeats + 1):
-        t0 = time.process_time()
-        _step(fn, xs)
-        times.append(time.process_time() - t0)
+
+    def reset():
         for x in xs:
             x.grad = None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = sorted(times[1:])
-    return {"impl": impl, "T": T, "seconds": times[len(times) // 2], "peak_mib": (peak - base) / 1024}
+
+    seconds, peak_mib = timed_steps(lambda: _step(fn, xs), repeats, reset)
+    return {"impl": impl, "T": T, "seconds": seconds, "peak_mib": peak_mib}
 
 
 def max_diff(T: int, threads: int) -> dict:
@@ -93,22 +86,6 @@ def max_diff(T: int, threads: int) -> dict:
     return {"T": T, **{n: rel(a, b) for n, a, b in zip(names, outs["hf"], outs["loom"])}}
 
 
-def _child(args: list[str], threads: int, timeout: float) -> dict:
-    cmd = [sys.executable, __file__, "--child", *args, str(threads)]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                             env={**os.environ, "OMP_NUM_THREADS": str(threads), **MALLOC})
-    except subprocess.TimeoutExpired:
-        return {"note": f"> {timeout:.0f} s"}
-    if out.returncode != 0:
-        return {"note": (out.stderr.strip().splitlines() or ["failed"])[-1][:120]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _cell(r: dict | None) -> str:
-    return "-" if not r or r.get("seconds") is None else f"{r['seconds']:.3f} / {r['peak_mib']:.0f}"
-
-
 def table(rows: list[dict], diffs: dict, lengths: list[int]) -> str:
     by = {(r.get("impl"), r.get("T")): r for r in rows}
     lines = ["| T | transformers s / MiB | Loom s / MiB | speed-up | max rel. diff o / grads |",
@@ -119,7 +96,7 @@ def table(rows: list[dict], diffs: dict, lengths: list[int]) -> str:
         speed = f"{hf['seconds'] / lo['seconds']:.1f}x" if timed else "-"
         grads = max((d[n] for n in ("dq", "dk", "dv", "dg", "dbeta") if n in d), default=None)
         diff = "-" if "o" not in d else f"{d['o']:.1e} / {grads:.1e}"
-        lines.append(f"| {T // 1024}K | {_cell(hf)} | {_cell(lo)} | {speed} | {diff} |")
+        lines.append(f"| {T // 1024}K | {cell(hf)} | {cell(lo)} | {speed} | {diff} |")
     growth = []
     for T in lengths:
         a, b = by.get(("loom", T)), by.get(("loom", 2 * T))
@@ -145,11 +122,12 @@ def main() -> None:
     rows, diffs = [], {}
     for T in args.lengths:
         for impl in ("hf", "loom"):  # alternating, so both see the same machine load
-            r = {"impl": impl, "T": T, **_child([impl, str(T), str(args.repeats)], args.threads, args.timeout)}
+            child = [impl, str(T), str(args.repeats), str(args.threads)]
+            r = {"impl": impl, "T": T, **run_child(__file__, child, args.threads, args.timeout)}
             rows.append(r)
             print(f"{impl:>5} T={T:>6}: {r.get('seconds', '-')} s {r.get('peak_mib', '-')} MiB {r.get('note', '')}",
                   flush=True)
-        diffs[T] = _child(["diff", str(T)], args.threads, args.timeout)
+        diffs[T] = run_child(__file__, ["diff", str(T), str(args.threads)], args.threads, args.timeout)
         print(f"       diff: {diffs[T]}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"threads": args.threads, "rows": rows, "diffs": diffs}, indent=1))

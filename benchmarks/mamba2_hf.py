@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
 import sys
-import time
 from pathlib import Path
 
+from harness import cell, run_child, timed_steps
+
 RESULTS = Path(__file__).resolve().parent / "results"
-MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
 D, H, P, N, G, W = 256, 4, 64, 128, 1, 4
 
 
@@ -76,18 +73,13 @@ def measure(which: str, T: int, repeats: int, threads: int) -> dict:
     del hf, loom
     fn = runner(which, layer, T)
     x = torch.randn(1, T, D, generator=torch.Generator().manual_seed(1), requires_grad=True)
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
-    for _ in range(repeats + 1):
-        t0 = time.process_time()
-        y = fn(x)
-        y.float().pow(2).mean().backward()
-        times.append(time.process_time() - t0)
+
+    def reset():
         x.grad = None
         layer.zero_grad(set_to_none=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = sorted(times[1:])
-    return {"layer": which, "T": T, "seconds": times[len(times) // 2], "peak_mib": (peak - base_rss) / 1024}
+
+    seconds, peak_mib = timed_steps(lambda: fn(x).float().pow(2).mean().backward(), repeats, reset)
+    return {"layer": which, "T": T, "seconds": seconds, "peak_mib": peak_mib}
 
 
 def compare(T: int, threads: int) -> dict:
@@ -107,22 +99,6 @@ def compare(T: int, threads: int) -> dict:
             "max_diff_dx": float((g_hf - g_loom).abs().max()), "max_abs_dx": float(g_hf.abs().max())}
 
 
-def child(args: list[str], timeout: float, threads: int) -> dict | None:
-    cmd = [sys.executable, __file__, "--child", *args]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                             env={**os.environ, "OMP_NUM_THREADS": str(threads), **MALLOC})
-    except subprocess.TimeoutExpired:
-        return {"note": f"> {timeout:.0f} s"}
-    if out.returncode != 0:
-        return {"note": (out.stderr.strip().splitlines() or ["failed"])[-1][:160]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _cell(r: dict | None) -> str:
-    return "-" if not r or r.get("seconds") is None else f"{r['seconds']:.3f} / {r['peak_mib']:.0f}"
-
-
 def table(rows: list[dict], diffs: dict, lengths: list[int]) -> str:
     by = {(r.get("layer"), r.get("T")): r for r in rows}
     lines = ["| T | transformers s / MiB | Loom s / MiB | speed-up | max diff y (max y) | max diff dx (max dx) |",
@@ -133,7 +109,7 @@ def table(rows: list[dict], diffs: dict, lengths: list[int]) -> str:
         speed = f"{h['seconds'] / m['seconds']:.2f}x" if ok else "-"
         diff_y = f"{d['max_diff_y']:.1e} ({d['max_abs_y']:.2f})" if "max_diff_y" in d else "-"
         diff_dx = f"{d['max_diff_dx']:.1e} ({d['max_abs_dx']:.1e})" if "max_diff_dx" in d else "-"
-        lines.append(f"| {T // 1024}K | {_cell(h)} | {_cell(m)} | {speed} | {diff_y} | {diff_dx} |")
+        lines.append(f"| {T // 1024}K | {cell(h)} | {cell(m)} | {speed} | {diff_y} | {diff_dx} |")
     growth = []
     for which in ("hf", "loom"):
         g = [by[(which, 2 * T)]["seconds"] / by[(which, T)]["seconds"] for T in lengths
@@ -158,11 +134,11 @@ def main() -> None:
     args = p.parse_args()
     rows, diffs = [], {}
     for T in args.lengths:
-        diffs[T] = child(["compare", str(T), str(args.threads)], args.timeout, args.threads)
+        diffs[T] = run_child(__file__, ["compare", str(T), str(args.threads)], args.threads, args.timeout)
         print(f"T={T:>6} diff: {diffs[T]}", flush=True)
         for which in ("hf", "loom"):
-            r = {"layer": which, "T": T, **child([which, str(T), str(args.repeats), str(args.threads)],
-                                                 args.timeout, args.threads)}
+            child = [which, str(T), str(args.repeats), str(args.threads)]
+            r = {"layer": which, "T": T, **run_child(__file__, child, args.threads, args.timeout)}
             rows.append(r)
             print(f"T={T:>6} {which:>5}: {r.get('seconds')} s, {r.get('peak_mib')} MiB {r.get('note', '')}",
                   flush=True)

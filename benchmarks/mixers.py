@@ -18,17 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from harness import cell, run_child, timed_steps
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # glibc otherwise re-maps every tensor over its dynamic mmap threshold on each
 # call (q/k/v at 32K tokens), adding ~20% to every mixer's time at 32K.
-MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
 SETTINGS = {  # options per kind for the benchmark (paper defaults where they exist)
     "attn": {},
     "swa": {"window": 512},
@@ -58,32 +55,13 @@ def measure(kind: str, T: int, repeats: int, threads: int) -> dict:
     mixer.reset_parameters()
     x = torch.randn(1, T, 256, requires_grad=True)
     ctx = SeqContext(position_ids=torch.arange(T)[None])
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
-    for i in range(repeats + 1):
-        t0 = time.process_time()
-        y, _ = mixer(x, ctx)
-        y.float().pow(2).mean().backward()
-        times.append(time.process_time() - t0)
+
+    def reset():
         x.grad = None
         mixer.zero_grad(set_to_none=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = sorted(times[1:])
-    return {"kind": kind, "T": T, "seconds": times[len(times) // 2], "peak_mib": (peak - base_rss) / 1024,
-            "options": opts}
 
-
-def run_child(kind: str, T: int, repeats: int, threads: int, timeout: float) -> dict | None:
-    cmd = [sys.executable, __file__, "--child", kind, str(T), str(repeats), str(threads)]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                             env={**os.environ, "OMP_NUM_THREADS": str(threads), **MALLOC})
-    except subprocess.TimeoutExpired:
-        return {"kind": kind, "T": T, "seconds": None, "peak_mib": None, "note": f"> {timeout:.0f} s"}
-    if out.returncode != 0:
-        return {"kind": kind, "T": T, "seconds": None, "peak_mib": None,
-                "note": (out.stderr.strip().splitlines() or ["failed"])[-1][:120]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    seconds, peak_mib = timed_steps(lambda: mixer(x, ctx)[0].float().pow(2).mean().backward(), repeats, reset)
+    return {"kind": kind, "T": T, "seconds": seconds, "peak_mib": peak_mib, "options": opts}
 
 
 def table(rows: list[dict], lengths: list[int]) -> str:
@@ -96,7 +74,7 @@ def table(rows: list[dict], lengths: list[int]) -> str:
         cells = []
         for T in lengths:
             r = by.get((kind, T))
-            cells.append("-" if r is None or r["seconds"] is None else f"{r['seconds']:.3f} / {r['peak_mib']:.0f}")
+            cells.append(cell(r))
         a, k = by.get(("attn", 16384)), by.get((kind, 16384))
         speed = f"{a['seconds'] / k['seconds']:.1f}x" if a and k and a["seconds"] and k["seconds"] else "-"
         growth = []
@@ -127,7 +105,9 @@ def main() -> None:
     rows = []
     for kind in kinds:
         for T in args.lengths:
-            r = run_child(kind, T, args.repeats, args.threads, args.timeout)
+            child = [kind, str(T), str(args.repeats), str(args.threads)]
+            r = {"kind": kind, "T": T, "seconds": None, "peak_mib": None,
+                 **run_child(__file__, child, args.threads, args.timeout)}
             rows.append(r)
             sec = "-" if r["seconds"] is None else f"{r['seconds']:.3f}s"
             mem = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f} MiB"
