@@ -49,7 +49,7 @@ import torch
 from loom.kernels.backends import have_fla, on_gpu, require
 from loom.kernels.dispatch import announce
 from loom.kernels.ssd.chunked import ssd_chunked
-from loom.kernels.ssd.reference import discretize, ssd_recurrent
+from loom.kernels.ssd.reference import discretize, ssd_reference
 
 __all__ = ["ssd", "discretize"]
 IMPLS = ("auto", "chunked", "fla", "reference")
@@ -103,7 +103,7 @@ def _backend(impl: str, chunk: int):
         return lambda x, dt, A, B, C, D, s, h0, rs: ssd_chunked(x, dt, A, B, C, D=D, starts=s, initial_state=h0,
                                                                 return_state=rs, chunk=chunk)
     if impl == "reference":
-        return lambda x, dt, A, B, C, D, s, h0, rs: ssd_recurrent(x, dt, A, B, C, D=D, starts=s, initial_state=h0)
+        return lambda x, dt, A, B, C, D, s, h0, rs: ssd_reference(x, dt, A, B, C, D=D, starts=s, initial_state=h0)
     from loom.kernels.ssd.fla import ssd_fla
     return lambda x, dt, A, B, C, D, s, h0, rs: ssd_fla(x, dt, A, B, C, D=D, doc_starts=s, initial_state=h0,
                                                         return_state=rs)

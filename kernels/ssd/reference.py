@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["discretize", "ssd_recurrent"]
+__all__ = ["discretize", "ssd_reference"]
 
 
 def discretize(dt, dt_bias=None, softplus: bool = True, limit=(0.0, float("inf"))):
@@ -33,7 +33,7 @@ def discretize(dt, dt_bias=None, softplus: bool = True, limit=(0.0, float("inf")
     return dt
 
 
-def ssd_recurrent(x, dt, A, B, C, *, D=None, starts=None, initial_state=None):
+def ssd_reference(x, dt, A, B, C, *, D=None, starts=None, initial_state=None):
     """Token loop over discretised inputs. x: (B, T, H, P); dt: (B, T, H) (after `discretize`);
     A: (H,); B, C: (B, T, G, N); D: (H,) or None; starts: (B, T) bool, True where a document
     starts (its state from before is dropped); initial_state: (B, H, P, N).

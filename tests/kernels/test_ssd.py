@@ -13,7 +13,7 @@ from loom.kernels import dispatch
 from loom.kernels.backends import have_fla
 from loom.kernels.ssd import ssd
 from loom.kernels.ssd.chunked import ssd_chunked
-from loom.kernels.ssd.reference import discretize, ssd_recurrent
+from loom.kernels.ssd.reference import discretize, ssd_reference
 
 F64, BF16 = torch.float64, torch.bfloat16
 H, P, N = 4, 5, 3
@@ -51,7 +51,7 @@ def test_chunked_equals_reference_with_every_gradient(T, G, limit):
     starts = _starts(2, T)
 
     def ref(x, dt, A, B, C, D, dt_bias, initial_state):
-        return ssd_recurrent(x, discretize(dt, dt_bias, True, limit), A, B, C, D=D, starts=starts,
+        return ssd_reference(x, discretize(dt, dt_bias, True, limit), A, B, C, D=D, starts=starts,
                              initial_state=initial_state)
 
     def chunked(x, dt, A, B, C, D, dt_bias, initial_state):
@@ -71,7 +71,7 @@ def test_segments_carry_the_state():
     inputs["dt"] = discretize(inputs["dt"])
     starts = _starts(2, 113)
     a = ssd_chunked(**inputs, starts=starts, return_state=True, chunk=8, segment_chunks=3)
-    b = ssd_recurrent(**inputs, starts=starts)
+    b = ssd_reference(**inputs, starts=starts)
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=1e-11, atol=1e-11)
 
@@ -150,7 +150,7 @@ def test_bf16_error_within_plain_bf16_error():
         return (y,) + torch.autograd.grad((y.double() * w).sum(), list(leaves.values()))
 
     def plain(x, dt, A, B, C, D, dt_bias):
-        return ssd_recurrent(x, discretize(dt, dt_bias), A, B, C, D=D, starts=starts)[0]
+        return ssd_reference(x, discretize(dt, dt_bias), A, B, C, D=D, starts=starts)[0]
 
     def chunked(x, dt, A, B, C, D, dt_bias):
         return ssd(x, dt, A, B, C, D=D, dt_bias=dt_bias, doc_starts=starts, chunk=16)
