@@ -20,6 +20,8 @@ Kinds and their units:
           This lets the field's pipeline (and its SLURM executor) do the
           tokenizing; `loom data prepare` then adds the carve, the manifest and
           the hashes (it must be given the tokenizer datatrove used).
+  chat    local json / jsonl files of `messages` rows (chat.py renders and masks them;
+          prepare.py writes a loss mask beside the tokens), one unit per file.
   stdlib  the .py files of the running interpreter's standard library
           (`sysconfig.get_paths()["stdlib"]`, no tests, no site-packages), one
           document per file: real text that needs no download. Files are
