@@ -16,6 +16,7 @@ Cost: about a minute on one core (two CLI runs, one 2-process launch).
 """
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -168,6 +169,12 @@ def test_packing_counts_and_never_splits(chat_prep):
     skip = ChatStream(shards, prep.dtype, T, (0,), 258, too_long="skip")
     assert (trunc.truncated, trunc.skipped, skip.truncated, skip.skipped) == (n_long, 0, 0, n_long)
     assert skip.documents == len(lengths) - n_long
+    cut = [k for k in range(len(trunc._epoch(0)[1]) - 1)
+           if trunc._epoch(0)[1][k + 1] - trunc._epoch(0)[1][k] == 1
+           and trunc.doc_len[trunc._epoch(0)[0][trunc._epoch(0)[1][k]]] == T + 1]
+    assert len(cut) >= n_long     # each truncated conversation fills a window alone, its first T + 1 tokens
+    toks, start, _, _ = trunc.window(cut[0])
+    assert start.sum() == 1 and (toks != 258).all()
     seen = []
     for k in range(len(skip._epoch(0)[1]) - 1):     # one epoch: every kept conversation once, whole
         toks, start, _, loss = skip.window(k)
@@ -255,6 +262,12 @@ eval: {{passkey_n: 1, passkey_depths: [0.5]}}
     return recipe
 
 
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _weights(run: Path) -> dict:
     return load_file(str(run / "checkpoints" / "step-00000004" / "model.safetensors"))
 
@@ -265,7 +278,7 @@ def test_grad_accum_and_dp_equal_one_batch(sft_recipe, tmp_path):
     assert main(["train", str(sft_recipe), f"output_dir={acc}", "train.batch_size=1", "train.grad_accum=2"]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                    str(29500 + os.getpid() % 1000), "-m", "loom.trainer", "train", str(sft_recipe),
+                    str(_port()), "-m", "loom.trainer", "train", str(sft_recipe),
                     f"output_dir={dp}", "train.batch_size=1", "parallel.engine=ddp"],
                    env=env, check=True, capture_output=True, timeout=600)
     lines = {r: [m for m in read_metrics(r) if "split" not in m and "loss" in m] for r in (one, acc, dp)}

@@ -183,8 +183,8 @@ def encode_with_offsets(tokenizer, text: str) -> tuple[np.ndarray, np.ndarray]:
         data = text.encode("utf-8")
         char_of_byte = np.repeat(np.arange(len(text)), [len(c.encode("utf-8")) for c in text])
         return np.frombuffer(data, dtype=np.uint8).astype(np.int64), char_of_byte.astype(np.int64)
-    enc = tokenizer._tok.encode(text, add_special_tokens=False)
-    return np.asarray(enc.ids, dtype=np.int64), np.asarray([a for a, _ in enc.offsets], dtype=np.int64)
+    ids, first = tokenizer.encode_offsets(text)
+    return np.asarray(ids, dtype=np.int64), np.asarray(first, dtype=np.int64)
 
 
 def encode_conversation(tokenizer, template: ChatTemplate, messages: list[dict], loss_on: str,
