@@ -8,7 +8,7 @@ global-batch token mean.
   flipped mask byte stops reading with one line;
 - a packed row's loss and gradients equal the conversations run one by one, for every mixer
   kind; ignored labels get exactly zero gradient from the fused loss;
-- grad_accum=2 and dp=2 (gloo, 2 processes) give the losses and weights of one batch of 2;
+- grad_accum=2, dp=2 and cp=2 (gloo, 2 processes) give the losses and weights of one batch of 2;
   metrics carry cumulative `loss_tokens`; resume is exact;
 - too-long conversations: truncate / skip counted (ChatStream, `loom data stats --seq-len`);
 - bad rows are one line naming the file and row.
@@ -272,18 +272,22 @@ def _weights(run: Path) -> dict:
     return load_file(str(run / "checkpoints" / "step-00000004" / "model.safetensors"))
 
 
-def test_grad_accum_and_dp_equal_one_batch(sft_recipe, tmp_path):
-    one, acc, dp = tmp_path / "one", tmp_path / "acc", tmp_path / "dp"
-    assert main(["train", str(sft_recipe), f"output_dir={one}"]) == 0
-    assert main(["train", str(sft_recipe), f"output_dir={acc}", "train.batch_size=1", "train.grad_accum=2"]) == 0
+def _torchrun(recipe: Path, *args: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                    str(_port()), "-m", "loom.trainer", "train", str(sft_recipe),
-                    f"output_dir={dp}", "train.batch_size=1", "parallel.engine=ddp"],
+                    str(_port()), "-m", "loom.trainer", "train", str(recipe), *args],
                    env=env, check=True, capture_output=True, timeout=600)
-    lines = {r: [m for m in read_metrics(r) if "split" not in m and "loss" in m] for r in (one, acc, dp)}
+
+
+def test_grad_accum_dp_and_cp_equal_one_batch(sft_recipe, tmp_path):
+    one, acc, dp, cp = tmp_path / "one", tmp_path / "acc", tmp_path / "dp", tmp_path / "cp"
+    assert main(["train", str(sft_recipe), f"output_dir={one}"]) == 0
+    assert main(["train", str(sft_recipe), f"output_dir={acc}", "train.batch_size=1", "train.grad_accum=2"]) == 0
+    _torchrun(sft_recipe, f"output_dir={dp}", "train.batch_size=1", "parallel.engine=ddp")
+    _torchrun(sft_recipe, f"output_dir={cp}", "parallel.engine=ddp", "parallel.cp=2")
+    lines = {r: [m for m in read_metrics(r) if "split" not in m and "loss" in m] for r in (one, acc, dp, cp)}
     base = train_losses(one)
-    for run in (acc, dp):
+    for run in (acc, dp, cp):
         got = train_losses(run)
         assert sorted(got) == [1, 2, 3, 4]
         for s in got:
