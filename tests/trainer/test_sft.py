@@ -42,6 +42,10 @@ CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\
           "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' + '\n' }}"
           "{% endgeneration %}{% else %}{{ message['content'] + '<|im_end|>' + '\n' }}{% endif %}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+LLAMA3 = ("{{ bos_token }}{% for message in messages %}{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+          "{{ raise_exception('bad role') }}{% endif %}{{ '<|start_header_id|>' + message['role'] + "
+          "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
 WORDS = "the cat sat on a mat and then it ran far away to see what was there".split()
 
 
@@ -75,7 +79,8 @@ def hf_tokenizer(tmp_path_factory):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
+                "<|end_header_id|>", "<|eot_id|>"]
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([" ".join(WORDS)] * 20 + ["system user assistant be brief"] * 5, trainer)
@@ -101,6 +106,27 @@ def test_template_equals_transformers(hf_tokenizer):
         assert ids.tolist() == list(out["input_ids"])
         assert mask.tolist() == list(out["assistant_masks"])
         assert mask.any() and not mask.all()
+
+
+def test_llama3_style_template_with_bos_equals_transformers(tmp_path, hf_tokenizer):
+    transformers = pytest.importorskip("transformers")
+    (tmp_path / "tokenizer.json").write_bytes((hf_tokenizer / "tokenizer.json").read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+        "chat_template": LLAMA3}))
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    tok = load_tokenizer(str(tmp_path))
+    template = ChatTemplate(*load_chat_template(tok))
+    for row in conversations(4):
+        msgs = row["messages"]
+        text, ids, mask = encode_conversation(tok, template, msgs, "assistant", "row")
+        assert text == ref.apply_chat_template(msgs, tokenize=False)
+        assert text.startswith("<|begin_of_text|><|start_header_id|>")
+        assert ids.tolist() == list(ref.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"])
+        # trained: each assistant content and its <|eot_id|>, nothing of the headers
+        eot = tok.encode("<|eot_id|>")[0]
+        assert int(mask[ids == eot].sum()) == sum(m["role"] == "assistant" for m in msgs)
+        assert not mask[ids == tok.encode("<|start_header_id|>")[0]].any()
 
 
 def test_template_missing_is_one_line(tmp_path, hf_tokenizer):
