@@ -46,6 +46,8 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from loom.trainer.data.sources import _open_text
+
 ROLES = ("system", "user", "assistant", "tool")
 BYTE_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -203,8 +205,6 @@ def encode_conversation(tokenizer, template: ChatTemplate, messages: list[dict],
 
 def chat_rows(path: str) -> Iterator[tuple[str, object]]:
     """(where, row) of a json / jsonl chat file, `where` naming the file and row for errors."""
-    from loom.trainer.data.sources import _open_text
-
     with _open_text(path) as f:
         first = f.readline()
         if first.lstrip().startswith("["):
