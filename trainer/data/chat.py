@@ -192,14 +192,18 @@ def encode_with_offsets(tokenizer, text: str) -> tuple[np.ndarray, np.ndarray]:
 def encode_conversation(tokenizer, template: ChatTemplate, messages: list[dict], loss_on: str,
                         where: str) -> tuple[str, np.ndarray, np.ndarray]:
     """(rendered text, ids (N,) int64, mask (N,) uint8) of one conversation; mask 1 = trained on."""
+    if loss_on == "all":      # no spans needed: any template works
+        try:
+            text = template.render(messages)
+        except template._error as e:
+            raise ValueError(f"{where}: the chat template failed: {e}") from None
+        ids, _ = encode_with_offsets(tokenizer, text)
+        return text, ids, np.ones(len(ids), dtype=np.uint8)
     text, spans = assistant_spans(template, messages, where)
     ids, first_char = encode_with_offsets(tokenizer, text)
-    if loss_on == "all":
-        mask = np.ones(len(ids), dtype=np.uint8)
-    else:
-        mask = np.zeros(len(ids), dtype=np.uint8)
-        for a, b in spans:
-            mask |= ((first_char >= a) & (first_char < b)).astype(np.uint8)
+    mask = np.zeros(len(ids), dtype=np.uint8)
+    for a, b in spans:
+        mask |= ((first_char >= a) & (first_char < b)).astype(np.uint8)
     return text, ids, mask
 
 
