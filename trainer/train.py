@@ -221,7 +221,7 @@ class Trainer:
         self.metrics = MetricsWriter(cfg.run_dir, enabled=env.is_main, warn=dist.warn)
         self.checkpointer = Checkpointer(cfg.run_dir, manager, env, self.engine, self.guard, self.metrics, cfg.train,
                                          cfg.optim, cfg.seed, self.say, last_good=latest)
-        self.step, self.tokens, self.elapsed_before = 0, 0, 0.0
+        self.step, self.tokens, self.elapsed_before, self.loss_tokens = 0, 0, 0.0, 0
         if latest is not None:
             self._resume(latest, resume_notice)
         self.metrics.truncate_after(self.step)  # a fresh start (step 0) clears the lines of an earlier attempt
@@ -237,6 +237,7 @@ class Trainer:
         state, meta = self.checkpointer.restore(latest)
         self.batcher.load_state_dict(state["data"])
         self.step, self.tokens, self.elapsed_before = meta["step"], meta["tokens"], meta.get("elapsed_s", 0.0)
+        self.loss_tokens = meta.get("loss_tokens", 0)
         check_layout(state.get("layout"), self._layout())
         dist.log(f"resumed {self.cfg.run_dir} from step {self.step}")
         if notice:
@@ -293,13 +294,16 @@ class Trainer:
         cfg, env, guard = self.cfg, self.env, self.guard
         losses, aux = [], []
         self.profiler.begin(self.step + 1)
-        for micro in range(cfg.train.grad_accum):
-            batch = env.shard_batch(self.batcher.next(self.step))
-            loss, aux_loss = self.forward_backward_step(batch, last=micro == cfg.train.grad_accum - 1)
+        # the loss is the mean over the labelled tokens of the whole global batch (all micro-batches,
+        # all ranks), counted first: per-micro-batch means would weight short (chat) answers up
+        batches = [env.shard_batch(self.batcher.next(self.step)) for _ in range(cfg.train.grad_accum)]
+        count = env.count_labels([b["labels"] for b in batches])
+        for micro, batch in enumerate(batches):
+            loss, aux_loss = self.forward_backward_step(batch, last=micro == cfg.train.grad_accum - 1, count=count)
             losses.append(loss)
             aux.append(aux_loss)
         poison_grads(self.model, self.step + 1)  # test hook, a no-op unless LOOM_TEST_NAN_STEPS is set
-        loss_value = env.mean(torch.stack(losses).mean())
+        loss_value = env.mean(torch.stack(losses).sum())
         skipped = guard.check_loss(loss_value)
         if skipped is None:
             grad_norm = self.engine.step()  # skips the update itself when the global grad norm is not finite
@@ -312,20 +316,24 @@ class Trainer:
         self.step += 1
         self.profiler.end(self.step)
         self.tokens += tokens_per_step
+        self.loss_tokens += int(count)   # whole windows' labels: cp slices add up over the ranks
         self.tokens_since_log += tokens_per_step
         self.bar.update(1)
         return loss_value, grad_norm, aux
 
-    def forward_backward_step(self, batch: dict, last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_backward_step(self, batch: dict, last: bool,
+                              count: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward of one micro-batch (this rank's shard); `last`: the final
-        micro-batch of the step (gradients synchronise). Returns (loss, aux_loss), detached."""
+        micro-batch of the step (gradients synchronise); `count`: labelled tokens of the whole
+        step (env.count_labels). Returns (loss share, aux_loss), detached: the step's loss is
+        the sum of the shares."""
         cfg, env, engine = self.cfg, self.env, self.engine
         with engine.accumulating(last):
             with forward_autocast(cfg.parallel, env.device):  # bf16 compute, fp32 master weights
                 out = engine.module(batch["input_ids"], position_ids=batch["position_ids"],
                                     seq_ids=batch["seq_ids"], cp=env.cp)
-                loss = env.reduce_loss(self.model, out.hidden, batch["labels"], cfg.train.loss_chunk)
-            engine.backward((loss + out.aux_loss) / cfg.train.grad_accum)
+                loss = env.reduce_loss(self.model, out.hidden, batch["labels"], cfg.train.loss_chunk, count)
+            engine.backward(loss + out.aux_loss / cfg.train.grad_accum)
         return loss.detach(), out.aux_loss.detach()
 
     def _guarded(self, loss: float, grad_norm: float, skipped: str | None) -> bool:
@@ -345,6 +353,7 @@ class Trainer:
             guard.checkpointed()
         elif guard.should_rewind:
             self.step, self.tokens = self.checkpointer.rewind(step, self.batcher.position)
+            self.loss_tokens = read_meta(self.checkpointer.last_good).get("loss_tokens", 0)
             self.bar.reset(total=self.cfg.train.steps)
             self.bar.update(self.step)
             return True
@@ -358,6 +367,7 @@ class Trainer:
         step, engine = self.step, self.engine
         now = time.time()
         rec = {"step": step, "loss": loss, "lr": engine.lr, "grad_norm": grad_norm, "tokens": self.tokens,
+               "loss_tokens": self.loss_tokens,
                "tokens_per_s": self.tokens_since_log / max(now - self.t_log, 1e-9),
                "elapsed_s": self.elapsed_before + now - self.t_start}
         seq_len = self.batcher.stage(step - 1).seq_len
@@ -389,7 +399,7 @@ class Trainer:
         cfg = self.cfg
         state = {"data": self.batcher.state_dict(), "rng": self.env.gather_object(rng_state()),
                  "layout": self._layout(), "guard": self.guard.state_dict()}
-        meta = {"step": self.step, "tokens": self.tokens,
+        meta = {"step": self.step, "tokens": self.tokens, "loss_tokens": self.loss_tokens,
                 "elapsed_s": self.elapsed_before + time.time() - self.t_start, "config": cfg.name,
                 "checkpoint_format": cfg.train.checkpoint_format, **recipe_record(cfg, self.tokenizer)}
         return state, meta

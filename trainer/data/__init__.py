@@ -17,7 +17,8 @@ source (B,) int64 (index of the source in the config list).
 Everything is a deterministic function of (config, seed, split, window index);
 the Batcher's state is one integer. Files: tokenizer.py, sources.py (raw text
 streams), prepare.py (tokenize into shards), prepared.py (format, checks),
-reader.py (memory-mapped windows), synthetic.py (passkey, mqar, copy),
+reader.py (memory-mapped windows), chat.py (chat templates and loss masks of
+`kind: chat` sources), chat_stream.py (whole-conversation windows), synthetic.py (passkey, mqar, copy),
 packing.py (window fields, boundary helpers), dataset.py (mixture),
 batcher.py, schedule.py (seq_len stages), stats.py and commands.py (`loom data`).
 

@@ -6,7 +6,7 @@
     loom data prepare --source '{kind: files, path: /data/*.jsonl.gz}' --tokenizer T --out DIR
         prepare one source given on the command line into DIR (read it with
         `data.sources: [{kind: prepared, path: DIR}]`)
-    loom data stats DIR [--split all|train|val] [--png FILE]
+    loom data stats DIR [--split all|train|val] [--png FILE] [--seq-len T]
     loom data verify DIR                hash every shard against the manifest
 """
 from __future__ import annotations
@@ -86,7 +86,7 @@ def _summary(prep) -> None:
 def cmd_stats(args) -> int:
     from loom.trainer.data.stats import format_stats, length_stats, write_histogram
 
-    st = length_stats(args.dir, args.split)
+    st = length_stats(args.dir, args.split, args.seq_len)
     print(format_stats(st))
     png = args.png or os.path.join(args.dir, f"lengths-{args.split}.png")
     written = write_histogram(st, png)
@@ -122,6 +122,8 @@ def add_data_commands(sub) -> None:
     s.add_argument("dir")
     s.add_argument("--split", default="all", choices=["all", "train", "val"])
     s.add_argument("--png", help="histogram file (default DIR/lengths-SPLIT.png)")
+    s.add_argument("--seq-len", type=int, help="chat data: count the conversations longer than a window "
+                   "(seq_len + 1 tokens), which training truncates or skips (data.sources[i].too_long)")
     s.set_defaults(fn=cmd_stats)
     v = dsub.add_parser("verify", help="check every shard's sha256 against the manifest")
     v.add_argument("dir")

@@ -43,9 +43,13 @@ class SourceConfig:
     key_digits: passkey: digits of the key.
     n_pairs, n_queries: mqar: key-value pairs shown and queries asked.
     min_period, max_period: copy: range of the repeated string's length (characters).
+    loss_on: chat: train on the assistant turns' tokens (assistant) or on every token (all).
+    too_long: chat: a conversation longer than a window (seq_len + 1 tokens) is cut to
+        the window (truncate) or left out (skip); either is counted (start-up log and
+        `loom data stats DIR --seq-len T`). Conversations are never split across windows.
     """
 
-    kind: Literal["prepared", "files", "hub", "stdlib", "datatrove", "passkey", "mqar", "copy"] = "stdlib"
+    kind: Literal["prepared", "files", "hub", "stdlib", "datatrove", "chat", "passkey", "mqar", "copy"] = "stdlib"
     weight: float = 1.0
     path: Optional[str] = None
     paths: list[str] = field(default_factory=list)
@@ -65,6 +69,8 @@ class SourceConfig:
     n_queries: int = 4
     min_period: int = 32
     max_period: int = 64
+    loss_on: Literal["assistant", "all"] = "assistant"
+    too_long: Literal["truncate", "skip"] = "truncate"
 
 
 def _default_sources() -> list[SourceConfig]:
@@ -107,9 +113,11 @@ def _check_source(src: SourceConfig, where: str) -> None:
         raise bad("path", "a files source needs path or paths")
     if src.kind == "hub" and not src.name:
         raise bad("name", "a hub source needs the dataset name")
+    if src.kind == "chat" and not src.path and not src.paths:
+        raise bad("path", "a chat source needs path or paths (json / jsonl files of messages)")
     if src.kind in ("prepared", "datatrove") and not src.path:
         raise bad("path", f"a {src.kind} source needs the folder it reads")
-    if src.kind in ("prepared", "files", "hub", "stdlib", "datatrove"):
+    if src.kind in ("prepared", "files", "hub", "stdlib", "datatrove", "chat"):
         if src.min_tokens < 0:
             raise bad("min_tokens", f"must be >= 0, got {src.min_tokens}")
         if src.max_tokens is not None and src.max_tokens < max(src.min_tokens, 1):
@@ -117,7 +125,9 @@ def _check_source(src: SourceConfig, where: str) -> None:
         for rule in src.length_upsample:
             if len(rule) != 2 or rule[0] < 0 or rule[1] < 0:
                 raise bad("length_upsample", f"entries are [min_len >= 0, weight >= 0], got {rule}")
-    if src.kind in ("files", "hub", "stdlib", "datatrove"):
+    if src.kind == "chat" and src.length_upsample:
+        raise bad("length_upsample", "is not available for chat sources (conversations are packed whole)")
+    if src.kind in ("files", "hub", "stdlib", "datatrove", "chat"):
         if not 0 < src.val_fraction < 1:
             raise bad("val_fraction", f"must be in (0, 1), got {src.val_fraction}")
         if src.max_bytes is not None and src.max_bytes <= 0:

@@ -29,6 +29,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from loom.trainer.data.chat_stream import ChatStream
 from loom.trainer.data.packing import pack_window, seeded_rng
 from loom.trainer.data.prepare import ensure_prepared
 from loom.trainer.data.prepared import ManifestError, open_prepared
@@ -151,5 +152,12 @@ def make_source(src, index: int, tokenizer, seq_len: int, seed: int, split: str,
     if not any(s.documents for s in shards):
         raise ManifestError(f"{name} has no documents; give data.val_sources or prepare with a larger "
                             "val_fraction" if part == "val" else f"{name} has no documents")
+    if any(s.mask is not None for s in shards):     # a chat source: whole conversations with loss masks
+        stream = ChatStream(shards, prep.dtype, seq_len, (seed, code, PURPOSE_SHUFFLE, index), tokenizer.pad_id,
+                            src.min_tokens, src.max_tokens, src.too_long, token_offset, name)
+        if stream.truncated or stream.skipped:
+            log.warning("%s: %d conversations longer than %d tokens %s", name, stream.truncated or stream.skipped,
+                        seq_len + 1, "truncated" if stream.truncated else "skipped")
+        return stream
     return PreparedStream(shards, prep.dtype, seq_len, (seed, code, PURPOSE_SHUFFLE, index), src.min_tokens,
                           src.max_tokens, src.length_upsample, token_offset, name)

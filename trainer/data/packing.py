@@ -23,6 +23,10 @@ Per window (all (T,)):
   answer_mask   True at label positions whose target is an answer token
                 (synthetic tasks), False elsewhere
 
+Chat sources (chat_stream.py) pack whole conversations instead, one window
+never overlapping the next, and pass a loss mask: labels are -100 also where
+the target is not a trained (assistant) token, and at the padding.
+
 `seq_ids_from_position_ids` and `cu_seqlens_from_position_ids` turn
 position_ids back into the document structure the mixers and flash-attn use;
 they rely on every row starting at position 0, which `pack_window` guarantees.
@@ -45,17 +49,21 @@ def seeded_rng(*keys: int) -> np.random.Generator:
     return np.random.default_rng([int(k) % 2**64 for k in keys])
 
 
-def pack_window(tokens: np.ndarray, doc_start: np.ndarray,
-                answer: Optional[np.ndarray] = None) -> dict[str, torch.Tensor]:
+def pack_window(tokens: np.ndarray, doc_start: np.ndarray, answer: Optional[np.ndarray] = None,
+                loss: Optional[np.ndarray] = None) -> dict[str, torch.Tensor]:
     """Model fields of one window.
 
     tokens (W,) int, doc_start (W,) bool, answer (W,) bool or None (True at
-    answer tokens). Returns input_ids, labels, position_ids (T,) int64 and
-    answer_mask (T,) bool, as described in the module docstring.
+    answer tokens), loss (W,) bool or None (chat sources: True at tokens the
+    loss is taken on; a label whose target token is False becomes -100).
+    Returns input_ids, labels, position_ids (T,) int64 and answer_mask (T,)
+    bool, as described in the module docstring.
     """
     T = len(tokens) - 1
     labels = tokens[1:].astype(np.int64)
     labels[doc_start[1:]] = IGNORE_INDEX
+    if loss is not None:
+        labels[~loss[1:].astype(bool)] = IGNORE_INDEX
     starts = doc_start[:-1].copy()
     starts[0] = True
     idx = np.arange(T)

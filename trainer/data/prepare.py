@@ -47,6 +47,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from loom.trainer.data.chat import ChatTemplate, chat_rows, check_messages, encode_conversation, load_chat_template
 from loom.trainer.data.config import SourceConfig
 from loom.trainer.data.prepared import (FORMAT, FORMAT_VERSION, INDEX_DTYPE, SPLITS, ManifestError, Prepared,
                                         block_crc32, open_prepared, token_dtype, tokenizer_identity,
@@ -59,7 +60,7 @@ log = logging.getLogger(__name__)
 
 SHARD_TOKENS = 1 << 28   # tokens per shard before rolling over (512 MiB as uint16)
 BATCH_DOCS = 512         # documents tokenized together
-REAL_KINDS = ("files", "hub", "stdlib", "datatrove")
+REAL_KINDS = ("files", "hub", "stdlib", "datatrove", "chat")
 
 
 def default_cache_dir() -> str:
@@ -68,9 +69,14 @@ def default_cache_dir() -> str:
 
 
 def prepare_identity(src, tokenizer, dtype: np.dtype, shard_tokens: int) -> dict:
-    """Everything the bytes of a prepared folder depend on."""
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "tokenizer": tokenizer_identity(tokenizer),
-            "dtype": dtype.name, "source": source_identity(src), "shard_tokens": shard_tokens}
+    """Everything the bytes of a prepared folder depend on (a chat source: also its template)."""
+    ident = {"format": FORMAT, "format_version": FORMAT_VERSION, "tokenizer": tokenizer_identity(tokenizer),
+             "dtype": dtype.name, "source": source_identity(src), "shard_tokens": shard_tokens}
+    if src.kind == "chat":
+        template, specials = load_chat_template(tokenizer)
+        ident["chat_template_sha256"] = hashlib.sha256(json.dumps([template, specials], sort_keys=True)
+                                                       .encode()).hexdigest()
+    return ident
 
 
 def cache_path(src, tokenizer, cache_dir: Optional[str]) -> str:
@@ -104,11 +110,14 @@ def encode_batch(tokenizer, docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------- writing
 
 class _ShardWriter:
-    """Appends documents of one split of one unit to shards UUUUU-KKKK.{tokens,index}."""
+    """Appends documents of one split of one unit to shards UUUUU-KKKK.{tokens,index}
+    (and UUUUU-KKKK.mask, one uint8 per token, when `masked`: chat sources)."""
 
-    def __init__(self, out_dir: str, split: str, unit: int, dtype: np.dtype, shard_tokens: int):
+    def __init__(self, out_dir: str, split: str, unit: int, dtype: np.dtype, shard_tokens: int,
+                 masked: bool = False):
         self.dir = os.path.join(out_dir, split)
         self.split, self.unit, self.dtype, self.shard_tokens = split, unit, dtype, shard_tokens
+        self.masked = masked
         self.done: list[dict] = []
         self._k = 0
         self._f = None
@@ -118,11 +127,16 @@ class _ShardWriter:
         self.tmp = os.path.join(self.dir, f"{self.name}.tokens.tmp-{os.getpid()}")
         self._f = open(self.tmp, "wb")
         self._hash = hashlib.sha256()
+        if self.masked:
+            self.mask_tmp = os.path.join(self.dir, f"{self.name}.mask.tmp-{os.getpid()}")
+            self._mf = open(self.mask_tmp, "wb")
+            self._mhash = hashlib.sha256()
         self._ends: list[np.ndarray] = []
         self._n = 0
 
-    def write(self, flat: np.ndarray, lengths: np.ndarray) -> None:
-        """Documents of a batch, flat ids and their lengths; a document never spans two shards."""
+    def write(self, flat: np.ndarray, lengths: np.ndarray, mask: Optional[np.ndarray] = None) -> None:
+        """Documents of a batch, flat ids, their lengths and (masked writers) the flat uint8
+        loss mask; a document never spans two shards."""
         ends = np.cumsum(lengths)
         starts = ends - lengths
         lo = 0
@@ -133,6 +147,10 @@ class _ShardWriter:
                 data = flat[starts[lo]:ends[cut - 1]].astype(self.dtype).tobytes()
                 self._f.write(data)
                 self._hash.update(data)
+                if self.masked:
+                    mdata = mask[starts[lo]:ends[cut - 1]].astype(np.uint8).tobytes()
+                    self._mf.write(mdata)
+                    self._mhash.update(mdata)
                 self._ends.append(self._n + np.cumsum(lengths[lo:cut]))
                 self._n += int(ends[cut - 1] - starts[lo])
             if cut < len(lengths):
@@ -166,13 +184,21 @@ class _ShardWriter:
             f.flush()
             os.fsync(f.fileno())
         crcs = block_crc32(self.tmp, self.dtype, ends)
+        entry = {"split": self.split, "tokens_file": f"{self.split}/{self.name}.tokens",
+                 "index_file": f"{self.split}/{self.name}.index", "documents": len(ends),
+                 "tokens": self._n, "sha256": self._hash.hexdigest(),
+                 "index_sha256": hashlib.sha256(ends.tobytes()).hexdigest(),
+                 "block_crc32": crcs, "index_crc32": zlib.crc32(ends.tobytes())}
+        if self.masked:
+            self._mf.flush()
+            os.fsync(self._mf.fileno())
+            self._mf.close()
+            entry.update(mask_file=f"{self.split}/{self.name}.mask", mask_sha256=self._mhash.hexdigest(),
+                         mask_block_crc32=block_crc32(self.mask_tmp, np.dtype(np.uint8), ends))
+            os.replace(self.mask_tmp, os.path.join(self.dir, f"{self.name}.mask"))
         os.replace(self.tmp, os.path.join(self.dir, f"{self.name}.tokens"))
         os.replace(idx_tmp, os.path.join(self.dir, f"{self.name}.index"))
-        self.done.append({"split": self.split, "tokens_file": f"{self.split}/{self.name}.tokens",
-                          "index_file": f"{self.split}/{self.name}.index", "documents": len(ends),
-                          "tokens": self._n, "sha256": self._hash.hexdigest(),
-                          "index_sha256": hashlib.sha256(ends.tobytes()).hexdigest(),
-                          "block_crc32": crcs, "index_crc32": zlib.crc32(ends.tobytes())})
+        self.done.append(entry)
         self._k += 1
 
     def finish(self) -> list[dict]:
@@ -182,7 +208,7 @@ class _ShardWriter:
 
 def _process_unit(src, tokenizer, unit: Unit, out_dir: str, dtype: np.dtype, shard_tokens: int) -> dict:
     """Tokenize one unit into its shards and write its marker; returns the marker."""
-    writers = {s: _ShardWriter(out_dir, s, unit.index, dtype, shard_tokens) for s in SPLITS}
+    writers = {s: _ShardWriter(out_dir, s, unit.index, dtype, shard_tokens, src.kind == "chat") for s in SPLITS}
     batch: list[str] = []
 
     def flush() -> None:
@@ -192,7 +218,14 @@ def _process_unit(src, tokenizer, unit: Unit, out_dir: str, dtype: np.dtype, sha
                 writers[split].write(*encode_batch(tokenizer, docs))
         batch.clear()
 
-    if src.kind == "datatrove":                 # already tokenized: carve by the hash of the token bytes
+    if src.kind == "chat":                      # one document per conversation, with its loss mask
+        template = ChatTemplate(*load_chat_template(tokenizer))
+        for where, row in chat_rows(unit.files[0]):
+            text, ids, mask = encode_conversation(tokenizer, template, check_messages(row, where), src.loss_on, where)
+            if len(ids):
+                split = "val" if in_val(text, src.val_fraction) else "train"
+                writers[split].write(ids, np.array([len(ids)], dtype=np.int64), mask)
+    elif src.kind == "datatrove":                 # already tokenized: carve by the hash of the token bytes
         size = datatrove_token_size(unit.files[0], 4 if tokenizer.vocab_size > 2**16 else 2)
         for ids in datatrove_documents(unit.files[0], size):
             if int(ids.max()) >= tokenizer.vocab_size:
@@ -226,7 +259,10 @@ def _unit_done(out_dir: str, u: int, itemsize: int) -> Optional[dict]:
     except (OSError, json.JSONDecodeError):
         return None
     for s in marker["shards"]:
-        for rel, n in ((s["tokens_file"], s["tokens"] * itemsize), (s["index_file"], s["documents"] * 8)):
+        files = [(s["tokens_file"], s["tokens"] * itemsize), (s["index_file"], s["documents"] * 8)]
+        if "mask_file" in s:
+            files.append((s["mask_file"], s["tokens"]))
+        for rel, n in files:
             p = os.path.join(out_dir, rel)
             if not os.path.isfile(p) or os.path.getsize(p) != n:
                 return None

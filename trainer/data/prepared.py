@@ -7,6 +7,9 @@ A prepared folder holds one tokenized source, carved into train and val:
     DIR/train/UUUUU-KKKK.tokens    flat token array (uint16 when the vocabulary fits, else uint32),
                                    every document stored as [bos] + ids + [eos]
     DIR/train/UUUUU-KKKK.index     uint64 end offset of each document in .tokens (D values)
+    DIR/train/UUUUU-KKKK.mask      chat sources only: uint8 per token, 1 where the loss is taken
+                                   (assistant tokens, trainer/data/chat.py); in the manifest with its
+                                   sha256 and per-block crc32, checked like the tokens
     DIR/val/...                    the same for the held-out documents
     DIR/units/UUUUU.json           one per finished work unit (its shards); the manifest is
                                    their union, written once every unit is done
@@ -130,6 +133,9 @@ class Shard:
     index_sha256: str
     block_crc32: tuple[int, ...] | None = None   # per CRC_DOCS documents; None in folders older than them
     index_crc32: int | None = None
+    mask: str | None = None                      # chat sources: the loss-mask file (uint8 per token)
+    mask_sha256: str | None = None
+    mask_block_crc32: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -215,6 +221,11 @@ def check_manifest_fields(manifest: dict, mpath: str) -> None:
         if crcs is not None and (not isinstance(crcs, list) or len(crcs) != blocks
                                  or not all(isinstance(c, int) for c in crcs)):
             raise bad(f"shards[{i}].block_crc32 must list {blocks} integers (one per {CRC_DOCS} documents)")
+        if "mask_file" in e:
+            mcrcs = e.get("mask_block_crc32")
+            if not isinstance(e.get("mask_sha256"), str) or not isinstance(mcrcs, list) or len(mcrcs) != blocks \
+                    or not all(isinstance(c, int) for c in mcrcs):
+                raise bad(f"shards[{i}] has mask_file but no mask_sha256 or mask_block_crc32 of {blocks} integers")
         if e.get("index_crc32") is not None and not isinstance(e["index_crc32"], int):
             raise bad(f"shards[{i}].index_crc32 is {e['index_crc32']!r}, expected an integer")
 
@@ -242,7 +253,10 @@ def check_sizes(prep: "Prepared") -> None:
     """ManifestError for a shard file that is missing or whose size is not the manifest's."""
     itemsize = prep.dtype.itemsize
     for s in prep.shards:
-        for file, nbytes in ((s.tokens, s.n_tokens * itemsize), (s.index, s.documents * INDEX_DTYPE.itemsize)):
+        files = [(s.tokens, s.n_tokens * itemsize), (s.index, s.documents * INDEX_DTYPE.itemsize)]
+        if s.mask is not None:
+            files.append((s.mask, s.n_tokens))
+        for file, nbytes in files:
             if not os.path.isfile(file):
                 raise _fail(f"prepared shard {file} is missing; run `loom data prepare` with the same arguments "
                             "to rebuild it")
@@ -260,6 +274,8 @@ def verify_shards(prep: "Prepared", full: bool = False) -> None:
         if full or s.block_crc32 is None or s.index_crc32 is None:
             _sha256_check(s.tokens, s.sha256)
             _sha256_check(s.index, s.index_sha256)
+            if s.mask is not None:
+                _sha256_check(s.mask, s.mask_sha256)
             continue
         with open(s.index, "rb") as f:
             if zlib.crc32(f.read()) != s.index_crc32:
@@ -267,14 +283,16 @@ def verify_shards(prep: "Prepared", full: bool = False) -> None:
                             "delete it and run `loom data prepare` with the same arguments to rebuild it")
 
 
-def check_block(shard: Shard, block: int, tokens: np.ndarray, span: tuple[int, int]) -> None:
-    """Raise ManifestError unless tokens[span] (block `block` of `shard`) matches its crc32."""
-    if shard.block_crc32 is None:
+def check_block(shard: Shard, block: int, tokens: np.ndarray, span: tuple[int, int], mask: bool = False) -> None:
+    """Raise ManifestError unless tokens[span] (block `block` of `shard`) matches its crc32;
+    mask=True: `tokens` is the shard's loss mask, checked against mask_block_crc32."""
+    crcs = shard.mask_block_crc32 if mask else shard.block_crc32
+    if crcs is None:
         return  # verified whole by sha256 at open
     a, b = span
-    if zlib.crc32(tokens[a:b]) != shard.block_crc32[block]:
+    if zlib.crc32(tokens[a:b]) != crcs[block]:
         lo = block * CRC_DOCS
-        raise _fail(f"prepared shard {shard.tokens} fails its crc32 check in documents {lo}-"
+        raise _fail(f"prepared shard {shard.mask if mask else shard.tokens} fails its crc32 check in documents {lo}-"
                     f"{min(lo + CRC_DOCS, shard.documents) - 1} (damaged since it was prepared); no step was "
                     "taken on it: delete the shard and run `loom data prepare` with the same arguments to rebuild it")
 
@@ -291,7 +309,9 @@ def open_prepared(path: str, tokenizer=None, verify: bool = True) -> Prepared:
     shards = [Shard(e["split"], os.path.join(path, e["tokens_file"]), os.path.join(path, e["index_file"]),
                     int(e["documents"]), int(e["tokens"]), e["sha256"], e["index_sha256"],
                     None if e.get("block_crc32") is None else tuple(int(c) for c in e["block_crc32"]),
-                    e.get("index_crc32"))
+                    e.get("index_crc32"),
+                    os.path.join(path, e["mask_file"]) if "mask_file" in e else None, e.get("mask_sha256"),
+                    tuple(int(c) for c in e["mask_block_crc32"]) if "mask_file" in e else None)
               for e in manifest["shards"]]
     prep = Prepared(path, manifest, np.dtype(manifest["dtype"]), shards)
     if verify:

@@ -20,6 +20,8 @@ Kinds and their units:
           This lets the field's pipeline (and its SLURM executor) do the
           tokenizing; `loom data prepare` then adds the carve, the manifest and
           the hashes (it must be given the tokenizer datatrove used).
+  chat    local json / jsonl files of `messages` rows (chat.py renders and masks them;
+          prepare.py writes a loss mask beside the tokens), one unit per file.
   stdlib  the .py files of the running interpreter's standard library
           (`sysconfig.get_paths()["stdlib"]`, no tests, no site-packages), one
           document per file: real text that needs no download. Files are
@@ -354,6 +356,12 @@ def source_units(src) -> list[Unit]:
         files = stdlib_files(max_bytes=src.max_bytes)
         return [Unit(i, tuple(files[lo:lo + STDLIB_UNIT_FILES]))
                 for i, lo in enumerate(range(0, len(files), STDLIB_UNIT_FILES))]
+    if src.kind == "chat":
+        files = expand_paths(_paths_of(src))
+        for p in files:
+            if file_type(p) != "json":
+                raise ValueError(f"{p}: a chat source reads .json / .jsonl files of messages")
+        return [Unit(i, (p,)) for i, p in enumerate(files)]
     if src.kind == "files":
         files = expand_paths(_paths_of(src))
         for p in files:
@@ -451,7 +459,9 @@ def source_identity(src) -> dict:
     keys = ("kind", "path", "paths", "text_field", "sample_by", "name", "subset", "split", "val_fraction",
             "max_bytes")
     ident = {k: getattr(src, k) for k in keys}
-    if src.kind == "files":
+    if src.kind == "chat":
+        ident["loss_on"] = src.loss_on
+    if src.kind in ("files", "chat"):
         ident["files"] = [[p, os.path.getsize(p), os.stat(p).st_mtime_ns] for p in expand_paths(_paths_of(src))]
     if src.kind == "datatrove":
         ident["files"] = [[p, os.path.getsize(p), os.stat(p).st_mtime_ns] for p in datatrove_files(src.path)]

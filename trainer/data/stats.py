@@ -17,10 +17,16 @@ LONG_THRESHOLDS = (4096, 16384, 65536, 131072)
 PERCENTILES = (10, 50, 90, 99)
 
 
-def length_stats(path: str, part: str = "all") -> dict:
-    """Summary of document lengths (tokens, with bos/eos) of a prepared folder's part."""
+def length_stats(path: str, part: str = "all", seq_len: Optional[int] = None) -> dict:
+    """Summary of document lengths (tokens, with bos/eos) of a prepared folder's part.
+
+    A chat folder (loss masks) adds `loss_tokens` (tokens the loss is taken on) and,
+    given seq_len, `too_long`: the conversations longer than a window of seq_len + 1
+    tokens, which training truncates or skips (counted by either name).
+    """
     prep = open_prepared(path, verify=False)
-    lengths = [shard_lengths(s) for s in prep.split_shards(part)]
+    shards = prep.split_shards(part)
+    lengths = [shard_lengths(s) for s in shards]
     lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
     tokens = int(lengths.sum())
     out = {"path": prep.path, "part": part, "documents": int(len(lengths)), "tokens": tokens,
@@ -31,6 +37,12 @@ def length_stats(path: str, part: str = "all") -> dict:
         out["percentiles"] = {p: float(np.percentile(lengths, p)) for p in PERCENTILES}
         out["share_tokens_longer_than"] = {t: float(lengths[lengths > t].sum() / max(tokens, 1))
                                            for t in LONG_THRESHOLDS}
+    if any(s.mask is not None for s in shards):
+        out["loss_tokens"] = sum(int(np.memmap(s.mask, dtype=np.uint8, mode="r").sum()) for s in shards
+                                 if s.mask is not None and s.n_tokens)
+        if seq_len is not None:
+            out["seq_len"] = seq_len
+            out["too_long"] = int((lengths > seq_len + 1).sum())
     out["_lengths"] = lengths
     return out
 
@@ -43,6 +55,12 @@ def format_stats(st: dict) -> str:
         lines.append(f"document length (tokens): mean {st['mean']:,.1f}, {pct}, max {st['max']:,}")
         for t, share in st["share_tokens_longer_than"].items():
             lines.append(f"tokens in documents longer than {t // 1024}K: {share:.2%}")
+    if "loss_tokens" in st:
+        lines.append(f"chat: {st['loss_tokens']:,} of {st['tokens']:,} tokens take the loss "
+                     f"({st['loss_tokens'] / max(st['tokens'], 1):.2%})")
+    if "too_long" in st:
+        lines.append(f"chat: {st['too_long']:,} conversations longer than {st['seq_len'] + 1:,} tokens "
+                     f"(seq_len {st['seq_len']:,}): truncated or skipped in training, as too_long says")
     return "\n".join(lines)
 
 

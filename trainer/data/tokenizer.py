@@ -132,6 +132,11 @@ class HFTokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
+    def encode_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        """Ids of text (no specials added) and the index of each token's first character."""
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return enc.ids, [a for a, _ in enc.offsets]
+
     def decode(self, ids) -> str:
         ids = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
         return self._tok.decode(ids, skip_special_tokens=True)

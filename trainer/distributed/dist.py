@@ -62,7 +62,17 @@ class Env:
             return batch
         return {k: (self.cp.shard(v, dim=1) if k != "source" else v) for k, v in batch.items()}
 
-    def reduce_loss(self, model, hidden: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+    def count_labels(self, labels: list[torch.Tensor]) -> torch.Tensor:
+        """Labelled tokens (labels != -100) of a whole step: these micro-batches' labels on every
+        rank (one all-reduce of a scalar; cp ranks hold slices, so they add up to whole windows)."""
+        count = sum((lab != -100).sum() for lab in labels).to(torch.float32).to(self.device)
+        if self.world > 1:
+            count = count.clone()
+            tdist.all_reduce(count)
+        return count
+
+    def reduce_loss(self, model, hidden: torch.Tensor, labels: torch.Tensor, chunk: int,
+                    count: torch.Tensor | None = None) -> torch.Tensor:
         """Mean token loss of the global micro-batch (all ranks' rows, whole windows).
 
         Each rank holds some rows (dp) and a slice of their tokens (cp): the sum is
@@ -71,7 +81,13 @@ class Env:
         engine's all-reduce does) equal the single-process gradients even when
         ranks hold different numbers of labelled tokens, and the logged mean over
         ranks is the single-process loss (trainer/distributed/mesh.py has the algebra).
+        count: the labelled tokens of the whole step (count_labels over its grad_accum
+        micro-batches); the result is then this micro-batch's loss sum / count (times
+        the world size), so that the step's summed micro-batch losses are the mean over
+        every labelled token of the global batch, whatever grad_accum and dp are.
         """
+        if count is not None:   # this micro-batch's share of the whole step's mean (count_labels)
+            return model.loss(hidden, labels, chunk=chunk, reduction="sum") / count.clamp_min(1) * self.world
         if self.world == 1:
             return model.loss(hidden, labels, chunk=chunk)
         total = model.loss(hidden, labels, chunk=chunk, reduction="sum")

@@ -27,6 +27,10 @@ used at r's tokens); summed over all ranks that is world * dL/dtheta with
 L = S / N the single-process loss of the global micro-batch, and the engines'
 mean over the world is exactly dL/dtheta, whatever the split of rows and
 tokens. tests/distributed/test_engines.py checks it for dp, cp and both.
+The trainer counts N over the whole step (all grad_accum micro-batches,
+Env.count_labels) and passes it to reduce_loss, so the summed micro-batch
+losses are the mean over every labelled token of the global batch
+(tests/trainer/test_sft.py: grad_accum=2 and dp=2 equal one batch).
 """
 from __future__ import annotations
 
