@@ -219,3 +219,46 @@ def test_export_target_refuses_what_the_class_cannot_express(tmp_path):
         with pytest.raises(ConvertError, match=match) as e:
             export_hf(tmp_path / "loom", tmp_path / f"out-{target}", target)
         assert "\n" not in str(e.value)
+
+
+# ----- trained Loom models with a family's layout leave natively -----
+
+LOOM_LAYOUTS = {  # name -> (model section, expected target)
+    "qwen3_5": ({"d_model": 64, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16, "layers": [["gdn", "gdn", "gdn", "attn"]],
+                 "norm_zero_centred": True, "norm_eps": 1e-6, "tie_embeddings": False,
+                 "mixers": {"attn": {"gate": "elementwise", "gate_packing": "head", "qk_norm": True,
+                                     "rope_fraction": 0.25},
+                            "gdn": {"n_v_heads": 4, "n_k_heads": 2, "head_k_dim": 16, "head_v_dim": 16}}}, "qwen3_5"),
+    "olmo_hybrid": ({"d_model": 64, "n_heads": 4, "layers": [["gdn", "gdn", "gdn", "attn"]], "norm_placement": "post",
+                     "norm_placements": {"gdn": "pre"}, "norm_weight_fp32": True, "tie_embeddings": False,
+                     "mixers": {"attn": {"qk_norm": True, "qk_norm_width": "full", "qk_norm_eps": 1e-5},
+                                "gdn": {"beta": "sigmoid2", "norm_eps": 1e-5, "head_k_dim": 16, "head_v_dim": 32}}},
+                    "olmo_hybrid"),
+    "nemotron_h": ({"d_model": 64, "n_heads": 4, "layers": ["mamba2", "attn", "mlp", "mamba2", "mlp"],
+                    "block_mlp": False, "mlp_kind": "relu2", "norm_weight_fp32": True, "tie_embeddings": False,
+                    "mixers": {"attn": {"rope": False}, "mamba2": {"d_state": 16, "head_dim": 16, "n_groups": 2,
+                                                                   "chunk": 16}}}, "nemotron_h"),
+    "bamba": ({"d_model": 64, "n_heads": 4, "n_kv_heads": 2, "layers": ["mamba2", "attn", "mamba2", "attn"],
+               "mixers": {"attn": {"rope_fraction": 0.5}, "mamba2": {"d_state": 16, "head_dim": 16, "chunk": 16}}},
+              "bamba"),
+}
+
+
+@pytest.mark.parametrize("name", list(LOOM_LAYOUTS))
+def test_trained_family_layout_exports_natively(tmp_path, make_run, name):
+    from loom.trainer.checkpoint.manager import CheckpointManager
+
+    model, target = LOOM_LAYOUTS[name]
+    net = make_run(tmp_path / "run", model, std=0.05)
+    if model.get("norm_zero_centred"):  # make_run draws norm weights near 1: stored as w, near 0 here
+        with torch.no_grad():
+            for n, p in net.named_parameters():
+                if "norm" in n and "mixer.norm." not in n:  # the gdn's gated norm is plain
+                    p.sub_(1.0)
+        CheckpointManager(tmp_path / "run").save(6, net.state_dict(), {}, {"loss": 1.0})
+    _, chosen = export_hf(tmp_path / "run", tmp_path / "out")
+    assert chosen == target
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(hf).__name__ == CASES[next(c for c in CASES if c.startswith(target))][1]
+    ids = torch.randint(0, 256, (2, T), generator=torch.Generator().manual_seed(4))
+    check_logits_and_generation(hf, net, ids)

@@ -86,8 +86,18 @@ def need_silu(value, field: str) -> None:
                            f"mixers is followed by SiLU)")
 
 
-def _function_options(opts) -> dict:
-    return {k: v for k, v in dataclasses.asdict(opts).items() if k not in _NOT_FUNCTION}
+def _function_options(kind: str, opts, cfg: ModelConfig) -> dict:
+    """The options that change the function, sizes left at 0 ("the model's") filled in."""
+    o = {k: v for k, v in dataclasses.asdict(opts).items() if k not in _NOT_FUNCTION}
+    if kind == "gdn":
+        o["n_v_heads"] = o["n_v_heads"] or cfg.n_heads
+        o["n_k_heads"] = o["n_k_heads"] or o["n_v_heads"]
+        o["head_k_dim"] = o["head_k_dim"] or cfg.head_dim
+        o["head_v_dim"] = o["head_v_dim"] or cfg.head_dim
+    if kind == "mamba2":
+        o["n_heads"] = o["n_heads"] or o["expand"] * cfg.d_model // o["head_dim"]
+        o.pop("expand")  # the inner width is n_heads * head_dim
+    return o
 
 
 def roundtrip_problem(fam, cfg: ModelConfig) -> str | None:
@@ -124,7 +134,7 @@ def roundtrip_problem(fam, cfg: ModelConfig) -> str | None:
             return f"the norm placement of {kind!r} layers is {a!r}; {name} needs {b!r}"
     opts, opts2 = mixer_options(cfg), mixer_options(back)
     for kind in mixers:
-        o, o2 = _function_options(opts[kind]), _function_options(opts2[kind])
+        o, o2 = _function_options(kind, opts[kind], cfg), _function_options(kind, opts2[kind], back)
         for key in o:
             if o[key] != o2[key]:
                 return f"model.mixers.{kind}.{key} is {o[key]!r}; {name} needs {o2[key]!r}"
