@@ -41,4 +41,5 @@ def family_of(hf: dict) -> Family | None:
     return FAMILIES.get(hf.get("model_type"))
 
 
-__all__ = ["FAMILIES", "TARGETS", "Family", "family_of"]
+__all__ = ["FAMILIES", "TARGETS", "Bamba", "Family", "Gemma3", "Mistral", "NemotronH", "Olmo3", "OlmoHybrid", "Qwen3",
+           "Qwen3_5", "family_of"]
