@@ -61,6 +61,11 @@ CASES = {
         num_key_value_heads=1, attention_bias=True, tie_word_embeddings=True, linear_allow_neg_eigval=False,
         layer_types=[LIN, FULL, LIN, FULL], linear_num_key_heads=4, linear_conv_kernel_dim=3,
         rope_parameters={"rope_type": "default", "rope_theta": None}), "olmo_hybrid"),
+    "olmo_hybrid-yarn-headdim-vsmall": ("OlmoHybridConfig", "OlmoHybridForCausalLM", OLMO, dict(
+        num_hidden_layers=3, head_dim=24, linear_num_key_heads=1, linear_num_value_heads=2, linear_key_head_dim=16,
+        linear_value_head_dim=8, linear_conv_kernel_dim=2, layer_types=[FULL, LIN, LIN],
+        rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                         "rope_theta": 20000.0}), "olmo_hybrid"),
     "nemotron_h-mixed-groups": ("NemotronHConfig", "NemotronHForCausalLM", NEMO, dict(
         layers_block_type=[LIN, FULL, "mlp", LIN, "mlp", FULL]), "nemotron_h"),
     "nemotron_h-bias-tied-mqa-limit": ("NemotronHConfig", "NemotronHForCausalLM", NEMO, dict(
@@ -74,6 +79,8 @@ CASES = {
         mamba_proj_bias=True, mamba_conv_bias=False, mamba_n_groups=1, mamba_n_heads=4, mamba_d_conv=3,
         tie_word_embeddings=True, time_step_limit=(0.05, 0.8),
         rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0}), "bamba"),
+    "bamba-headdim-auto-dhead": ("BambaConfig", "BambaForCausalLM", BAMBA, dict(
+        head_dim=24, mamba_n_heads=4, mamba_expand=1, mamba_d_state=16, attn_layer_indices=[2]), "bamba"),
 }
 
 

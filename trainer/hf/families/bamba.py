@@ -10,7 +10,8 @@ layer from `attn_layer_indices` (the rest are Mamba-2):
                       mamba_proj_bias, time_step_limit, gated group norm eps rms_norm_eps
     self_attn -> attn RoPE on half of each head (BambaConfig hard-codes
                       partial_rotary_factor 0.5: rope_fraction 0.5), attention_bias on
-                      q, k, v and o, GQA, head_dim hidden_size / num_attention_heads
+                      q, k, v and o, GQA, head_dim (config.json's, which BambaAttention reads,
+                      else hidden_size / num_attention_heads)
 Refused: hidden_act other than silu (it is also the Mamba conv's activation).
 z_loss_coefficient is a training loss term, not part of the model, and is not imported.
 """
@@ -103,9 +104,7 @@ class Bamba(Family):
                "tie_word_embeddings": cfg.tie_embeddings, "mlp_bias": cfg.mlp_bias, "attention_dropout": 0.0,
                "attn_layer_indices": [i for i, k in enumerate(kinds) if k == "attn"],
                "rope_parameters": {**rope_to_hf(cfg.rope), "partial_rotary_factor": 0.5}}
-        if cfg.head_dim != cfg.d_model // cfg.n_heads:
-            raise ConvertError(f"model.head_dim ({cfg.head_dim}) is not d_model / n_heads; BambaForCausalLM "
-                               f"derives it")
+        out["head_dim"] = cfg.head_dim  # not a BambaConfig field, but BambaAttention and its RoPE read it
         if "attn" in opts:
             out["attention_bias"] = opts["attn"].qkv_bias
         if "mamba2" in opts:
