@@ -1,5 +1,7 @@
 """Import Hugging Face checkpoints into HybridLM: Llama, Qwen2 here, and the families
-with an adapter in trainer/hf/families/ (Qwen3, Mistral, Gemma 3, OLMo 3).
+with an adapter in trainer/hf/families/ (Qwen3, Mistral, Gemma 3, OLMo 3, and the hybrids
+Qwen3.5, OLMo-hybrid, Nemotron-H, Bamba, whose adapters also rewrite tensors: conv tap
+order, q/k/v merges).
 
     loom convert hf PATH OUT
 
@@ -111,7 +113,7 @@ def check_architecture(hf: dict) -> str:
 
 def supported_architectures() -> list[str]:
     return list(SUPPORTED.values()) + list(dict.fromkeys(f.architecture for f in FAMILIES.values())) + \
-        ["Gemma3ForConditionalGeneration (its language model)"]
+        ["Gemma3ForConditionalGeneration (its language model)", "Qwen3_5ForConditionalGeneration (its language model)"]
 
 
 def _get(hf: dict, key: str):

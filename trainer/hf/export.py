@@ -13,6 +13,10 @@ SRC is a run folder (latest valid checkpoint), a checkpoint folder or a
                   attn/swa models with the layout and options of one of those
                   families (trainer/hf/families/: each adapter's native_problem says
                   what its class can express) become its *ForCausalLM folder.
+  qwen3_5 / olmo_hybrid / nemotron_h / bamba
+                  gdn / mamba2 hybrids with a family's layout (expressible when
+                  importing the config.json written for them gives the model back:
+                  families/hybrid.py roundtrip_problem) become that class's folder.
   remote          any HybridLM: config.json with `auto_map` plus
                   configuration_loom.py / modeling_loom.py (copied from
                   loom.trainer.hf.remote), loaded with
