@@ -47,6 +47,10 @@ BAMBA = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_laye
 # name -> (config class, model class, base, overrides, expected export target)
 CASES = {
     "qwen3_5-interval-gqa": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", QWEN, dict(), "qwen3_5"),
+    "qwen3_5-mrope-sections": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", QWEN, dict(  # text positions: one M-RoPE
+        num_hidden_layers=2, layer_types=[FULL, LIN], rope_parameters={
+            "rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1],
+            "mrope_interleaved": True}), "qwen3_5"),
     "qwen3_5-mqa-tied-bias-headdim-linear-rope": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", QWEN, dict(
         num_hidden_layers=5, num_key_value_heads=1, head_dim=24, tie_word_embeddings=True, attention_bias=True,
         layer_types=[FULL, LIN, LIN, FULL, LIN], linear_num_value_heads=2, linear_key_head_dim=12,
