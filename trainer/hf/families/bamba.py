@@ -21,7 +21,7 @@ from loom.models import ModelConfig
 from loom.models.model import mixer_options
 from loom.trainer.hf.common import rope_from_params, rope_to_hf
 from loom.trainer.hf.families.base import ConvertError, Family, attention_names, compact_layers, sizes
-from loom.trainer.hf.families.hybrid import MAMBA2_NAMES, dt_limit, map_convs, need_silu, roundtrip_problem
+from loom.trainer.hf.families.hybrid import MAMBA2_NAMES, check_groups, dt_limit, map_convs, need_silu, roundtrip_problem
 
 _TOP = {"model.embed_tokens.weight": "embed.weight", "model.final_layernorm.weight": "norm.weight",
         "lm_head.weight": "lm_head.weight"}
@@ -72,6 +72,7 @@ class Bamba(Family):
         if "attn" in kinds:
             mixers["attn"] = {"qkv_bias": bias, "out_bias": bias, "rope_fraction": partial}
         if "mamba2" in kinds:
+            check_groups(heads, int(self.get(hf, "mamba_n_groups")), "mamba_n_heads", "mamba_n_groups")
             mixers["mamba2"] = {"n_heads": heads, "head_dim": d_head, "d_state": int(self.get(hf, "mamba_d_state")),
                                 "n_groups": int(self.get(hf, "mamba_n_groups")),
                                 "d_conv": int(self.get(hf, "mamba_d_conv")),

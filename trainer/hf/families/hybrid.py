@@ -80,6 +80,11 @@ def dt_limit(value) -> list[float]:
     return out
 
 
+def check_groups(heads: int, groups: int, heads_field: str, groups_field: str) -> None:
+    if groups < 1 or heads % groups:
+        raise ConvertError(f"config.json: {groups_field} ({groups}) must divide {heads_field} ({heads})")
+
+
 def need_silu(value, field: str) -> None:
     if value not in ("silu", "swish"):
         raise ConvertError(f"config.json: {field} {value!r} is not supported (the conv of Loom's gdn / mamba2 "

@@ -30,7 +30,8 @@ import re
 from loom.models import ModelConfig
 from loom.models.model import mixer_options
 from loom.trainer.hf.families.base import ConvertError, Family, attention_names, compact_layers
-from loom.trainer.hf.families.hybrid import (MAMBA2_NAMES, dt_limit, kinds_from_types, map_convs, need_silu,
+from loom.trainer.hf.families.hybrid import (MAMBA2_NAMES, check_groups, dt_limit, kinds_from_types, map_convs,
+                                             need_silu,
                                              roundtrip_problem)
 
 _TYPES = {"linear_attention": "mamba2", "full_attention": "attn", "mlp": "mlp"}
@@ -96,6 +97,8 @@ class NemotronH(Family):
         if "attn" in kinds:
             mixers["attn"] = {"rope": False}
         if "mamba2" in kinds:
+            check_groups(int(self.get(hf, "mamba_num_heads")), int(self.get(hf, "n_groups")), "mamba_num_heads",
+                         "n_groups")
             mixers["mamba2"] = {"n_heads": int(self.get(hf, "mamba_num_heads")),
                                 "head_dim": int(self.get(hf, "mamba_head_dim")),
                                 "d_state": int(self.get(hf, "ssm_state_size")), "n_groups": int(self.get(hf, "n_groups")),
