@@ -6,6 +6,8 @@ Norm placement (`model.norm_placement`), for each sublayer f (mixer, then MLP):
     pre       x + f(norm(x))                  Llama, Qwen, Mistral (the default)
     post      x + norm(f(x))                  OLMo 2/3: the norm acts on the sublayer's output
     sandwich  x + post_norm(f(pre_norm(x)))   Gemma 2/3
+`model.norm_placements` gives a layer kind its own placement (OLMo-hybrid: its attention
+layers post-norm, its GDN layers pre-norm).
 Parameter names: `mixer_norm` / `mlp_norm` are the norms before a sublayer,
 `mixer_post_norm` / `mlp_post_norm` the norms after it.
 

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from loom.kernels.loss import linear_cross_entropy
 from loom.models.config import ConfigError, build, nearest
-from loom.models.blocks import MLP_ONLY, Block
+from loom.models.blocks import MLP_ONLY, PLACEMENTS, Block
 from loom.models.mixers import MIXERS, MixerDims, SeqContext
 from loom.models.norms import NormStyle, RMSNorm
 from loom.models.rope import RopeConfig
@@ -44,6 +44,8 @@ class ModelConfig:
     rope: RopeConfig = field(default_factory=RopeConfig)
     # Block and norm layout (models/blocks.py, models/norms.py); the defaults are Llama's.
     norm_placement: Literal["pre", "post", "sandwich"] = "pre"  # post: OLMo 2/3; sandwich: Gemma 2/3
+    # layer kind -> its own placement, overriding norm_placement (OLMo-hybrid: attn post, gdn pre)
+    norm_placements: dict[str, str] = field(default_factory=dict)
     norm_zero_centred: bool = False  # RMSNorm weight stored as w, applied as 1 + w (Gemma)
     norm_weight_fp32: bool = False  # RMSNorm multiplies by its weight before rounding to the dtype (OLMo)
     mlp_kind: Literal["swiglu", "geglu", "relu2"] = "swiglu"  # geglu: tanh GELU (Gemma); relu2: Nemotron-H
@@ -73,6 +75,11 @@ class ModelConfig:
         for kind in self.mixers:
             if kind not in MIXERS:
                 raise ConfigError(f"unknown mixer kind {kind!r} in model.mixers{nearest(kind, MIXERS)}")
+        for kind, placement in self.norm_placements.items():
+            if kind not in kinds:
+                raise ConfigError(f"model.norm_placements: {kind!r} is not a layer kind of model.layers")
+            if placement not in PLACEMENTS:
+                raise ConfigError(f"model.norm_placements.{kind} must be one of {PLACEMENTS}; got {placement!r}")
         mixer_options(self)
         return ModelConfig(**{**self.__dict__, "n_kv_heads": n_kv, "head_dim": head_dim, "mlp_hidden": hidden})
 
@@ -129,7 +136,7 @@ class HybridLM(nn.Module):
         self.blocks = nn.ModuleList(
             Block(kind, MixerDims(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, i, len(kinds),
                                   cfg.rope, cfg.init_std, cfg.norm_style), opts.get(kind), cfg.mlp_hidden,
-                  cfg.norm_eps, cfg.norm_placement, cfg.mlp_kind, cfg.mlp_bias, cfg.block_mlp, cfg.norm_style)
+                  cfg.norm_eps, cfg.norm_placements.get(kind, cfg.norm_placement), cfg.mlp_kind, cfg.mlp_bias, cfg.block_mlp, cfg.norm_style)
             for i, kind in enumerate(kinds))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_style)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)

@@ -125,6 +125,20 @@ def test_block_formula(placement, mlp_kind):
     torch.testing.assert_close(block(x, ctx)[0], expect, rtol=1e-12, atol=1e-12)
 
 
+def test_norm_placement_per_kind():
+    """model.norm_placements overrides norm_placement for one layer kind (OLMo-hybrid: attention
+    post-norm, gdn pre-norm); a kind not in model.layers or an unknown placement is refused."""
+    model = lm(layers=["attn", "swa"], norm_placement="post", norm_placements={"swa": "pre"},
+               mixers={"swa": {"window": 3}})
+    a, s = model.blocks
+    assert a.mixer_norm is None and a.mixer_post_norm is not None and a.mlp_post_norm is not None
+    assert s.mixer_norm is not None and s.mixer_post_norm is None and s.mlp_norm is not None
+    with pytest.raises(ConfigError, match="norm_placements: 'gdn'"):
+        ModelConfig(layers=["attn"], norm_placements={"gdn": "pre"}).resolved()
+    with pytest.raises(ConfigError, match="norm_placements.attn must be one of"):
+        ModelConfig(layers=["attn"], norm_placements={"attn": "middle"}).resolved()
+
+
 def test_mlp_only_and_mixer_only_blocks():
     model = lm(layers=["attn", "mlp", "swa"], block_mlp=False, mlp_kind="relu2")
     kinds = [(type(b.mixer), type(b.mlp)) for b in model.blocks]

@@ -1,5 +1,5 @@
-"""The `gdn` mixer against transformers' own layers, weights copied one to one (the mapping the
-HF importer uses): Qwen3_5GatedDeltaNet (separate in_proj_qkv / z / b / a),
+"""The `gdn` mixer against transformers' own layers, weights copied one to one (for Qwen3.5 and
+OLMo-hybrid through the HF importer's own adapters, trainer/hf/families/): Qwen3_5GatedDeltaNet (separate in_proj_qkv / z / b / a),
 Qwen3NextGatedDeltaNet (in_proj_qkvz / in_proj_ba interleaved per key head) and
 OlmoHybridGatedDeltaNet (q/k/v/g/a/b_proj, beta = 2 sigmoid: `beta: sigmoid2`), grouped heads
 (HV = 2 HK), K != V; and the op against transformers' torch_chunk_gated_delta_rule. fp32
@@ -11,6 +11,7 @@ import torch
 from loom.kernels.gated_delta_rule import gated_delta_rule
 from loom.models.mixers import MIXERS, MixerDims, SeqContext
 from loom.models.rope import RopeConfig
+from loom.trainer.hf.families.hybrid import conv_from_hf
 
 qwen3_next = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
 qwen3_5 = pytest.importorskip("transformers.models.qwen3_5.modeling_qwen3_5")
@@ -38,11 +39,18 @@ def randomise(module):
 
 def copy_common(hf, ours, norm="norm", out="out_proj"):
     with torch.no_grad():
-        ours.conv1d.weight.copy_(hf.conv1d.weight[:, 0].flip(-1))  # HF's tap W-1-j multiplies x_{t-j}
+        ours.conv1d.weight.copy_(conv_from_hf(hf.conv1d.weight))  # HF's tap W-1-j multiplies x_{t-j}
         ours.dt_bias.copy_(hf.dt_bias)
         ours.A_log.copy_(hf.A_log)
         ours.norm.weight.copy_(getattr(hf, norm).weight)
         ours.out_proj.weight.copy_(getattr(hf, out).weight)
+
+
+def load_through_adapter(family, hf, ours, layer_prefix="model.layers.0.linear_attn."):
+    """hf's tensors named as in a checkpoint, mapped by the family adapter, loaded into ours."""
+    state = family.tensors_from_hf({layer_prefix + k: v for k, v in hf.state_dict().items()})
+    mixer = {family.from_hf(k).removeprefix("blocks.0.mixer."): v for k, v in state.items()}
+    ours.load_state_dict(mixer, strict=True)
 
 
 def compare(hf, ours, T=77):
@@ -54,12 +62,11 @@ def compare(hf, ours, T=77):
 
 
 def test_matches_qwen3_5_gated_delta_net():
+    from loom.trainer.hf.families import Qwen3_5
+
     hf = randomise(qwen3_5.Qwen3_5GatedDeltaNet(qwen3_5.Qwen3_5TextConfig(**SIZES), layer_idx=0)).eval()
     ours = loom_gdn()
-    copy_common(hf, ours)
-    with torch.no_grad():
-        for name in ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"):
-            getattr(ours, name).weight.copy_(getattr(hf, name).weight)
+    load_through_adapter(Qwen3_5(), hf, ours)
     compare(hf, ours)
 
 
@@ -85,12 +92,9 @@ def test_matches_olmo_hybrid_gated_delta_net():
     cfg = olmo.OlmoHybridConfig(**sizes, num_attention_heads=2, linear_allow_neg_eigval=True)
     hf = randomise(olmo.OlmoHybridGatedDeltaNet(cfg, layer_idx=0)).eval()
     ours = loom_gdn(beta="sigmoid2", norm_eps=1e-5)  # OLMo-hybrid's gated norm: eps 1e-5
-    copy_common(hf, ours, norm="o_norm", out="o_proj")
-    with torch.no_grad():
-        ours.in_proj_qkv.weight.copy_(torch.cat([hf.q_proj.weight, hf.k_proj.weight, hf.v_proj.weight]))
-        ours.in_proj_z.weight.copy_(hf.g_proj.weight)
-        ours.in_proj_b.weight.copy_(hf.b_proj.weight)
-        ours.in_proj_a.weight.copy_(hf.a_proj.weight)
+    from loom.trainer.hf.families import OlmoHybrid
+
+    load_through_adapter(OlmoHybrid(), hf, ours)
     compare(hf, ours)
 
 

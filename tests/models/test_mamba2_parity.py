@@ -1,6 +1,7 @@
 """The `mamba2` mixer against transformers' own Nemotron-H Mamba-2 mixer (its torch
 fallback, NemotronHMamba2Mixer without mamba_ssm / causal-conv1d): a tiny random config,
-the weights copied one to one (the conv taps flipped: see models/mixers/mamba2.py), the
+the weights copied one to one by the HF importer's adapter (trainer/hf/families/nemotron_h.py;
+the conv taps flipped: see models/mixers/mamba2.py), the
 same output in fp32 with several groups, a dt limit that clamps, conv and projection
 biases. Also Loom's decoding state after a prefill continues the sequence exactly. ~2 s."""
 import pytest
@@ -28,9 +29,11 @@ def _pair(bias: bool, limit):
     opts = MIXERS["mamba2"].Config(d_state=N, d_conv=W, head_dim=P, n_heads=H, n_groups=G, chunk=8,
                                    dt_limit=list(limit), bias=bias)
     ours = MIXERS["mamba2"](MixerDims(D, 2, 2, 16, 0, 1, RopeConfig()), opts).eval()
-    sd = theirs.state_dict()
-    sd["conv1d.weight"] = sd["conv1d.weight"][:, 0].flip(-1)  # (X, 1, W) oldest tap first -> (X, W) newest first
-    ours.load_state_dict(sd, strict=True)
+    from loom.trainer.hf.families import NemotronH  # the importer's own mapping (conv taps flipped)
+
+    fam = NemotronH()
+    state = fam.tensors_from_hf({f"model.layers.0.mixer.{k}": v for k, v in theirs.state_dict().items()})
+    ours.load_state_dict({fam.from_hf(k).removeprefix("blocks.0.mixer."): v for k, v in state.items()}, strict=True)
     return theirs, ours
 
 

@@ -240,8 +240,9 @@ def test_export_target_refuses_what_the_class_cannot_express(tmp_path):
 
 
 def test_every_family_is_registered():
-    assert {f.architecture for f in FAMILIES.values()} == {"Qwen3ForCausalLM", "MistralForCausalLM",
-                                                           "Olmo3ForCausalLM", "Gemma3ForCausalLM"}
+    assert {f.architecture for f in FAMILIES.values()} == {
+        "Qwen3ForCausalLM", "MistralForCausalLM", "Olmo3ForCausalLM", "Gemma3ForCausalLM", "Qwen3_5ForCausalLM",
+        "OlmoHybridForCausalLM", "NemotronHForCausalLM", "BambaForCausalLM"}  # hybrids: test_hybrid_families.py
 
 
 # ----- trained Loom models with a family's layout leave natively -----

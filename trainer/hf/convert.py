@@ -1,5 +1,7 @@
 """Import Hugging Face checkpoints into HybridLM: Llama, Qwen2 here, and the families
-with an adapter in trainer/hf/families/ (Qwen3, Mistral, Gemma 3, OLMo 3).
+with an adapter in trainer/hf/families/ (Qwen3, Mistral, Gemma 3, OLMo 3, and the hybrids
+Qwen3.5, OLMo-hybrid, Nemotron-H, Bamba, whose adapters also rewrite tensors: conv tap
+order, q/k/v merges).
 
     loom convert hf PATH OUT
 
@@ -111,7 +113,7 @@ def check_architecture(hf: dict) -> str:
 
 def supported_architectures() -> list[str]:
     return list(SUPPORTED.values()) + list(dict.fromkeys(f.architecture for f in FAMILIES.values())) + \
-        ["Gemma3ForConditionalGeneration (its language model)"]
+        ["Gemma3ForConditionalGeneration (its language model)", "Qwen3_5ForConditionalGeneration (its language model)"]
 
 
 def _get(hf: dict, key: str):
@@ -193,11 +195,11 @@ def model_yaml_dict(cfg: ModelConfig) -> dict:
             "tie_embeddings", "norm_eps"]
     # block and norm layout fields, written only when they differ from the (Llama) defaults
     layout = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig) if f.name in LAYOUT_FIELDS
-              and getattr(cfg, f.name) != f.default}
+              and getattr(cfg, f.name) != (f.default_factory() if f.default is dataclasses.MISSING else f.default)}
     return {**{k: getattr(cfg, k) for k in keys}, "rope": rope, **layout}
 
 
-LAYOUT_FIELDS = ("norm_placement", "norm_zero_centred", "norm_weight_fp32", "mlp_kind", "mlp_bias", "block_mlp",
+LAYOUT_FIELDS = ("norm_placement", "norm_placements", "norm_zero_centred", "norm_weight_fp32", "mlp_kind", "mlp_bias", "block_mlp",
                  "embed_scale", "logit_softcap")
 
 
@@ -261,35 +263,52 @@ def loom_name(hf_name: str) -> str | None:
     raise ConvertError(f"unexpected tensor {hf_name!r} in the checkpoint (no HybridLM equivalent)")
 
 
-def convert_state_dict(files: list[Path], cfg: ModelConfig, rename=loom_name) -> dict[str, torch.Tensor]:
+def convert_state_dict(files: list[Path], cfg: ModelConfig, rename=loom_name, transform=None) -> dict[str, torch.Tensor]:
     """Read, rename (`rename`: checkpoint name -> HybridLM name or None to skip) and check
-    every tensor against HybridLM(cfg)'s names and shapes."""
+    every tensor against HybridLM(cfg)'s names and shapes. `transform` (a family's
+    tensors_from_hf) rewrites the checkpoint-named tensors first (splits, merges, conv taps)."""
     with torch.device("meta"):  # names and shapes only, no memory
         expected = {k: tuple(v.shape) for k, v in HybridLM(cfg).state_dict().items()}
-    out: dict[str, torch.Tensor] = {}
+    raw: dict[str, torch.Tensor] = {}
     for path in files:
         with open_safetensors(path) as f:
             for hf_name in f.keys():
-                name = rename(hf_name)
-                if name is None or (name == "lm_head.weight" and cfg.tie_embeddings):
-                    continue  # tied: transformers uses embed_tokens for the head as well
-                if name in out:
+                if not _wanted(rename, hf_name, cfg):
+                    continue
+                if hf_name in raw:
                     raise ConvertError(f"tensor {hf_name!r} appears in more than one file ({path.name})")
-                if name not in expected:
-                    raise ConvertError(f"tensor {hf_name!r} does not fit the configured model (layer count "
-                                       f"{len(cfg.layer_kinds())}, tie_word_embeddings {cfg.tie_embeddings})")
                 try:
-                    t = f.get_tensor(hf_name)
+                    raw[hf_name] = f.get_tensor(hf_name)
                 except SafetensorError as e:
                     raise ConvertError(f"{path}: cannot read tensor {hf_name!r} ({_first_line(e)})") from None
-                if tuple(t.shape) != expected[name]:
-                    raise ConvertError(f"tensor {hf_name!r} has shape {tuple(t.shape)}; config.json implies "
-                                       f"{expected[name]}")
-                out[name] = t.contiguous()
+    if transform is not None:
+        raw = transform(raw)
+    out: dict[str, torch.Tensor] = {}
+    for hf_name, t in raw.items():
+        name = rename(hf_name)
+        if name is None or (name == "lm_head.weight" and cfg.tie_embeddings):
+            continue
+        if name not in expected:
+            raise ConvertError(f"tensor {hf_name!r} does not fit the configured model (layer count "
+                               f"{len(cfg.layer_kinds())}, tie_word_embeddings {cfg.tie_embeddings})")
+        if tuple(t.shape) != expected[name]:
+            raise ConvertError(f"tensor {hf_name!r} has shape {tuple(t.shape)}; config.json implies "
+                               f"{expected[name]}")
+        out[name] = t.contiguous()
     missing = [k for k in expected if k not in out]
     if missing:
         raise ConvertError(f"checkpoint lacks {len(missing)} tensor(s) HybridLM needs, e.g. {missing[0]!r}")
     return out
+
+
+def _wanted(rename, hf_name: str, cfg: ModelConfig) -> bool:
+    """Whether to read a tensor: not a skipped buffer or tower, not a tied head. A name the
+    rename refuses is read, so that a family's transform may merge it (or rename refuses it later)."""
+    try:
+        name = rename(hf_name)
+    except ConvertError:
+        return True
+    return name is not None and not (name == "lm_head.weight" and cfg.tie_embeddings)
 
 
 # ----- public API -----
@@ -313,7 +332,8 @@ def convert_hf(src: str | Path, out: str | Path) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out}: already exists and is not empty; remove it or choose another output folder")
     family = family_of(hf)
-    state = convert_state_dict(files, cfg, loom_name if family is None else family.from_hf)
+    state = (convert_state_dict(files, cfg) if family is None else
+             convert_state_dict(files, cfg, family.from_hf, family.tensors_from_hf))
 
     arch = check_architecture(hf)
     note = None if family is None else family.text_config(hf)[1]

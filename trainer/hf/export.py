@@ -13,6 +13,10 @@ SRC is a run folder (latest valid checkpoint), a checkpoint folder or a
                   attn/swa models with the layout and options of one of those
                   families (trainer/hf/families/: each adapter's native_problem says
                   what its class can express) become its *ForCausalLM folder.
+  qwen3_5 / olmo_hybrid / nemotron_h / bamba
+                  gdn / mamba2 hybrids with a family's layout (expressible when
+                  importing the config.json written for them gives the model back:
+                  families/hybrid.py roundtrip_problem) become that class's folder.
   remote          any HybridLM: config.json with `auto_map` plus
                   configuration_loom.py / modeling_loom.py (copied from
                   loom.trainer.hf.remote), loaded with
@@ -167,8 +171,8 @@ def native_config(src: LoomSource, target: str) -> dict:
                 "hidden_size": cfg.d_model, "intermediate_size": cfg.mlp_hidden,
                 "num_hidden_layers": len(cfg.layer_kinds()), "num_attention_heads": cfg.n_heads,
                 "max_position_embeddings": _max_positions(src), "initializer_range": cfg.init_std,
-                "use_cache": True, "torch_dtype": _dtype_name(src.state), **_special_ids(src.tokenizer),
-                **FAMILY_TARGETS[target].hf_config(cfg)}
+                "use_cache": True, "torch_dtype": _dtype_name(src.state),
+                **FAMILY_TARGETS[target].hf_config(cfg), **_special_ids(src.tokenizer)}
     rope = rope_to_hf(cfg)
     n = len(cfg.layer_kinds())
     out = {
@@ -228,7 +232,8 @@ _EXPORT_RENAMES = [
 def native_state(state: dict[str, torch.Tensor], cfg: ModelConfig, target: str) -> dict[str, torch.Tensor]:
     """HybridLM state dict -> the transformers one (Qwen2: zero q/k/v biases when the model has none)."""
     if target in FAMILY_TARGETS:
-        return {FAMILY_TARGETS[target].to_hf(name): t.contiguous() for name, t in state.items()}
+        fam = FAMILY_TARGETS[target]
+        return {k: t.contiguous() for k, t in fam.tensors_to_hf({fam.to_hf(n): t for n, t in state.items()}).items()}
     out = {}
     for name, t in state.items():
         new = next((re.sub(pat, repl, name) for pat, repl in _EXPORT_RENAMES if re.fullmatch(pat, name)), None)

@@ -9,6 +9,8 @@ habit) holds both directions of one mapping, derived from the config class's fie
     native_problem(cfg)  why a ModelConfig is not expressible in the family's class, or None
     hf_config(cfg)       the family's config.json fields for a ModelConfig it expresses
     to_hf(name)          a HybridLM tensor name -> the checkpoint name
+    tensors_from_hf / tensors_to_hf   tensor rewrites around the renaming (the hybrid
+                         families: conv tap order, q/k/v merges); identity by default
 
 Layer names: HF `model.layers.{i}.<suffix>` <-> Loom `blocks.{i}.<suffix>`, one table
 per family (`LAYER`: hf suffix -> loom suffix), read in both directions.
@@ -78,6 +80,15 @@ class Family:
             return f"blocks.{m.group(1)}.{self.LAYER[m.group(2)]}"
         raise ConvertError(f"unexpected tensor {name!r} in the checkpoint (no HybridLM equivalent in "
                            f"{self.architecture})")
+
+    def tensors_from_hf(self, state: dict) -> dict:
+        """Checkpoint-named tensors rewritten before renaming (merges, splits, conv tap order);
+        the default keeps them."""
+        return state
+
+    def tensors_to_hf(self, state: dict) -> dict:
+        """The inverse of tensors_from_hf, after to_hf renamed a HybridLM state dict."""
+        return state
 
     # ----- Loom -> config.json -----
     def to_hf(self, name: str) -> str:
