@@ -1,7 +1,8 @@
-"""Distillation under context parallelism: `loom train` with distill.teacher on 2 gloo
+"""Distillation under context parallelism and FSDP: `loom train` with distill.teacher on 2 gloo
 processes (torchrun, parallel.cp=2: each rank holds half of every window, the teacher runs
-on the same shard) gives the single-process losses, align and kl stages alike.
-Cost: about 60 s on 2 shared cores (one 2-process launch, one single-process run).
+on the same shard) gives the single-process losses, align and kl stages alike; under
+parallel.engine=fsdp the teacher is FSDP2-sharded like the student and the kl stage matches too.
+Cost: about 100 s on 2 shared cores (two 2-process launches, two single-process runs).
 """
 from __future__ import annotations
 
@@ -81,3 +82,21 @@ def test_cp2_distillation_matches_one_process(tmp_path):
             a, b = one[s].get(key), cp2[s].get(key)
             assert (a is None and b is None) or abs(a - b) <= 1e-5 * max(1.0, abs(a)), (s, key, a, b)
     assert one[4]["kl"] > 0
+
+
+def test_fsdp_sharded_teacher_matches_one_process(tmp_path):
+    """parallel.engine=fsdp on 2 ranks (dp=2): the student and the teacher are both FSDP2-sharded;
+    the kl-stage losses equal one process's with the same global batch."""
+    teacher = _teacher(tmp_path / "teacher")
+    recipe = tmp_path / "distill.yaml"
+    recipe.write_text(RECIPE.replace("stages: [{kind: align, steps: 2}, ", "stages: ["))
+    args = ["-m", "loom.trainer", "train", str(recipe), f"distill.teacher={teacher}", "train.steps=3"]
+    _run([sys.executable, *args, f"output_dir={tmp_path / 'one'}", "train.batch_size=2"], tmp_path)
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+          *args, f"output_dir={tmp_path / 'fsdp'}", "parallel.engine=fsdp", "train.batch_size=1"], tmp_path)
+    one = {r["step"]: r for r in read_metrics(tmp_path / "one") if "split" not in r}
+    two = {r["step"]: r for r in read_metrics(tmp_path / "fsdp") if "split" not in r}
+    assert sorted(one) == sorted(two) == [1, 2, 3]
+    for s in one:
+        for key in ("loss", "kl", "teacher_loss", "lm_loss"):
+            assert abs(one[s][key] - two[s][key]) <= 1e-5 * max(1.0, abs(one[s][key])), (s, key, one[s][key], two[s][key])

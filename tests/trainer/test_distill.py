@@ -294,6 +294,7 @@ def test_resume_across_the_align_to_kl_boundary_is_exact(recipe, teacher_run, tm
     ("distill.teacher={missing}", "no such folder"),
     ("model.d_model=64", "model.d_model of the student (64) differs from the teacher's (32)"),
     ("model.layers=[attn, swa, attn]", "the student has 3 layers, the teacher 4"),
+    ("model.vocab_size=384", "model.vocab_size of the student (384) differs from the teacher's (320)"),
     ("distill.teachr=x", "distill.teachr"),
     ("distill.stages=[{kind: align, steps: 0}]", "distill.stages[0].steps must be >= 1"),
 ])

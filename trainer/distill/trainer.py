@@ -20,13 +20,15 @@ teacher, some layers of another mixer kind) and starts from the teacher's weight
 
 The stage of a step is a function of the step alone, so a resumed run continues the
 schedule exactly (the teacher is fixed and takes no RNG). The teacher is replicated on
-every rank (ddp, fsdp, deepspeed): its weights are not sharded.
+every rank under ddp and deepspeed; under fsdp it is sharded as the student is
+(shard_teacher: FSDP2 per block, then the root).
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as tdist
 
+from loom.kernels.loss import linear_cross_entropy
 from loom.models import HybridLM
 from loom.models.config import ConfigError
 from loom.models.mixers import SeqContext
@@ -78,6 +80,26 @@ def align_losses(student: HybridLM, pairs: dict, ctx: SeqContext) -> dict[int, t
     return out
 
 
+def shard_teacher(teacher: HybridLM, parallel, env) -> None:
+    """FSDP2 `fully_shard` of the frozen teacher as the fsdp engine shards the student: each
+    block its own unit (all-gathered when it runs, freed after), then the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from loom.trainer.distributed.precision import use_bf16
+
+    mesh = init_device_mesh(env.device.type, (tdist.get_world_size(),), mesh_dim_names=("shard",))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if use_bf16(parallel, env.device) else MixedPrecisionPolicy()
+    for block in teacher.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(teacher, mesh=mesh, mp_policy=mp)
+
+
+def _full(w: torch.Tensor) -> torch.Tensor:
+    """A parameter as one whole tensor (an FSDP2-sharded DTensor is gathered)."""
+    return w.full_tensor() if hasattr(w, "full_tensor") else w
+
+
 class DistillTrainer(Trainer):
     """Trainer + teacher: forward_backward_step follows the stage of distill.stages."""
 
@@ -116,6 +138,10 @@ class DistillTrainer(Trainer):
     def __init__(self, cfg, env, manager, latest):
         super().__init__(cfg, env, manager, latest)
         self.teacher.to(env.device)
+        if getattr(self.engine, "name", None) == "fsdp":
+            shard_teacher(self.teacher, cfg.parallel, env)
+            self._startup.append(f"distill: teacher sharded like the student (fsdp: {len(self.teacher.blocks)} "
+                                 f"blocks and the root over {env.world} rank(s))")
         if env.is_main:
             for line in self._startup:
                 dist.log(line)
@@ -145,13 +171,23 @@ class DistillTrainer(Trainer):
         tdist.all_reduce(count)
         return total / count.clamp_min(1) * env.world
 
+    def _teacher_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The teacher's next-token loss (no_grad), this rank's share of the global mean."""
+        t = self.teacher
+        if t.cfg.logit_softcap is None:   # the head weight gathered whole when fsdp shards the teacher
+            total = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), _full(t.head_weight),
+                                         labels.reshape(-1), reduction="sum", chunk=self.cfg.train.loss_chunk)
+        else:
+            total = t.loss(hidden, labels, chunk=self.cfg.train.loss_chunk, reduction="sum")
+        return self._global_mean(total, (labels != -100).sum())
+
     def _align(self, batch: dict, last: bool):
         cfg, env = self.cfg, self.env
         with forward_autocast(cfg.parallel, env.device):
             out, pairs, ctx = capture_mixers(self.teacher, self.replaced, batch["input_ids"], batch["position_ids"],
                                              batch["seq_ids"], env.cp)
             with torch.no_grad():
-                teacher_loss = env.reduce_loss(self.teacher, out.hidden, batch["labels"], cfg.train.loss_chunk)
+                teacher_loss = self._teacher_loss(out.hidden, batch["labels"])
             per_layer = align_losses(self.model, pairs, ctx)
             mse = torch.stack(list(per_layer.values())).mean()
         (mse / cfg.train.grad_accum).backward()
@@ -174,12 +210,12 @@ class DistillTrainer(Trainer):
                 with torch.no_grad():
                     t_out = self.teacher(batch["input_ids"], position_ids=batch["position_ids"],
                                          seq_ids=batch["seq_ids"], cp=env.cp)
-                    teacher_loss = env.reduce_loss(self.teacher, t_out.hidden, labels, cfg.train.loss_chunk)
+                    teacher_loss = self._teacher_loss(t_out.hidden, labels)
                 lm = env.reduce_loss(self.model, out.hidden, labels, cfg.train.loss_chunk)
                 mask = (labels != -100).reshape(-1)
                 D = out.hidden.shape[-1]
                 kl_sum = chunked_kl(out.hidden.reshape(-1, D), self.model.head_weight, t_out.hidden.reshape(-1, D),
-                                    self.teacher.head_weight, mask, stage.temperature, cfg.train.loss_chunk,
+                                    _full(self.teacher.head_weight), mask, stage.temperature, cfg.train.loss_chunk,
                                     self.model.cfg.logit_softcap, self.teacher.cfg.logit_softcap)
                 kl = self._global_mean(kl_sum, mask.sum())
                 w, T = stage.kl_weight, stage.temperature
