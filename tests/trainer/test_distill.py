@@ -143,8 +143,14 @@ def test_converted_llama_teacher_weights_are_copied_as_logged(tmp_path):
     assert f"new {len(report.new)} tensors" in text
 
 
-def test_no_layer_replaced_gives_the_teacher_and_kl_zero(teacher_run):
-    """Student layers = teacher layers: the student is the teacher (same logits), KL 0."""
+def test_no_layer_replaced_gives_the_teacher_and_kl_zero(teacher_run, recipe, tmp_path):
+    """Student layers = teacher layers: the student is the teacher (same logits), KL 0, in the
+    functions and in a run's first logged step (student loss = teacher loss)."""
+    run = tmp_path / "same"
+    assert main(["train", str(recipe), f"output_dir={run}", f"distill.teacher={teacher_run}", "model.layers=[attn, x4]",
+                 _stages({"kind": "kl", "steps": 1, "temperature": 2.0, "kl_weight": 0.5}), "train.steps=1"]) == 0
+    first = next(r for r in read_metrics(run) if "split" not in r)
+    assert abs(first["kl"]) < 1e-6 and abs(first["lm_loss"] - first["teacher_loss"]) < 1e-6, first
     teacher, _ = load_teacher(teacher_run, ModelConfig(**{**TEACHER, "vocab_size": 320}))
     student = HybridLM(teacher.cfg)
     report = init_student(student, teacher)
@@ -196,6 +202,8 @@ def test_align_lowers_each_layers_mse_and_trains_only_the_replaced_mixers(recipe
     log = capsys.readouterr().out
     assert "distill: replaced layers 1: attn -> swa, 2: attn -> gdn" in log
     assert "distill: decoding state at 48 tokens: teacher" in log
+    assert "distill: copied 36 tensors from the teacher (30 by name and shape, 6 into replaced mixers" in log
+    assert "distill: new 7 tensors: blocks.2.mixer.dt_bias" in log and "distill: frozen in align stages 30" in log
     rows = [r for r in read_metrics(run) if "split" not in r]
     assert all("align_mse" in r and "kl" in r and r["teacher_loss"] > 0 for r in rows)
     teacher, _ = load_teacher(teacher_run, ModelConfig(**{**TEACHER, "vocab_size": 320}))
@@ -318,3 +326,22 @@ def test_distill_config_is_checked_without_a_model():
     cfg = config_from_dict({"distill": {"stages": [{"kind": "kl", "steps": 2}]}})
     with pytest.raises(ConfigError, match="distill.teacher is not"):
         validate(cfg)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_chunked_kl_on_cuda_bf16_hidden_matches_fp32_dense():
+    """The GPU path: bf16 hidden states (what autocast gives), fp32 accumulation inside."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    N, D, V = 1000, 64, 5000
+    h_s = (0.3 * torch.randn(N, D, device="cuda", generator=g)).bfloat16().requires_grad_()
+    w_s = (0.3 * torch.randn(V, D, device="cuda", generator=g)).requires_grad_()
+    h_t, w_t = (0.3 * torch.randn(N, D, device="cuda", generator=g)).bfloat16(), 0.3 * torch.randn(V, D, device="cuda", generator=g)
+    mask = torch.ones(N, dtype=torch.bool, device="cuda")
+    got = chunked_kl(h_s, w_s, h_t, w_t, mask, 2.0, 256)
+    want = dense_kl(h_s.float(), w_s, h_t.float(), w_t, mask, 2.0)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    gh, gw = torch.autograd.grad(got, [h_s, w_s])
+    hf = h_s.detach().float().requires_grad_()
+    rh, rw = torch.autograd.grad(dense_kl(hf, w_s, h_t.float(), w_t, mask, 2.0), [hf, w_s])
+    torch.testing.assert_close(gh.float(), rh, rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(gw, rw, rtol=1e-3, atol=1e-4)
