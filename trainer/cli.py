@@ -29,7 +29,12 @@ def _load(args):
 def cmd_train(args) -> int:
     from loom.trainer.train import train
 
-    return train(_load(args))
+    cfg = _load(args)
+    if cfg.distill.teacher is not None:   # distillation: trainer/distill/
+        from loom.trainer.distill.trainer import train_distill
+
+        return train_distill(cfg)
+    return train(cfg)
 
 
 def _restore(cfg):

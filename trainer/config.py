@@ -18,6 +18,7 @@ from loom.models.config import ConfigError, build, to_dict
 from loom.models.model import ModelConfig
 from loom.trainer.data import DataConfig
 from loom.trainer.data.schedule import resolve_stages
+from loom.trainer.distill.config import DistillConfig, validate_distill
 from loom.trainer.reliability.inputs import check_model_shapes
 
 
@@ -107,6 +108,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)  # trainer/distill/: a teacher turns a run into distillation
 
     @property
     def run_dir(self) -> Path:
@@ -208,6 +210,13 @@ def validate(cfg: RunConfig) -> None:
     from loom.trainer.eval.longeval.tasks import validate_suite_config
 
     validate_suite_config(e)
+    validate_distill(cfg.distill)
+    if cfg.distill.teacher is not None:
+        if cfg.init_from:
+            raise ConfigError("init_from and distill.teacher are both set; a distilled student starts from the teacher")
+        if p.engine in ("fsdp", "deepspeed") and any(s.kind == "align" for s in cfg.distill.stages):
+            raise ConfigError(f"distill: align stages run with parallel.engine single or ddp, not {p.engine} "
+                              "(they train the replaced mixers outside the engine's wrapper)")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must have two values, got {cfg.optim.betas}")
 

@@ -157,9 +157,9 @@ def fmt_eval(step: int, ev: dict) -> str:
     return f"eval step {step}: val loss {ev['loss']:.4f} ppl {ev['ppl']:.2f} {extra}".rstrip()
 
 
-def train(cfg: RunConfig) -> int:
+def train(cfg: RunConfig, trainer_cls: type | None = None) -> int:
     """`loom train`: check the inputs, set up the processes, lock the run folder, then run
-    (or resume) the Trainer. Returns the exit code."""
+    (or resume) the Trainer (or `trainer_cls`, a subclass: loom.trainer.distill). Returns the exit code."""
     validate_inputs(cfg)
     check_eval_tasks(cfg, load_tokenizer(cfg.data.tokenizer))
     env = setup_env(cfg.parallel)
@@ -179,7 +179,7 @@ def train(cfg: RunConfig) -> int:
                      "nothing to do")
             env.teardown()
             return 0
-        return Trainer(cfg, env, manager, latest).train()
+        return (trainer_cls or Trainer)(cfg, env, manager, latest).train()
     finally:
         if lock is not None:
             lock.release()
@@ -200,7 +200,7 @@ class Trainer:
         self.bar = None
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         resume_notice = check_resume(cfg, self.tokenizer, read_meta(latest)) if latest is not None else None
-        self.model = model = build_model(cfg, self.tokenizer)
+        self.model = model = self.build_model()
         p = cfg.parallel
         check_stages_with_model(lambda seq_len: check_cp_support(model, p.cp, p.cp_impl, seq_len),
                                 cfg.data, cfg.train.batch_size, p.cp)   # every seq_len stage
@@ -232,6 +232,16 @@ class Trainer:
             dist.log(model_line)
             dist.log(f"perf: peak {self.peak / 1e12:.3g} TFLOP/s per device ({peak_source})" if self.peak
                      else f"perf: {peak_source}")
+
+    def build_model(self) -> HybridLM:
+        """The model of the run, before the engine wraps it (a subclass adds to it)."""
+        if self.cfg.distill.teacher is not None and type(self) is Trainer:
+            raise ConfigError("distill.teacher is set: run it with `loom train` (loom.trainer.distill.train_distill)")
+        return build_model(self.cfg, self.tokenizer)
+
+    def extra_metrics(self) -> dict:
+        """Fields a subclass adds to each metrics.jsonl train line (a collective: every rank calls it)."""
+        return {}
 
     def _resume(self, latest: str, notice: str | None) -> None:
         state, meta = self.checkpointer.restore(latest)
@@ -374,6 +384,7 @@ class Trainer:
         rec["mfu"] = mfu(rec["tokens_per_s"], self.flops_per_token[seq_len], self.peak, self.env.world)
         if any(a.item() != 0 for a in aux):
             rec["aux_loss"] = float(torch.stack(aux).mean())
+        rec.update(self.extra_metrics())
         self.metrics.write(rec)
         mfu_text = "n/a" if rec["mfu"] is None else f"{rec['mfu']:.1%}"
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{engine.lr:.2e}", mfu=mfu_text)

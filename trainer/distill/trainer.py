@@ -1,0 +1,233 @@
+"""The distillation loop: the Trainer with a teacher beside the student.
+
+`distill.teacher` turns a run into distillation (`loom train` dispatches here). The
+student is built from the recipe's `model:` (same width, depth and vocabulary as the
+teacher, some layers of another mixer kind) and starts from the teacher's weights
+(teacher.py: init_student); the stages of `distill.stages` (config.py) then train it:
+
+  align   the teacher runs under no_grad; forward hooks keep, per replaced layer i, the
+          mixer's input (the normed hidden state) and its output. Each student mixer i
+          runs on that input alone and is fitted to that output (MSE, the mean over layers
+          of each layer's mean squared error). Only the replaced mixers' parameters get
+          gradients; no full-model backward. Logged: `align_mse` (and per layer
+          `align_mse/<i>`), `teacher_loss`; `kl` is null.
+  kl      end to end: loss = kl_weight * T^2 * KL + (1 - kl_weight) * LM loss, with KL the
+          mean over labelled tokens of KL(teacher || student) at temperature T (kl.py,
+          chunk by chunk: no full-vocabulary logits of either model). The teacher runs
+          under no_grad in the same process on the same shard (context parallelism: the
+          teacher gets the same cp handle; its KL sum is token-local, the count global).
+          Logged: `kl`, `teacher_loss`, `lm_loss`; `loss` is the objective.
+
+The stage of a step is a function of the step alone, so a resumed run continues the
+schedule exactly (the teacher is fixed and takes no RNG). The teacher is replicated on
+every rank under ddp and deepspeed; under fsdp it is sharded as the student is
+(shard_teacher: FSDP2 per block, then the root).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as tdist
+
+from loom.kernels.loss import linear_cross_entropy
+from loom.models import HybridLM
+from loom.models.config import ConfigError
+from loom.models.mixers import SeqContext
+from loom.trainer.data.schedule import resolve_stages
+from loom.trainer.distill.config import stage_at
+from loom.trainer.distill.kl import chunked_kl
+from loom.trainer.distill.teacher import _in_replaced_mixer, init_student, load_teacher
+from loom.trainer.distributed import dist
+from loom.trainer.distributed.precision import forward_autocast
+from loom.trainer.train import Trainer, build_model, train
+
+__all__ = ["DistillTrainer", "train_distill", "capture_mixers", "align_losses"]
+
+
+def train_distill(cfg) -> int:
+    """`loom train` of a recipe with distill.teacher."""
+    return train(cfg, DistillTrainer)
+
+
+def capture_mixers(teacher: HybridLM, layers: list[int], input_ids, position_ids=None, seq_ids=None, cp=None):
+    """Teacher forward under no_grad keeping each listed layer's mixer input and output.
+    Returns (ModelOutput, {i: (input (B, T, D), output (B, T, D))}, the SeqContext the mixers saw)."""
+    pairs, seen = {}, {}
+
+    def hook(i):
+        def keep(module, args, output):
+            pairs[i] = (args[0], output[0])
+            seen["ctx"] = args[1]
+        return keep
+
+    handles = [teacher.blocks[i].mixer.register_forward_hook(hook(i)) for i in layers]
+    try:
+        with torch.no_grad():
+            out = teacher(input_ids, position_ids=position_ids, seq_ids=seq_ids, cp=cp)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, pairs, seen.get("ctx")
+
+
+def align_losses(student: HybridLM, pairs: dict, ctx: SeqContext) -> dict[int, torch.Tensor]:
+    """Per replaced layer i: mean squared error of student mixer i on the teacher's input
+    against the teacher's mixer output (gradients reach that mixer only)."""
+    out = {}
+    for i, (x, y) in pairs.items():
+        c = SeqContext(position_ids=ctx.position_ids, seq_ids=ctx.seq_ids, want_state=False, cp=ctx.cp)
+        y_s, _ = student.blocks[i].mixer(x, c, None)
+        out[i] = (y_s.float() - y.float()).pow(2).mean()
+    return out
+
+
+def shard_teacher(teacher: HybridLM, parallel, env) -> None:
+    """FSDP2 `fully_shard` of the frozen teacher as the fsdp engine shards the student: each
+    block its own unit (all-gathered when it runs, freed after), then the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from loom.trainer.distributed.precision import use_bf16
+
+    mesh = init_device_mesh(env.device.type, (tdist.get_world_size(),), mesh_dim_names=("shard",))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if use_bf16(parallel, env.device) else MixedPrecisionPolicy()
+    for block in teacher.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(teacher, mesh=mesh, mp_policy=mp)
+
+
+def _full(w: torch.Tensor) -> torch.Tensor:
+    """A parameter as one whole tensor (an FSDP2-sharded DTensor is gathered)."""
+    return w.full_tensor() if hasattr(w, "full_tensor") else w
+
+
+class DistillTrainer(Trainer):
+    """Trainer + teacher: forward_backward_step follows the stage of distill.stages."""
+
+    def build_model(self) -> HybridLM:
+        cfg = self.cfg
+        student = build_model(cfg, self.tokenizer)
+        self.teacher, what = load_teacher(cfg.distill.teacher, student.cfg)
+        self.init_report = report = init_student(student, self.teacher)
+        self.replaced = report.replaced
+        stages = cfg.distill.stages
+        if any(s.kind == "align" for s in stages) and not self.replaced:
+            raise ConfigError("distill.stages has an align stage but model.layers replaces no teacher layer")
+        frozen = [n for n, p in student.named_parameters() if any(n.startswith(f) for f in cfg.distill.freeze)]
+        for n, p in student.named_parameters():
+            if n in frozen:
+                p.requires_grad_(False)
+        self.align_names = [n for n, _ in student.named_parameters() if _in_replaced_mixer(n, self.replaced)]
+        align_frozen = [n for n, _ in student.named_parameters() if n not in self.align_names]
+        seq_len = max(st.seq_len for st in resolve_stages(cfg.data, cfg.train.batch_size, cfg.parallel.cp))
+        t_bytes, s_bytes = sum(self.teacher.state_bytes(seq_len).values()), sum(student.state_bytes(seq_len).values())
+        t_kinds = self.teacher.cfg.layer_kinds()
+        self._startup = [
+            f"distill: teacher {cfg.distill.teacher} ({what}; {self.teacher.num_params() / 1e6:.2f}M parameters, "
+            f"{', '.join(t_kinds)})",
+            f"distill: replaced layers {', '.join(f'{i}: {t_kinds[i]} -> {student.cfg.layer_kinds()[i]}' for i in self.replaced) or 'none'}",
+            *report.lines(align_frozen),
+            f"distill: frozen in every stage (distill.freeze) {len(frozen)} tensors" + (f": {', '.join(frozen)}" if frozen else ""),
+            f"distill: decoding state at {seq_len} tokens: teacher {t_bytes / 2**20:.2f} MiB, student "
+            f"{s_bytes / 2**20:.2f} MiB per sequence (bf16)",
+            "distill: stages " + ", ".join(f"{s.kind} x{s.steps}" + (f" (T {s.temperature:g}, kl_weight {s.kl_weight:g})"
+                                                              if s.kind == "kl" else "") for s in stages or [])]
+        self.stage_index = None
+        self._extras: list[dict] = []
+        return student
+
+    def __init__(self, cfg, env, manager, latest):
+        super().__init__(cfg, env, manager, latest)
+        self.teacher.to(env.device)
+        if getattr(self.engine, "name", None) == "fsdp":
+            shard_teacher(self.teacher, cfg.parallel, env)
+            self._startup.append(f"distill: teacher sharded like the student (fsdp: {len(self.teacher.blocks)} "
+                                 f"blocks and the root over {env.world} rank(s))")
+        if env.is_main:
+            for line in self._startup:
+                dist.log(line)
+
+    # ------------------------------------------------------------------ steps
+
+    def train_step(self):
+        self._extras = []
+        return super().train_step()
+
+    def forward_backward_step(self, batch: dict, last: bool):
+        index, stage = stage_at(self.cfg.distill, self.step)
+        if index != self.stage_index:
+            if self.stage_index is not None or self.step > 0:
+                self.say(f"distill: step {self.step + 1}: stage {index} ({stage.kind})")
+            self.stage_index = index
+        if stage.kind == "align":
+            return self._align(batch, last)
+        return self._kl(batch, last, stage)
+
+    def _global_mean(self, total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """A token sum over this rank -> the rank's share of the global mean (as env.reduce_loss)."""
+        env = self.env
+        if env.world == 1:
+            return total / count.clamp_min(1)
+        count = count.float().clone()
+        tdist.all_reduce(count)
+        return total / count.clamp_min(1) * env.world
+
+    def _teacher_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The teacher's next-token loss (no_grad), this rank's share of the global mean."""
+        t = self.teacher
+        if t.cfg.logit_softcap is None:   # the head weight gathered whole when fsdp shards the teacher
+            total = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), _full(t.head_weight),
+                                         labels.reshape(-1), reduction="sum", chunk=self.cfg.train.loss_chunk)
+        else:
+            total = t.loss(hidden, labels, chunk=self.cfg.train.loss_chunk, reduction="sum")
+        return self._global_mean(total, (labels != -100).sum())
+
+    def _align(self, batch: dict, last: bool):
+        cfg, env = self.cfg, self.env
+        with forward_autocast(cfg.parallel, env.device):
+            out, pairs, ctx = capture_mixers(self.teacher, self.replaced, batch["input_ids"], batch["position_ids"],
+                                             batch["seq_ids"], env.cp)
+            with torch.no_grad():
+                teacher_loss = self._teacher_loss(out.hidden, batch["labels"])
+            per_layer = align_losses(self.model, pairs, ctx)
+            mse = torch.stack(list(per_layer.values())).mean()
+        (mse / cfg.train.grad_accum).backward()
+        if last and env.world > 1:   # the mixers ran outside the engine's wrapper: average their gradients here
+            for n, p in self.model.named_parameters():
+                if n in self.align_names and p.grad is not None:
+                    tdist.all_reduce(p.grad)
+                    p.grad.div_(env.world)
+        self._extras.append({"align_mse": mse.detach(), "teacher_loss": teacher_loss.detach(),
+                             **{f"align_mse/{i}": v.detach() for i, v in per_layer.items()}})
+        return mse.detach(), torch.zeros(())
+
+    def _kl(self, batch: dict, last: bool, stage):
+        cfg, env, engine = self.cfg, self.env, self.engine
+        labels = batch["labels"]
+        with engine.accumulating(last):
+            with forward_autocast(cfg.parallel, env.device):
+                out = engine.module(batch["input_ids"], position_ids=batch["position_ids"],
+                                    seq_ids=batch["seq_ids"], cp=env.cp)
+                with torch.no_grad():
+                    t_out = self.teacher(batch["input_ids"], position_ids=batch["position_ids"],
+                                         seq_ids=batch["seq_ids"], cp=env.cp)
+                    teacher_loss = self._teacher_loss(t_out.hidden, labels)
+                lm = env.reduce_loss(self.model, out.hidden, labels, cfg.train.loss_chunk)
+                mask = (labels != -100).reshape(-1)
+                D = out.hidden.shape[-1]
+                kl_sum = chunked_kl(out.hidden.reshape(-1, D), self.model.head_weight, t_out.hidden.reshape(-1, D),
+                                    _full(self.teacher.head_weight), mask, stage.temperature, cfg.train.loss_chunk,
+                                    self.model.cfg.logit_softcap, self.teacher.cfg.logit_softcap)
+                kl = self._global_mean(kl_sum, mask.sum())
+                w, T = stage.kl_weight, stage.temperature
+                loss = w * T * T * kl + (1 - w) * lm
+            engine.backward((loss + out.aux_loss) / cfg.train.grad_accum)
+        self._extras.append({"kl": kl.detach(), "teacher_loss": teacher_loss.detach(), "lm_loss": lm.detach()})
+        return loss.detach(), out.aux_loss.detach()
+
+    def extra_metrics(self) -> dict:
+        index, stage = stage_at(self.cfg.distill, self.step - 1)
+        rec = {"distill_stage": index, "kl": None, "teacher_loss": None}
+        keys = dict.fromkeys(k for e in self._extras for k in e)
+        for k in sorted(keys, key=lambda k: (k.startswith("align_mse/"), k)):
+            rec[k] = self.env.mean(torch.stack([e[k] for e in self._extras]).mean())
+        return rec
