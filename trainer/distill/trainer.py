@@ -152,7 +152,10 @@ class DistillTrainer(Trainer):
         self._extras = []
         return super().train_step()
 
-    def forward_backward_step(self, batch: dict, last: bool):
+    def forward_backward_step(self, batch: dict, last: bool, count: torch.Tensor | None = None):
+        """As Trainer.forward_backward_step: returns this micro-batch's share of the step's loss
+        (the shares add up to it), the LM and KL terms as shares of the mean over the labelled
+        tokens of the whole step (`count`, env.count_labels), align's MSE as 1/grad_accum of it."""
         index, stage = stage_at(self.cfg.distill, self.step)
         if index != self.stage_index:
             if self.stage_index is not None or self.step > 0:
@@ -160,7 +163,7 @@ class DistillTrainer(Trainer):
             self.stage_index = index
         if stage.kind == "align":
             return self._align(batch, last)
-        return self._kl(batch, last, stage)
+        return self._kl(batch, last, stage, count)
 
     def _global_mean(self, total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
         """A token sum over this rank -> the rank's share of the global mean (as env.reduce_loss)."""
@@ -190,7 +193,8 @@ class DistillTrainer(Trainer):
                 teacher_loss = self._teacher_loss(out.hidden, batch["labels"])
             per_layer = align_losses(self.model, pairs, ctx)
             mse = torch.stack(list(per_layer.values())).mean()
-        (mse / cfg.train.grad_accum).backward()
+        share = mse / cfg.train.grad_accum
+        share.backward()
         if last and env.world > 1:   # the mixers ran outside the engine's wrapper: average their gradients here
             for n, p in self.model.named_parameters():
                 if n in self.align_names and p.grad is not None:
@@ -198,9 +202,16 @@ class DistillTrainer(Trainer):
                     p.grad.div_(env.world)
         self._extras.append({"align_mse": mse.detach(), "teacher_loss": teacher_loss.detach(),
                              **{f"align_mse/{i}": v.detach() for i, v in per_layer.items()}})
-        return mse.detach(), torch.zeros(())
+        return share.detach(), torch.zeros(())
 
-    def _kl(self, batch: dict, last: bool, stage):
+    def _share(self, total: torch.Tensor, mask_count: torch.Tensor, count: torch.Tensor | None) -> torch.Tensor:
+        """A token sum over this rank -> its share of the step's mean over `count` labelled tokens
+        (as env.reduce_loss with a count), or of this micro-batch's mean when count is None."""
+        if count is None:
+            return self._global_mean(total, mask_count) / self.cfg.train.grad_accum
+        return total / count.clamp_min(1) * self.env.world
+
+    def _kl(self, batch: dict, last: bool, stage, count: torch.Tensor | None = None):
         cfg, env, engine = self.cfg, self.env, self.engine
         labels = batch["labels"]
         with engine.accumulating(last):
@@ -211,17 +222,23 @@ class DistillTrainer(Trainer):
                     t_out = self.teacher(batch["input_ids"], position_ids=batch["position_ids"],
                                          seq_ids=batch["seq_ids"], cp=env.cp)
                     teacher_loss = self._teacher_loss(t_out.hidden, labels)
-                lm = env.reduce_loss(self.model, out.hidden, labels, cfg.train.loss_chunk)
+                lm = env.reduce_loss(self.model, out.hidden, labels, cfg.train.loss_chunk, count)
+                if count is None:
+                    lm = lm / cfg.train.grad_accum
                 mask = (labels != -100).reshape(-1)
                 D = out.hidden.shape[-1]
                 kl_sum = chunked_kl(out.hidden.reshape(-1, D), self.model.head_weight, t_out.hidden.reshape(-1, D),
                                     _full(self.teacher.head_weight), mask, stage.temperature, cfg.train.loss_chunk,
                                     self.model.cfg.logit_softcap, self.teacher.cfg.logit_softcap)
-                kl = self._global_mean(kl_sum, mask.sum())
+                kl = self._share(kl_sum, mask.sum(), count)
                 w, T = stage.kl_weight, stage.temperature
                 loss = w * T * T * kl + (1 - w) * lm
-            engine.backward((loss + out.aux_loss) / cfg.train.grad_accum)
-        self._extras.append({"kl": kl.detach(), "teacher_loss": teacher_loss.detach(), "lm_loss": lm.detach()})
+            engine.backward(loss + out.aux_loss / cfg.train.grad_accum)
+        # logged per micro-batch as global means, averaged over the step by extra_metrics (lm_loss:
+        # its share scaled back, exact when the micro-batches hold equal numbers of labelled tokens)
+        with torch.no_grad():
+            self._extras.append({"kl": self._global_mean(kl_sum.detach(), mask.sum()), "teacher_loss":
+                                 teacher_loss.detach(), "lm_loss": lm.detach() * cfg.train.grad_accum})
         return loss.detach(), out.aux_loss.detach()
 
     def extra_metrics(self) -> dict:
