@@ -26,7 +26,7 @@ ROPE_TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def build(kind: str, *, rope: RopeConfig | None = None, layer_idx: int = 1, n_layers: int = 3,
-          n_heads: int = H, n_kv_heads: int = G, head_dim: int = K, d_model: int = D, scale: float = 0.4,
+          n_heads: int = H, n_kv_heads: int = G, head_dim: int = K, d_model: int = D, init_scale: float = 0.4,
           seed: int = 0, **opts):
     """The registered mixer `kind` with options `opts`, every parameter drawn at random
     (no parameter left at an identity or zero init, so every weight reaches the output), fp64."""
@@ -39,7 +39,7 @@ def build(kind: str, *, rope: RopeConfig | None = None, layer_idx: int = 1, n_la
     with torch.no_grad():
         for name, p in m.named_parameters():
             fan_in = p.shape[-1] if p.dim() >= 2 else 1
-            p.add_(torch.randn(p.shape, generator=gen) * scale / math.sqrt(fan_in) if p.dim() >= 2
+            p.add_(torch.randn(p.shape, generator=gen) * init_scale / math.sqrt(fan_in) if p.dim() >= 2
                    else torch.randn(p.shape, generator=gen) * 0.3)
     return m.double()
 
