@@ -122,7 +122,7 @@ CASES = {  # name -> (kind, mixer options, reference options)
 @pytest.mark.parametrize("case", list(CASES))
 def test_attention_matches_reference(case, T):
     kind, opts, ref = CASES[case]
-    m = build(kind, rope=ROPE, **opts)
+    m = build(kind, model_rope=ROPE, **opts)
     x, pos, seq = inputs(T)
     want, _ = attn_reference(m, x, pos, rope=ROPE, **ref)
     torch.testing.assert_close(run(m, x, pos, seq), want, **ROPE_TOL)
@@ -138,11 +138,11 @@ SCALED = {"linear": RopeConfig(base=100.0, scaling="linear", factor=3.0),
 def test_attention_with_rope_scaling(name):
     """The model's RoPE scaling reaches the layer (each scaling's own closed form)."""
     rope = SCALED[name]
-    m = build("attn", rope=rope)
+    m = build("attn", model_rope=rope)
     x, pos, seq = inputs(37)
     want, _ = attn_reference(m, x, pos, rope=rope)
     torch.testing.assert_close(run(m, x, pos, seq), want, **ROPE_TOL)
-    m2 = build("attn", rope=rope, rope_config=RopeConfig(base=100.0))  # the kind's own rope_config wins
+    m2 = build("attn", model_rope=rope, rope_config=RopeConfig(base=100.0))  # the kind's own rope_config wins
     want2, _ = attn_reference(m2, x, pos, rope=RopeConfig(base=100.0))
     torch.testing.assert_close(run(m2, x, pos, seq), want2, **ROPE_TOL)
 
@@ -152,7 +152,7 @@ def test_attention_with_rope_scaling(name):
 def test_moh_matches_reference(kind, shared, topk):
     opts = {"moh": True, "moh_shared": shared, "moh_topk": topk, "moh_loss_weight": 0.3}
     extra = {"window": 6} if kind == "swa" else {}
-    m = build(kind, rope=ROPE, **opts, **extra)
+    m = build(kind, model_rope=ROPE, **opts, **extra)
     x, pos, seq = inputs(13)
     want, loss = attn_reference(m, x, pos, rope=ROPE, moh=(shared, topk), **extra)
     ctx = SeqContext(position_ids=pos, seq_ids=seq)
@@ -165,7 +165,7 @@ def test_moh_matches_reference(kind, shared, topk):
 
 def test_reference_is_sensitive():
     """The reference itself tells the options apart (a reference blind to them guards nothing)."""
-    m = build("attn", rope=ROPE, gate="headwise")
+    m = build("attn", model_rope=ROPE, gate="headwise")
     x, pos, _ = inputs(13)
     a, _ = attn_reference(m, x, pos, rope=ROPE, gate="headwise")
     b, _ = attn_reference(m, x, pos, rope=ROPE)
