@@ -38,7 +38,9 @@ def moh_weights(m, x_t, shared: int, topk: int):
 
 
 def attn_reference(m, x, pos, *, rope: RopeConfig, window=None, gate="none", packing="separate", moh=None,
-                   conv=0, qk_norm=None, fraction=1.0, scale=None, bias=False):
+                   conv=0, qk_norm=None, fraction=1.0, scale=None, bias=False, visible=None):
+    """visible(h, p_query, p_key) -> bool: a sparsity pattern on top of causal same-document
+    (S2-Attention's); window: key j visible when t - j <= window."""
     B, T, _ = x.shape
     R = H // G
     scale = K ** -0.5 if scale is None else scale
@@ -76,8 +78,9 @@ def attn_reference(m, x, pos, *, rope: RopeConfig, window=None, gate="none", pac
             o = torch.zeros(H, K, dtype=torch.float64)
             for h in range(H):
                 g = h // R
-                p = softmax(torch.stack([q[t, h] @ k[j, g] * scale for j in range(lo, t + 1)]))
-                o[h] = (p[:, None] * v[lo:t + 1, g]).sum(0)
+                js = [j for j in range(lo, t + 1) if visible is None or visible(h, int(pos[b, t]), int(pos[b, j]))]
+                p = softmax(torch.stack([q[t, h] @ k[j, g] * scale for j in js]))
+                o[h] = (p[:, None] * v[js, g]).sum(0)
             if gate != "none":
                 logits = lin(x[b, t], W(m, "heads.gate_proj.weight")) if glog is None else glog[t].reshape(-1)
                 o = o * sigmoid(logits).view(H, -1)
