@@ -42,8 +42,10 @@ class Mutation:
         ref = "tests/models/reference/"
         stem = Path(self.path).stem
         files = {"rope": ["test_rope", "test_attn"], "rotary": ["test_rope", "test_attn"],
-                 "heads": ["test_attn"], "conv": ["test_attn", "test_memory"], "swa": ["test_attn"],
-                 "attn": ["test_attn"], "memory": ["test_memory", "test_titans_mag"]}.get(stem, [f"test_{stem}"])
+                 "heads": ["test_attn", "test_rat"], "conv": ["test_attn", "test_memory", "test_gdn"],
+                 "swa": ["test_attn"], "attn": ["test_attn", "test_s2"],
+                 "memory": ["test_memory", "test_titans_mag", "test_titans_mac"],
+                 "titans_attention": ["test_titans_mag", "test_titans_mac"]}.get(stem, [f"test_{stem}"])
         return [ref + f + ".py" for f in files if (ROOT / ref / (f + ".py")).exists()]
 
 
@@ -98,6 +100,29 @@ MUTATIONS = [
       ("y = self.out_norm(y.to(x.dtype))", "y = y.to(x.dtype)")),
     M("memory_theta_bound_doubled", "models/mixers/memory.py", "inner learning-rate bound doubled",
       ("else 1.0 / (2 * self.chunk_size)", "else 1.0 / self.chunk_size")),
+    # s2, gdn, mamba2, titans
+    M("s2_head_shift_ignored", "models/mixers/s2.py", "S2 head_shift not applied to the offsets",
+      ("offsets = default_head_offsets(H, G, V, cfg.head_shift)", "offsets = default_head_offsets(H, G, V, 0)")),
+    M("gdn_sigmoid2_ignored", "models/mixers/gdn.py", "GDN's beta 2 sigmoid (negative eigenvalues) ignored",
+      ("beta = 2.0 * beta", "beta = beta")),
+    M("gdn_no_dt_bias", "models/mixers/gdn.py", "GDN decay without dt_bias",
+      ("F.softplus(self.in_proj_a(x).to(ft) + self.dt_bias.to(ft))", "F.softplus(self.in_proj_a(x).to(ft))")),
+    M("gdn_gate_sigmoid_for_silu", "models/mixers/gdn.py", "GDN output gate sigmoid instead of SiLU",
+      ("* F.silu(z.to(of.dtype))", "* torch.sigmoid(z.to(of.dtype))")),
+    M("mamba2_no_skip_D", "models/mixers/mamba2.py", "Mamba-2's D skip dropped",
+      ("D=self.D, dt_bias=self.dt_bias", "D=None, dt_bias=self.dt_bias")),
+    M("mamba2_norm_not_grouped", "models/mixers/mamba2.py", "Mamba-2 gated norm over all channels, not per group",
+      ("hg = h.view(*h.shape[:-1], -1, self.group)", "hg = h.view(*h.shape[:-1], 1, -1)")),
+    M("mamba2_no_conv_bias", "models/mixers/mamba2.py", "Mamba-2 conv bias dropped",
+      ("F.conv1d(xx.transpose(1, 2), w, self.bias, groups=C)", "F.conv1d(xx.transpose(1, 2), w, None, groups=C)")),
+    M("mag_no_mem_norm", "models/mixers/titans_mag.py", "MAG memory branch not normalised before its sigmoid",
+      ("torch.sigmoid(self.mem_norm(m.to(a.dtype)))", "torch.sigmoid(m.to(a.dtype))")),
+    M("mac_memory_tokens_no_rope", "models/mixers/titans_mac.py", "MAC memory-token keys without RoPE",
+      ("kh = self._rope(self.hk_proj(h.flatten(-2)).view(B, C, G, K), posb[n])",
+       "kh = self.hk_proj(h.flatten(-2)).view(B, C, G, K)")),
+    M("persistent_prefix_dropped", "models/mixers/titans_attention.py", "MAG's persistent tokens ignored",
+      ("    if prefix is None:\n        return sliding_window_attention(q, k, v, window=window, seq_ids=doc)",
+       "    if True:\n        return sliding_window_attention(q, k, v, window=window, seq_ids=doc)")),
 ]
 
 

@@ -26,11 +26,10 @@ ROPE_TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def build(kind: str, *, model_rope: RopeConfig | None = None, layer_idx: int = 1, n_layers: int = 3,
-          n_heads: int = H, n_kv_heads: int = G, head_dim: int = K, d_model: int = D, init_scale: float = 0.4,
-          seed: int = 0, **opts):
+          init_scale: float = 0.4, seed: int = 0, **opts):
     """The registered mixer `kind` with options `opts`, every parameter drawn at random
     (no parameter left at an identity or zero init, so every weight reaches the output), fp64."""
-    dims = MixerDims(d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
+    dims = MixerDims(d_model=D, n_heads=H, n_kv_heads=G, head_dim=K,
                      layer_idx=layer_idx, n_layers=n_layers, rope=model_rope or RopeConfig(base=100.0))
     cls = MIXERS[kind]
     m = cls(dims, cls.Config(**opts))

@@ -38,9 +38,11 @@ def moh_weights(m, x_t, shared: int, topk: int):
 
 
 def attn_reference(m, x, pos, *, rope: RopeConfig, window=None, gate="none", packing="separate", moh=None,
-                   conv=0, qk_norm=None, fraction=1.0, scale=None, bias=False, visible=None):
+                   conv=0, qk_norm=None, fraction=1.0, scale=None, bias=False, visible=None,
+                   sink=None):
     """visible(h, p_query, p_key) -> bool: a sparsity pattern on top of causal same-document
-    (S2-Attention's); window: key j visible when t - j <= window."""
+    (S2-Attention's); window: key j visible when t - j <= window. sink: a list that receives each
+    query's attention share on its document's first token (0 where that token is not visible)."""
     B, T, _ = x.shape
     R = H // G
     scale = K ** -0.5 if scale is None else scale
@@ -81,6 +83,8 @@ def attn_reference(m, x, pos, *, rope: RopeConfig, window=None, gate="none", pac
                 js = [j for j in range(lo, t + 1) if visible is None or visible(h, int(pos[b, t]), int(pos[b, j]))]
                 p = softmax(torch.stack([q[t, h] @ k[j, g] * scale for j in js]))
                 o[h] = (p[:, None] * v[js, g]).sum(0)
+                if sink is not None:
+                    sink.append(float(p[0]) if js[0] == t0 else 0.0)
             if gate != "none":
                 logits = lin(x[b, t], W(m, "heads.gate_proj.weight")) if glog is None else glog[t].reshape(-1)
                 o = o * sigmoid(logits).view(H, -1)
@@ -175,3 +179,17 @@ def test_reference_is_sensitive():
     c, _ = attn_reference(m, x, pos, rope=SCALED["ntk"], gate="headwise")
     assert (a - b).abs().max() > 1e-3 and (a - c).abs().max() > 1e-3
     assert math.isfinite(float(a.abs().max()))
+
+
+@pytest.mark.parametrize("kind", ["attn", "swa"])
+def test_sink_mass_statistic(kind):
+    """ctx.stats' sink_mass is the mean attention share on the document's first token."""
+    extra = {"window": 4} if kind == "swa" else {}
+    m = build(kind, model_rope=ROPE, **extra)
+    x, pos, seq = inputs(13)
+    shares = []
+    attn_reference(m, x, pos, rope=ROPE, sink=shares, **extra)
+    stats = {}
+    m(x, SeqContext(position_ids=pos, seq_ids=seq, stats=stats))
+    torch.testing.assert_close(stats["sink_mass/layer1"].double(),
+                               torch.tensor(sum(shares) / len(shares), dtype=torch.float64), rtol=1e-5, atol=1e-6)
