@@ -12,8 +12,9 @@ A developer runs it before closing an issue that touches a layer; survivors go i
     .venv/bin/python benchmarks/mutations.py --only rat_rope_token_index memory_no_key_norm
     .venv/bin/python benchmarks/mutations.py --list
 
-Exit status 1 when a mutation survived or a snippet no longer matches its file (the list then
-needs updating with the code).
+The tests first run unmutated (the baseline; --no-baseline skips it): if they fail, every mutation
+would read as caught, so the script stops (exit 2). Exit status 1 when a mutation survived or a
+snippet no longer matches its file (the list then needs updating with the code).
 """
 from __future__ import annotations
 
@@ -165,6 +166,7 @@ def main() -> int:
     ap.add_argument("--tests", nargs="+", default=None, help="test paths (default: each mutation's focus files)")
     ap.add_argument("--only", nargs="+", default=None, help="mutation names")
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the tests")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per mutation")
     args = ap.parse_args()
     muts = MUTATIONS if args.only is None else [m for m in MUTATIONS if m.name in args.only]
@@ -175,6 +177,14 @@ def main() -> int:
         for m in muts:
             print(f"{m.name:34s} {m.path:28s} {m.why}  [{' '.join(m.focus)}]")
         return 0
+    if not args.no_baseline:  # unmutated, the tests must pass, or every mutation would read as caught
+        files = args.tests or sorted({f for m in muts for f in m.focus})
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", *files]
+        if subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL).returncode != 0:
+            print(f"baseline fails: the unmutated code does not pass {' '.join(files)}; fix that first",
+                  file=sys.stderr)
+            return 2
     survivors = []
     for m in muts:
         try:
