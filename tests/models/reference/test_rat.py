@@ -22,7 +22,10 @@ def softmax(z):
     return e / e.sum()
 
 
-def rat_reference(m, x, pos, *, L: int, rope: RopeConfig | None, gate: str = "none", groups: int = G):
+def rat_reference(m, x, pos, *, L: int, rope: RopeConfig | None, gate: str = "none", groups: int = G,
+                  shares=None):
+    """shares: a list that receives, per (token, head), the attention share of the own running
+    state and of the document's first chunk state (the sink)."""
     G = groups
     B, T, _ = x.shape
     y = torch.zeros(B, T, W(m, "o_proj.weight").shape[0], dtype=torch.float64)
@@ -53,6 +56,8 @@ def rat_reference(m, x, pos, *, L: int, rope: RopeConfig | None, gate: str = "no
             for h in range(H):
                 a = softmax(keys[:, h] @ qr[h] * K ** -0.5)
                 o[h] = (a[:, None] * vals[:, h]).sum(0)
+                if shares is not None:
+                    shares.append((float(a[-1]), float(a[0])))
             if p % L == L - 1:
                 finals.append((key, sv))
             o = o * z[t]
@@ -99,3 +104,22 @@ def test_reference_tells_chunk_from_token_rope():
     a = rat_reference(m, x, pos, L=4, rope=ROPE)
     b = rat_reference(m, x, pos, L=4, rope=None)
     assert (a - b).abs().max() > 1e-3
+
+
+def test_rat_stats_match_reference():
+    """ctx.stats of rat: the mean forget gate, the attention share of the query's own chunk and of
+    its document's first chunk, the gate mean: values, not just numbers in [0, 1]."""
+    from loom.models.mixers.base import SeqContext
+
+    m = build("rat", model_rope=ROPE, chunk=3, groups=G, gate="headwise")
+    x, pos, seq = inputs(37)
+    shares = []
+    rat_reference(m, x, pos, L=3, rope=ROPE, gate="headwise", shares=shares)
+    stats = {}
+    m(x, SeqContext(position_ids=pos, seq_ids=seq, stats=stats))
+    want = {"rat_forget_mean": sigmoid(lin(x, W(m, "f_proj.weight"), W(m, "f_proj.bias"))).mean(),
+            "rat_local_mass": torch.tensor(sum(s[0] for s in shares) / len(shares)),
+            "sink_mass": torch.tensor(sum(s[1] for s in shares) / len(shares)),
+            "gate_mean": sigmoid(lin(x, W(m, "heads.gate_proj.weight"))).mean()}
+    for name, value in want.items():
+        torch.testing.assert_close(stats[f"{name}/layer1"].double(), value.double(), rtol=1e-5, atol=1e-7)
