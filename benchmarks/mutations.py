@@ -76,7 +76,8 @@ MUTATIONS = [
     M("rope_partial_freqs_of_full_head", "models/rope.py", "partial rotary with the full head's frequencies",
       ("inv, self.mscale = inv_frequencies(self.rotary_dim, cfg)",
        "inv, self.mscale = inv_frequencies(head_dim, cfg)\n        inv = inv[:self.rotary_dim // 2]")),
-    M("rotate_sign_flip", "kernels/rotary.py", "rotate-half with the wrong sign", ("torch.cat([-x2, x1], dim=-1)", "torch.cat([x2, -x1], dim=-1)")),
+    M("rotate_sign_flip", "kernels/rotary.py", "rotate-half with the wrong sign",
+      ("torch.cat([-x2, x1], dim=-1)", "torch.cat([x2, -x1], dim=-1)")),
     # attention family
     M("attn_gate_no_sigmoid", "models/mixers/heads.py", "Gated Attention gate without its sigmoid",
       ("g = self.gate_fn(logits)", "g = logits")),
@@ -87,7 +88,8 @@ MUTATIONS = [
     M("attn_group_packing_as_head", "models/mixers/attn.py", "group-packed gate read as head-packed",
       ('if self.cfg.gate_packing == "head":', 'if self.cfg.gate_packing in ("head", "group"):')),
     M("swa_window_off_by_one", "models/mixers/swa.py", "sliding window one token narrower",
-      ("o = sliding_window_attention(q, k, v, window=W,", "o = sliding_window_attention(q, k, v, window=max(W - 1, 0),")),
+      ("o = sliding_window_attention(q, k, v, window=W,",
+       "o = sliding_window_attention(q, k, v, window=max(W - 1, 0),")),
     M("conv_reaches_previous_doc", "models/mixers/conv.py", "short conv reaches one token into the previous document",
       ("same_doc = (position_ids >= j)[..., None]", "same_doc = (position_ids >= j - 1)[..., None]")),
     # rat, linear, memory
@@ -146,7 +148,8 @@ def run_one(mut: Mutation, tests: list[str] | None, timeout: int) -> tuple[str, 
     try:
         path.write_text(mutated)
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not slow", *(tests or mut.focus)]
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not slow",
+               *(tests or mut.focus)]
         try:
             rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 timeout=timeout).returncode
