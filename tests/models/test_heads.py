@@ -111,10 +111,15 @@ def test_mixers_record_stats_and_aux_loss(kind):
     y, _ = m(torch.randn(2, 19, D, dtype=torch.float64), ctx)
     assert set(stats) == {"gate_mean/layer3", "moh_usage/layer3", "moh_balance/layer3", "sink_mass/layer3"}
     torch.testing.assert_close(stats["moh_usage/layer3"].sum(), torch.tensor(1.0))
-    assert 0 <= float(stats["moh_balance/layer3"]) <= 1 and 0 <= float(stats["sink_mass/layer3"]) <= 1
+    usage = stats["moh_usage/layer3"]  # the balance is min/max of the heads' usage, not just some number in [0, 1]
+    torch.testing.assert_close(stats["moh_balance/layer3"], usage.min() / usage.max())
+    # the sink mass's value is checked against the per-token reference (tests/models/reference/test_attn.py)
+    assert 0 < float(stats["sink_mass/layer3"]) < 1
     assert len(ctx.aux_losses) == 1
     (y.square().mean() + ctx.aux_losses[0]).backward()
-    assert all(p.grad is not None for p in m.parameters())
+    # every parameter takes part: a gradient that is missing or all zero means a path is cut
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters()), \
+        [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     ctx = ctx_for(2, 19)  # no stats dict: nothing recorded, nothing fails
     m(torch.randn(2, 19, D, dtype=torch.float64), ctx)
     assert ctx.stats is None

@@ -59,11 +59,16 @@ def test_init_scales_output_projections():
 
 
 @pytest.mark.parametrize("scaling", ["none", "linear", "ntk", "yarn", "llama3"])
-def test_rope_scalings_are_finite_and_identity_at_zero(scaling):
+def test_rope_scalings_are_rotations_and_identity_at_zero(scaling):
+    """cos/sin are a rotation scaled by the attention temperature (cos^2 + sin^2 = mscale^2) and the
+    identity at position 0; each scaling's frequencies are checked against their closed form and
+    transformers in tests/models/reference/test_rope.py."""
     rope = Rotary(32, RopeConfig(scaling=scaling, factor=4.0, original_max_len=64))
     cos, sin = rope(torch.arange(10)[None])
-    assert torch.isfinite(cos).all() and torch.isfinite(sin).all()
+    mscale = 0.1 * math.log(4.0) + 1.0 if scaling == "yarn" else 1.0
+    torch.testing.assert_close(cos.square() + sin.square(), torch.full_like(cos, mscale ** 2))
     torch.testing.assert_close(sin[0, 0], torch.zeros(32))
+    torch.testing.assert_close(cos[0, 0], torch.full((32,), mscale))
 
 
 def test_linear_scaling_is_position_interpolation():

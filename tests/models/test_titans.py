@@ -8,6 +8,7 @@ mixer contract (tests/models/test_mixer_contract.py), in float64:
 - bad options fail naming the key; the shipped CPU recipes build finite models.
 Cost: a few seconds."""
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -113,8 +114,11 @@ def test_cpu_recipes_build_finite_models(variant):
     out = model(ids)
     loss = model.loss(out.hidden, ids)
     loss.backward()
-    assert torch.isfinite(loss)
-    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    assert torch.isfinite(loss) and abs(float(loss.detach()) - math.log(256)) < 1.0  # near uniform at initialisation
+    # every parameter is reached by the loss (no path cut), with finite gradients
+    cut = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not cut, cut
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 @pytest.mark.parametrize("gate, width", [("elementwise", 2 * 16), ("headwise", 2), ("none", None)])
