@@ -87,6 +87,9 @@ def expand_layers(spec: list[Any]) -> list[str]:
         if isinstance(item, str) and re.fullmatch(r"x\d+", item):
             if prev is None:
                 raise ConfigError(f"model.layers: repeat {item!r} has nothing before it")
+            if int(item[1:]) < 1:
+                raise ConfigError(f"model.layers: repeat {item!r} must be x1 or more (xN: N copies in total); "
+                                  "remove the item to have none")
             out.extend(prev * (int(item[1:]) - 1))
             prev = None
             continue

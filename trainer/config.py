@@ -16,7 +16,7 @@ import yaml
 
 from loom.models.config import ConfigError, build, check_ranges, to_dict, ranged
 from loom.models.model import ModelConfig
-from loom.trainer.data import DataConfig
+from loom.trainer.data import DataConfig, validate_data_config
 from loom.trainer.data.schedule import resolve_stages
 from loom.trainer.reliability.inputs import check_model_shapes
 
@@ -130,9 +130,13 @@ def read_recipe(path: str | Path, _seen: tuple = ()) -> dict:
     if path.resolve() in _seen:
         raise ConfigError(f"recipe {path} inherits from itself through `base:`")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"recipe {path} is not UTF-8 text") from None
+    if data is None:
+        raise ConfigError(f"recipe {path} is empty; give at least `name:` (every other key has a default)")
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping of keys")
     base = data.pop("base", None)
@@ -173,6 +177,7 @@ def load_config(recipe: str | Path, overrides: list[str] = ()) -> RunConfig:
 def validate(cfg: RunConfig) -> None:
     """Cross-field checks that need no data or model (ConfigError on failure)."""
     check_ranges(cfg)  # again, for a RunConfig made in code rather than by build()
+    validate_data_config(cfg.data)
     check_model_shapes(cfg.model)  # before resolved(), which divides by n_heads
     cfg.model.resolved()
     t, p = cfg.train, cfg.parallel

@@ -51,7 +51,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from loom.models import HybridLM, ModelConfig
-from loom.models.config import build
+from loom.models.config import build, check_ranges
 from loom.models.rope import RopeConfig
 from loom.trainer.hf.common import ConvertError, require as _require, rope_from_params
 from loom.trainer.hf.families import FAMILIES, family_of
@@ -132,8 +132,26 @@ def rope_from_hf(hf: dict) -> RopeConfig:
     return rope
 
 
+HF_SIZES = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size",
+            "intermediate_size", "vocab_size", "head_dim")
+
+
+def check_hf_sizes(hf: dict, where: str = "config.json") -> None:
+    """Every size field of config.json (and of its text_config) a positive integer: a zero or
+    negative head or layer count is refused naming the field, before anything divides by it."""
+    for key in HF_SIZES:
+        value = hf.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConvertError(f"{where}: {key} must be a positive integer, got {value!r}")
+    if isinstance(hf.get("text_config"), dict):
+        check_hf_sizes(hf["text_config"], f"{where} text_config")
+
+
 def model_config_from_hf(hf: dict) -> ModelConfig:
     """A Loom ModelConfig computing the same function as the transformers model."""
+    check_hf_sizes(hf)
     arch = check_architecture(hf)
     family = family_of(hf)
     if family is not None:
@@ -285,6 +303,9 @@ def convert_state_dict(files: list[Path], cfg: ModelConfig, rename=loom_name) ->
                 if tuple(t.shape) != expected[name]:
                     raise ConvertError(f"tensor {hf_name!r} has shape {tuple(t.shape)}; config.json implies "
                                        f"{expected[name]}")
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise ConvertError(f"{path}: tensor {hf_name!r} holds NaN or inf values; the source weights "
+                                       "are damaged (re-download them)")
                 out[name] = t.contiguous()
     missing = [k for k in expected if k not in out]
     if missing:
@@ -309,6 +330,8 @@ def convert_hf(src: str | Path, out: str | Path) -> Path:
     src, out = Path(src), Path(out)
     hf = read_hf_config(src)
     cfg = model_config_from_hf(hf)
+    check_ranges(cfg, "model")  # the sizes and constants config.json gave, as a recipe's are checked
+    cfg.resolved()
     files = weight_files(src)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out}: already exists and is not empty; remove it or choose another output folder")
