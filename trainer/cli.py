@@ -159,16 +159,22 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, TrainingError, *USER_ERRORS) as e:
         if os.environ.get("LOOM_DEBUG"):
             raise
+        if isinstance(e, OSError) and e.filename:  # raised by open() itself, not a message of ours
+            return _os_error(e)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         return 2
     except OSError as e:  # a file the command reads or writes: unreadable, a folder, read-only, full
         if os.environ.get("LOOM_DEBUG"):
             raise
-        where = f" {e.filename}" if e.filename else ""
-        print(f"error: cannot use{where} ({e.strerror or type(e).__name__}); check that it is a readable "
-              "file and that the folders written to are writable", file=sys.stderr)
-        return 2
+        return _os_error(e)
+
+
+def _os_error(e: OSError) -> int:
+    where = f" {e.filename}" if e.filename else ""
+    print(f"error: cannot use{where} ({e.strerror or type(e).__name__}); check that it is a readable "
+          "file and that the folders written to are writable", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -92,6 +92,8 @@ def read_hf_config(src: str | Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConvertError(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError:
+        raise ConvertError(f"{path}: not UTF-8 text (a damaged or binary file)") from None
 
 
 def check_architecture(hf: dict) -> str:
@@ -385,7 +387,12 @@ def converted_config(path: str | Path) -> ModelConfig:
     path = Path(path) / "model.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{path.parent}: no model.yaml (expected a folder written by `loom convert hf`)")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConvertError(f"{path}: not UTF-8 text (a damaged or binary file)") from None
+    except yaml.YAMLError as e:
+        raise ConvertError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
         raise ConvertError(f"{path}: expected a `model:` mapping")
     return build(ModelConfig, data["model"], "model")
