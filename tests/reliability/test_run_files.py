@@ -90,6 +90,7 @@ STOPS = {  # damage(run, immutable) -> repair; what the error line names
     "read_only_run_folder": (_immutable("."), "{run}/.lock"),
     "read_only_lock_file": (_immutable(".lock"), "{run}/.lock"),
     "read_only_checkpoints": (_immutable("checkpoints"), "{run}/checkpoints is not writable"),
+    "read_only_metrics": (_immutable("metrics.jsonl"), "{run}/metrics.jsonl"),
     "lock_is_a_directory": (_lock_dir, "{run}/.lock is not a file"),
     "latest_is_a_directory": (_latest_dir, "{run}/checkpoints/latest is not a file"),
     "metrics_is_a_directory": (_metrics_dir, "cannot read {run}/metrics.jsonl"),

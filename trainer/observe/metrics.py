@@ -92,6 +92,12 @@ class MetricsWriter:
             except OSError as e:
                 raise MetricsError(f"cannot read {self.path} ({e.strerror}); a resumed run rewrites it: move it "
                                    "aside (the run starts a new one) or make it a readable file") from None
+            try:
+                with open(self.path, "ab"):  # appends nothing; an existing file is neither created nor changed
+                    pass
+            except OSError as e:
+                raise MetricsError(f"cannot write {self.path} ({e.strerror}); make it writable (or move it aside: "
+                                   "the run starts a new one)") from None
         if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -113,6 +119,7 @@ class MetricsWriter:
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
         except OSError as e:
+            tmp.unlink(missing_ok=True)
             raise MetricsError(f"cannot rewrite {self.path} ({e.strerror}); make it and its folder writable") from None
 
     def write(self, record: dict) -> None:
