@@ -2,19 +2,97 @@
 
 `build(cls, data, prefix)` turns a (YAML-loaded) dict into dataclass `cls`,
 recursively, checking every key and value type. Unknown keys fail naming
-the nearest valid one. The trainer's recipe loader uses the same function.
+the nearest valid one. Every numeric field declares its range next to its type
+and default (`ranged(default, ge=..., gt=..., le=..., lt=...)`); `build` checks
+it, so a value outside it (or nan/inf) fails naming the key. The trainer's
+recipe loader uses the same function.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
+from dataclasses import dataclass
 from typing import Any, Literal, Union
 
 
 class ConfigError(ValueError):
     """A recipe problem; the message is one user-facing line."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The meaningful values of a numeric config key: bounds (None: open) and whether
+    inf is allowed (nan never is). Declared next to the field by `ranged`."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    finite: bool = True
+
+    def describe(self) -> str:
+        lo = f">= {self.ge:g}" if self.ge is not None else f"> {self.gt:g}" if self.gt is not None else ""
+        hi = f"<= {self.le:g}" if self.le is not None else f"< {self.lt:g}" if self.lt is not None else ""
+        return " and ".join(b for b in (lo, hi) if b) or "finite"
+
+    def check(self, value, key: str) -> None:
+        if isinstance(value, float) and (math.isnan(value) or (self.finite and math.isinf(value))):
+            raise ConfigError(f"{key} must be a finite number ({self.describe()}), got {value}")
+        if ((self.ge is not None and not value >= self.ge) or (self.gt is not None and not value > self.gt)
+                or (self.le is not None and not value <= self.le) or (self.lt is not None and not value < self.lt)):
+            raise ConfigError(f"{key} must be {self.describe()}, got {value}")
+
+
+_MISSING = dataclasses.MISSING
+
+
+def ranged(default=_MISSING, *, factory=_MISSING, ge=None, gt=None, le=None, lt=None, finite=True):
+    """A dataclass field whose numeric value (or every number of a list value) must lie in a range,
+    checked by `build` naming the key: `lr: float = ranged(3e-3, gt=0)`,
+    `betas: list[float] = ranged(factory=lambda: [0.9, 0.95], ge=0, lt=1)`. None passes
+    (Optional fields keep their "unset" value)."""
+    meta = {"range": Range(ge, gt, le, lt, finite)}
+    if factory is not _MISSING:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def field_range(f: dataclasses.Field) -> Range | None:
+    return f.metadata.get("range")
+
+
+def check_range(rng: Range, value, key: str) -> None:
+    """`value` (a number, None, or a nested list of numbers) against `rng`."""
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, (list, tuple)):
+        try:
+            for v in value:
+                check_range(rng, v, key)
+        except ConfigError:
+            raise ConfigError(f"{key} must be {rng.describe()} (every entry), got {value}") from None
+    elif isinstance(value, (int, float)):
+        rng.check(value, key)
+
+
+def check_ranges(obj, prefix: str = "") -> None:
+    """Every ranged field of dataclass `obj` and of the dataclasses it holds (fields, lists),
+    for configs made in code rather than by `build`; ConfigError naming the key."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        rng = field_range(f)
+        if rng is not None:
+            check_range(rng, value, key)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
+        items = value if isinstance(value, (list, tuple)) else [value]
+        for i, item in enumerate(items):
+            if dataclasses.is_dataclass(item) and not isinstance(item, type):
+                check_ranges(item, f"{key}[{i}]" if item is not value else key)
 
 
 def nearest(name: str, choices) -> str:
@@ -102,6 +180,11 @@ def build(cls, data: dict | None, prefix: str = ""):
         if key not in fields:
             raise ConfigError(f"unknown key {path!r}{nearest(str(key), fields)}")
         kwargs[key] = coerce(hints[key], value, path)
+        rng = field_range(fields[key])
+        if rng is not None:
+            check_range(rng, kwargs[key], path)
+        elif isinstance(kwargs[key], float) and not math.isfinite(kwargs[key]):
+            raise ConfigError(f"{path} must be a finite number, got {kwargs[key]}")
     try:
         return cls(**kwargs)
     except ConfigError:

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from loom.kernels.loss import linear_cross_entropy
-from loom.models.config import ConfigError, build, nearest
+from loom.models.config import ConfigError, build, nearest, ranged
 from loom.models.blocks import MLP_ONLY, PLACEMENTS, Block
 from loom.models.mixers import MIXERS, MixerDims, SeqContext
 from loom.models.norms import NormStyle, RMSNorm
@@ -30,17 +30,17 @@ from loom.models.rope import RopeConfig
 
 @dataclass
 class ModelConfig:
-    vocab_size: int | None = None  # None: taken from the tokenizer, rounded up to a multiple of 64
-    d_model: int = 256
-    n_heads: int = 4
-    n_kv_heads: int | None = None  # None: = n_heads (MHA)
-    head_dim: int | None = None  # None: d_model // n_heads
-    mlp_hidden: int | None = None  # None: 8/3 d_model rounded up to a multiple of 64
+    vocab_size: int | None = ranged(None, ge=1)  # None: taken from the tokenizer, rounded up to a multiple of 64
+    d_model: int = ranged(256, ge=1)
+    n_heads: int = ranged(4, ge=1)
+    n_kv_heads: int | None = ranged(None, ge=1)  # None: = n_heads (MHA)
+    head_dim: int | None = ranged(None, ge=2)  # None: d_model // n_heads
+    mlp_hidden: int | None = ranged(None, ge=1)  # None: 8/3 d_model rounded up to a multiple of 64
     layers: list[Any] = field(default_factory=lambda: ["attn", "x4"])
     mixers: dict[str, dict[str, Any]] = field(default_factory=dict)
     tie_embeddings: bool = True
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
+    norm_eps: float = ranged(1e-5, gt=0)
+    init_std: float = ranged(0.02, gt=0)
     rope: RopeConfig = field(default_factory=RopeConfig)
     # Block and norm layout (models/blocks.py, models/norms.py); the defaults are Llama's.
     norm_placement: Literal["pre", "post", "sandwich"] = "pre"  # post: OLMo 2/3; sandwich: Gemma 2/3
@@ -51,8 +51,9 @@ class ModelConfig:
     mlp_kind: Literal["swiglu", "geglu", "relu2"] = "swiglu"  # geglu: tanh GELU (Gemma); relu2: Nemotron-H
     mlp_bias: bool = False
     block_mlp: bool = True  # false: mixer blocks have no MLP (MLPs come from `mlp` entries in model.layers)
-    embed_scale: float = 1.0  # embeddings times this, rounded to their dtype first (Gemma: sqrt(d_model))
-    logit_softcap: float | None = None  # head logits z -> c tanh(z / c) (Gemma 2/3 final_logit_softcapping)
+    embed_scale: float = ranged(1.0, gt=0)  # embeddings times this, rounded to their dtype first (Gemma: sqrt(d_model))
+    # head logits z -> c tanh(z / c) (Gemma 2/3 final_logit_softcapping)
+    logit_softcap: float | None = ranged(None, gt=0)
 
     @property
     def norm_style(self) -> NormStyle:
@@ -93,6 +94,9 @@ def expand_layers(spec: list[Any]) -> list[str]:
         if isinstance(item, str) and re.fullmatch(r"x\d+", item):
             if prev is None:
                 raise ConfigError(f"model.layers: repeat {item!r} has nothing before it")
+            if int(item[1:]) < 1:
+                raise ConfigError(f"model.layers: repeat {item!r} must be x1 or more (xN: N copies in total); "
+                                  "remove the item to have none")
             out.extend(prev * (int(item[1:]) - 1))
             prev = None
             continue

@@ -25,18 +25,19 @@ import torch
 from torch import nn
 
 from loom.kernels.rotary import rotate
+from loom.models.config import ranged
 
 
 @dataclass(frozen=True)
 class RopeConfig:
-    base: float = 10000.0
+    base: float = ranged(10000.0, gt=1)
     scaling: Literal["none", "linear", "ntk", "yarn", "llama3"] = "none"
-    factor: float = 1.0
-    original_max_len: int = 4096
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
+    factor: float = ranged(1.0, gt=0)
+    original_max_len: int = ranged(4096, ge=1)
+    beta_fast: float = ranged(32.0, gt=0)
+    beta_slow: float = ranged(1.0, gt=0)
+    low_freq_factor: float = ranged(1.0, gt=0)
+    high_freq_factor: float = ranged(4.0, gt=0)
 
 
 def inv_frequencies(head_dim: int, cfg: RopeConfig) -> tuple[torch.Tensor, float]:

@@ -16,6 +16,8 @@ import argparse
 import os
 import sys
 
+from loom.trainer.cli_args import OneLineParser, count, counts, text_arg
+
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError,
                                                  PermissionError)
 
@@ -57,18 +59,23 @@ def _restore(cfg):
 def cmd_eval(args) -> int:
     from loom.trainer.eval.longeval.command import run_eval
 
-    ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
-    return run_eval(_load(args), checkpoint=args.checkpoint, tasks=args.tasks.split(",") if args.tasks else None,
-                    lengths=ints(args.lengths) if args.lengths else None, n=args.n,
+    tasks = text_arg("--tasks", args.tasks)
+    tasks = [t.strip() for t in tasks.split(",") if t.strip()] if tasks is not None else None
+    if tasks is not None and not tasks:
+        raise ValueError(f"--tasks names no task: {args.tasks!r}")
+    text_arg("--checkpoint", args.checkpoint)
+    text_arg("--out", args.out)
+    return run_eval(_load(args), checkpoint=args.checkpoint, tasks=tasks, lengths=args.lengths, n=args.n,
                     generate=False if args.no_generate else None, out=args.out)
 
 
 def cmd_generate(args) -> int:
     import torch
 
+    prompt = text_arg("--prompt", args.prompt)
     cfg = _load(args)
     model, tokenizer, _ = _restore(cfg)
-    ids = torch.tensor([tokenizer.encode(args.prompt)])
+    ids = torch.tensor([tokenizer.encode(prompt)])
     out = model.generate(ids, args.max_new_tokens, eos_id=tokenizer.eos_id)
     print(tokenizer.decode(out[0, ids.shape[1]:].tolist()))
     return 0
@@ -105,7 +112,7 @@ def cmd_to_hf(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="loom", description="Train long-context hybrid language models.")
+    p = OneLineParser(prog="loom", description="Train long-context hybrid language models.")
     # the `deepspeed` launcher passes --local_rank=N before the command (LOCAL_RANK is read from the environment)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
@@ -119,14 +126,14 @@ def parser() -> argparse.ArgumentParser:
         s.set_defaults(fn=fn)
         if name == "eval":
             s.add_argument("--checkpoint", help="a checkpoint folder or run folder (default: the run's latest)")
-            s.add_argument("--lengths", help="comma-separated lengths (default eval.suite_lengths or 1x,2x,4x)")
+            s.add_argument("--lengths", type=counts(1), help="comma-separated lengths (default eval.suite_lengths or 1x,2x,4x)")
             s.add_argument("--tasks", help="comma-separated suite tasks (default eval.suite_tasks or all)")
-            s.add_argument("--examples", "--n", dest="n", type=int, help="examples per cell (default eval.suite_n)")
+            s.add_argument("--examples", "--n", dest="n", type=count(1), help="examples per cell (default eval.suite_n)")
             s.add_argument("--no-generate", action="store_true", help="teacher-forced scores only")
             s.add_argument("--out", help="output folder (default <run>/eval/<checkpoint>)")
         if name == "generate":
             s.add_argument("--prompt", required=True)
-            s.add_argument("--max-new-tokens", type=int, default=64)
+            s.add_argument("--max-new-tokens", type=count(1), default=64)
     from loom.trainer.data.commands import add_data_commands
 
     add_data_commands(sub)
@@ -145,7 +152,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:  # a usage error (one line, above) or --help
+        return e.code if isinstance(e.code, int) else 2
     from loom.trainer.checkpoint.manager import CheckpointError
     from loom.trainer.reliability.guard import TrainingError
 
@@ -154,9 +164,22 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, TrainingError, *USER_ERRORS) as e:
         if os.environ.get("LOOM_DEBUG"):
             raise
+        if isinstance(e, OSError) and e.filename:  # raised by open() itself, not a message of ours
+            return _os_error(e)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file the command reads or writes: unreadable, a folder, read-only, full
+        if os.environ.get("LOOM_DEBUG"):
+            raise
+        return _os_error(e)
+
+
+def _os_error(e: OSError) -> int:
+    where = f" {e.filename}" if e.filename else ""
+    print(f"error: cannot use{where} ({e.strerror or type(e).__name__}); check that it is a readable "
+          "file and that the folders written to are writable", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ from typing import Any, Literal
 
 import yaml
 
-from loom.models.config import ConfigError, build, to_dict
+from loom.models.config import ConfigError, build, check_ranges, to_dict, ranged
 from loom.models.model import ModelConfig
-from loom.trainer.data import DataConfig
+from loom.trainer.data import DataConfig, validate_data_config
 from loom.trainer.data.schedule import resolve_stages
 from loom.trainer.distill.config import DistillConfig, validate_distill
 from loom.trainer.reliability.inputs import check_model_shapes
@@ -24,71 +24,73 @@ from loom.trainer.reliability.inputs import check_model_shapes
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
+    lr: float = ranged(3e-3, gt=0)
+    min_lr_ratio: float = ranged(0.1, ge=0, le=1)  # final lr = lr * min_lr_ratio
+    weight_decay: float = ranged(0.1, ge=0)
+    betas: list[float] = ranged(factory=lambda: [0.9, 0.95], ge=0, lt=1)
+    eps: float = ranged(1e-8, gt=0)
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    warmup_steps: int = 20
-    decay_frac: float = 0.2  # WSD: share of steps spent in the final decay
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    warmup_steps: int = ranged(20, ge=0)
+    decay_frac: float = ranged(0.2, ge=0, le=1)  # WSD: share of steps spent in the final decay
+    grad_clip: float = ranged(1.0, ge=0)  # max global grad norm; 0 disables clipping
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 200
-    batch_size: int = 8  # windows per micro-batch per data-parallel rank
-    grad_accum: int = 1
-    log_every: int = 10
-    eval_every: int = 100
-    save_every: int = 100
-    keep_last: int = 3
-    loss_chunk: int = 1024  # tokens per cross-entropy chunk
-    max_bad_steps: int = 5  # consecutive non-finite steps (loss or grad norm) before the run stops
-    spike_skip: float | None = None  # skip a step whose loss > spike_skip x running mean; None: off
-    spike_window: int = 50  # accepted losses in the running mean
-    spike_rewind: int = 0  # after this many spikes since the last checkpoint, rewind to it; 0: never
+    steps: int = ranged(200, ge=1)
+    batch_size: int = ranged(8, ge=1)  # windows per micro-batch per data-parallel rank
+    grad_accum: int = ranged(1, ge=1)
+    log_every: int = ranged(10, ge=1)
+    eval_every: int = ranged(100, ge=1)
+    save_every: int = ranged(100, ge=1)
+    keep_last: int = ranged(3, ge=0)
+    loss_chunk: int = ranged(1024, ge=1)  # tokens per cross-entropy chunk
+    max_bad_steps: int = ranged(5, ge=1)  # consecutive non-finite steps (loss or grad norm) before the run stops
+    spike_skip: float | None = ranged(None, gt=1)  # skip a step whose loss > spike_skip x running mean; None: off
+    spike_window: int = ranged(50, ge=1)  # accepted losses in the running mean
+    spike_rewind: int = ranged(0, ge=0)  # after this many spikes since the last checkpoint, rewind to it; 0: never
     # full: rank 0 gathers and writes whole weights + optimizer; sharded: every rank writes its shard (trainer/checkpoint/dcp.py)
     checkpoint_format: Literal["full", "sharded"] = "full"
     checkpoint_async: bool = False  # sharded only: write shards in the background, commit at the next save
-    stop_after_steps: int | None = None  # checkpoint and exit after this many steps in this invocation
+    stop_after_steps: int | None = ranged(None, ge=1)  # checkpoint and exit after this many steps in this invocation
     # per block: none | full (recompute the block) | selective (recompute the MLP); trainer/distributed/parallelize.py
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     compile: bool | None = None  # torch.compile per block; None: on for CUDA, off on CPU
-    tile_mlp: int = 0  # tokens per MLP tile along the sequence (memory of long rows); 0: whole rows
-    tile_blocks: int = 0  # tokens per tile of every block (swa: with halo; others: state carried); 0: whole rows
-    peak_flops: float | None = None  # FLOP/s per device for MFU; None: measured GEMM (CPU), bf16 table (GPU)
-    profile_steps: list[int] = field(default_factory=list)  # steps traced by torch.profiler into <run>/profile
+    tile_mlp: int = ranged(0, ge=0)  # tokens per MLP tile along the sequence (memory of long rows); 0: whole rows
+    # tokens per tile of every block (swa: with halo; others: state carried); 0: whole rows
+    tile_blocks: int = ranged(0, ge=0)
+    # FLOP/s per device for MFU; None: measured GEMM (CPU), bf16 table (GPU)
+    peak_flops: float | None = ranged(None, gt=0)
+    profile_steps: list[int] = ranged(factory=list, ge=1)  # steps traced by torch.profiler into <run>/profile
 
 
 @dataclass
 class EvalConfig:
-    passkey_lengths: list[int] = field(default_factory=list)  # empty: data.seq_len
-    passkey_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
-    passkey_n: int = 8  # examples per (length, depth); 0 turns passkey evaluation off
-    passkey_key_digits: int | None = None  # None: the first passkey source's key_digits, else 5
+    passkey_lengths: list[int] = ranged(factory=list, ge=1)  # empty: data.seq_len
+    passkey_depths: list[float] = ranged(factory=lambda: [0.1, 0.5, 0.9], ge=0, le=1)
+    passkey_n: int = ranged(8, ge=0)  # examples per (length, depth); 0 turns passkey evaluation off
+    passkey_key_digits: int | None = ranged(None, ge=1)  # None: the first passkey source's key_digits, else 5
     # MQAR: exact match per query (all value tokens right, teacher-forced) on fresh examples
-    mqar_lengths: list[int] = field(default_factory=list)  # empty: data.seq_len
-    mqar_n: int = 0  # examples per length; 0 turns MQAR evaluation off
-    mqar_pairs: int | None = None  # None: the first mqar source's n_pairs, else 16
-    mqar_queries: int | None = None  # None: the first mqar source's n_queries, else 4
-    position_buckets: int = 8  # loss by position in the context
+    mqar_lengths: list[int] = ranged(factory=list, ge=1)  # empty: data.seq_len
+    mqar_n: int = ranged(0, ge=0)  # examples per length; 0 turns MQAR evaluation off
+    mqar_pairs: int | None = ranged(None, ge=1)  # None: the first mqar source's n_pairs, else 16
+    mqar_queries: int | None = ranged(None, ge=1)  # None: the first mqar source's n_queries, else 4
+    position_buckets: int = ranged(8, ge=1)  # loss by position in the context
     # long-context suite (loom.trainer.eval.longeval): `loom eval` runs it; during training only when suite_tasks is set
     suite_tasks: list[str] = field(default_factory=list)  # empty: every task in `loom eval`, none in training
-    suite_lengths: list[int] = field(default_factory=list)  # empty: 1x, 2x, 4x data.seq_len
-    suite_n: int = 8  # examples per (task, length) and per grid cell
-    suite_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    suite_lengths: list[int] = ranged(factory=list, ge=2)  # empty: 1x, 2x, 4x data.seq_len
+    suite_n: int = ranged(8, ge=1)  # examples per (task, length) and per grid cell
+    suite_depths: list[float] = ranged(factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], ge=0, le=1)
     suite_fillers: list[str] = field(default_factory=lambda: ["repeat", "text"])
     suite_generate: bool = True  # also score by greedy generation
-    suite_val_windows: int = 8  # real-text windows per length for loss by position
+    suite_val_windows: int = ranged(8, ge=1)  # real-text windows per length for loss by position
 
 
 @dataclass
 class ParallelConfig:
     engine: Literal["single", "ddp", "fsdp", "deepspeed"] = "single"
-    zero: int = 0  # DeepSpeed ZeRO stage 0-3
-    cp: int = 1  # context-parallel degree
+    zero: int = ranged(0, ge=0, le=3)  # DeepSpeed ZeRO stage 0-3
+    cp: int = ranged(1, ge=1)  # context-parallel degree
     cp_impl: Literal["ring", "ulysses"] = "ring"
     offload_optimizer: bool = False
     offload_params: bool = False
@@ -100,7 +102,7 @@ class ParallelConfig:
 class RunConfig:
     name: str = "run"
     output_dir: str | None = None  # default runs/<name>
-    seed: int = 0
+    seed: int = ranged(0, ge=0)
     init_from: str | None = None  # a folder written by `loom convert hf`
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -130,9 +132,13 @@ def read_recipe(path: str | Path, _seen: tuple = ()) -> dict:
     if path.resolve() in _seen:
         raise ConfigError(f"recipe {path} inherits from itself through `base:`")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"recipe {path} is not UTF-8 text") from None
+    if data is None:
+        raise ConfigError(f"recipe {path} is empty; give at least `name:` (every other key has a default)")
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping of keys")
     base = data.pop("base", None)
@@ -172,37 +178,18 @@ def load_config(recipe: str | Path, overrides: list[str] = ()) -> RunConfig:
 
 def validate(cfg: RunConfig) -> None:
     """Cross-field checks that need no data or model (ConfigError on failure)."""
+    check_ranges(cfg)  # again, for a RunConfig made in code rather than by build()
+    validate_data_config(cfg.data)
     check_model_shapes(cfg.model)  # before resolved(), which divides by n_heads
     cfg.model.resolved()
     t, p = cfg.train, cfg.parallel
-    for key in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "save_every", "loss_chunk",
-                "max_bad_steps", "spike_window"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
-    if cfg.data.seq_len < 1:
-        raise ConfigError(f"data.seq_len must be >= 1, got {cfg.data.seq_len}")
-    if (t.tile_mlp < 0 or t.tile_blocks < 0 or (t.peak_flops is not None and t.peak_flops <= 0)
-            or any(s < 1 for s in t.profile_steps)):
-        raise ConfigError("train.tile_mlp and train.tile_blocks must be >= 0, train.peak_flops > 0 and "
-                          f"train.profile_steps >= 1; got {t.tile_mlp}, {t.tile_blocks}, {t.peak_flops}, "
-                          f"{t.profile_steps}")
-    if p.cp < 1:
-        raise ConfigError(f"parallel.cp must be >= 1, got {p.cp}")
+    # Single-value ranges (train.steps >= 1, parallel.cp >= 1, eval.passkey_n >= 0, ...) are declared on
+    # the fields (loom.models.config.ranged) and checked by build(); what follows relates fields.
     if p.cp > 1 and cfg.data.seq_len % (2 * p.cp):
         raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) must be divisible by 2 * parallel.cp "
                           f"({2 * p.cp}) for the load-balanced context-parallel split")
     resolve_stages(cfg.data, t.batch_size, p.cp)   # data.seq_len_schedule
-    if not 0 <= p.zero <= 3:
-        raise ConfigError(f"parallel.zero must be 0, 1, 2 or 3, got {p.zero}")
     e = cfg.eval
-    for key in ("passkey_n", "mqar_n"):
-        if getattr(e, key) < 0:
-            raise ConfigError(f"eval.{key} must be >= 0, got {getattr(e, key)}")
-    for key in ("passkey_lengths", "mqar_lengths"):
-        if any(n < 1 for n in getattr(e, key)):
-            raise ConfigError(f"eval.{key} must be >= 1, got {getattr(e, key)}")
-    if e.passkey_key_digits is not None and e.passkey_key_digits < 1:
-        raise ConfigError(f"eval.passkey_key_digits must be >= 1, got {e.passkey_key_digits}")
     pairs, queries = mqar_shape(cfg)
     if e.mqar_n > 0 and not 1 <= queries <= pairs <= 26**3:
         raise ConfigError(f"eval.mqar_queries: need 1 <= mqar_queries <= mqar_pairs <= {26**3}, "

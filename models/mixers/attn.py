@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from loom.kernels.attention import attention
+from loom.models.config import ranged
 from loom.models.mixers.base import Mixer, MixerDims, SeqContext, register
 from loom.models.mixers.conv import ShortConv, short_conv
 from loom.models.mixers.heads import HeadOptions, HeadOutput, sink_mass
@@ -56,13 +57,13 @@ class AttnConfig(HeadOptions):
     out_bias: bool = False
     qk_norm: bool = False
     qk_norm_width: Literal["head", "full"] = "head"
-    qk_norm_eps: float = 1e-6
+    qk_norm_eps: float = ranged(1e-6, gt=0)
     rope: bool = True
-    rope_fraction: float = 1.0
+    rope_fraction: float = ranged(1.0, gt=0, le=1)
     rope_config: RopeConfig | None = None  # None: model.rope
-    scale: float | None = None  # None: head_dim^-1/2
+    scale: float | None = ranged(None, gt=0)  # None: head_dim^-1/2
     gate_packing: Literal["separate", "head", "group"] = "separate"
-    conv_size: int = 0  # causal depthwise conv taps on q, k, v (0 or 1: none)
+    conv_size: int = ranged(0, ge=0)  # causal depthwise conv taps on q, k, v (0 or 1: none)
 
 
 def continue_docs(state_doc: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:

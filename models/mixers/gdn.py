@@ -41,20 +41,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.kernels.gated_delta_rule import gated_delta_rule
+from loom.models.config import ranged
 from loom.models.mixers.base import Mixer, MixerDims, SeqContext, register
 from loom.models.mixers.conv import ShortConv, short_conv
 
 
 @dataclass
 class GDNConfig:
-    n_v_heads: int = 0     # value heads HV (linear_num_value_heads); 0: model.n_heads
-    n_k_heads: int = 0     # query/key heads HK (linear_num_key_heads), dividing HV; 0: HV
-    head_k_dim: int = 0    # K (linear_key_head_dim); 0: model head_dim
-    head_v_dim: int = 0    # V (linear_value_head_dim); 0: model head_dim
-    conv_size: int = 4     # taps of the causal depthwise conv on q, k, v (linear_conv_kernel_dim)
+    n_v_heads: int = ranged(0, ge=0)     # value heads HV (linear_num_value_heads); 0: model.n_heads
+    n_k_heads: int = ranged(0, ge=0)     # query/key heads HK (linear_num_key_heads), dividing HV; 0: HV
+    head_k_dim: int = ranged(0, ge=0)    # K (linear_key_head_dim); 0: model head_dim
+    head_v_dim: int = ranged(0, ge=0)    # V (linear_value_head_dim); 0: model head_dim
+    conv_size: int = ranged(4, ge=1)     # taps of the causal depthwise conv on q, k, v (linear_conv_kernel_dim)
     beta: Literal["sigmoid", "sigmoid2"] = "sigmoid"  # sigmoid2: 2 sigmoid(b), OLMo-hybrid's negative eigenvalues
-    norm_eps: float = 1e-6  # gated RMSNorm epsilon (Qwen: rms_norm_eps; OLMo-hybrid: 1e-5)
-    chunk: int = 64        # tokens per chunk of the CPU chunked form
+    norm_eps: float = ranged(1e-6, gt=0)  # gated RMSNorm epsilon (Qwen: rms_norm_eps; OLMo-hybrid: 1e-5)
+    chunk: int = ranged(64, ge=1)        # tokens per chunk of the CPU chunked form
     impl: Literal["auto", "chunked", "fla", "reference"] = "auto"  # loom.kernels.gated_delta_rule backend
 
     def __post_init__(self):

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loom.models.config import ranged
 from loom.models.mixers.base import SeqContext
 
 
@@ -39,9 +40,9 @@ class HeadOptions:
 
     gate: Literal["none", "headwise", "elementwise"] = "none"
     moh: bool = False
-    moh_shared: int = 2
-    moh_topk: int = 1
-    moh_loss_weight: float = 0.01
+    moh_shared: int = ranged(2, ge=1)
+    moh_topk: int = ranged(1, ge=1)
+    moh_loss_weight: float = ranged(0.01, ge=0)
 
 
 class HeadOutput(nn.Module):

@@ -38,19 +38,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.kernels.linear import alibi_slopes, linear_attention
+from loom.models.config import ranged
 from loom.models.mixers.base import Mixer, MixerDims, SeqContext, register
 from loom.models.norms import RMSNorm
 
 
 @dataclass
 class LinearConfig:
-    block: int = 64  # tokens per tile of the chunked kernel (Lightning Attention-2 uses 64)
+    block: int = ranged(64, ge=1)  # tokens per tile of the chunked kernel (Lightning Attention-2 uses 64)
     output_gate: Literal["lowrank", "full", "none"] = "lowrank"
-    gate_rank: int = 0  # rank of the low-rank gate; 0: head_dim (TNL)
+    gate_rank: int = ranged(0, ge=0)  # rank of the low-rank gate; 0: head_dim (TNL)
     layer_decay: bool = True  # TNL's per-layer scaling of the slopes
     qk_scale: bool = True  # multiply q by head_dim^-1/2
     norm: Literal["head_rms", "layernorm"] = "head_rms"  # per-head RMSNorm, or TNL's LayerNorm over H K
-    norm_eps: float = 1e-5
+    norm_eps: float = ranged(1e-5, gt=0)
 
     def __post_init__(self):
         if self.block < 1:

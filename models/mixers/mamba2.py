@@ -27,7 +27,7 @@ chunk's owner; the op exchanges each piece's (transition, offset) (kernels/ssd/c
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -35,27 +35,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.kernels.ssd import ssd
+from loom.models.config import ranged
 from loom.models.mixers.base import Mixer, MixerDims, SeqContext, register
 from loom.models.mixers.conv import ShortConv, short_conv
 
 
 @dataclass
 class Mamba2Config:
-    d_state: int = 128  # N, the state size per head (Nemotron-H, Bamba: 128)
-    d_conv: int = 4  # W, taps of the causal conv over xBC
-    expand: int = 2  # E = expand * d_model
-    head_dim: int = 64  # P; heads H = E / P
-    n_heads: int = 0  # 0: E / head_dim; else H, and E = H * head_dim (Nemotron-H's mamba_num_heads)
-    n_groups: int = 1  # G groups sharing B and C (Bamba 1, Nemotron-H 8)
-    chunk: int = 64  # tokens per chunk of the CPU chunked kernel
-    dt_min: float = 0.001  # dt_bias initialisation: softplus(dt_bias) log-uniform in [dt_min, dt_max]
-    dt_max: float = 0.1
-    dt_init_floor: float = 1e-4
-    dt_limit: list[float] = field(default_factory=lambda: [0.0, math.inf])  # clamp of dt after softplus
-    A_init_range: list[float] = field(default_factory=lambda: [1.0, 16.0])  # A = -exp(A_log), -A uniform here
+    d_state: int = ranged(128, ge=1)  # N, the state size per head (Nemotron-H, Bamba: 128)
+    d_conv: int = ranged(4, ge=1)  # W, taps of the causal conv over xBC
+    expand: int = ranged(2, ge=1)  # E = expand * d_model
+    head_dim: int = ranged(64, ge=1)  # P; heads H = E / P
+    n_heads: int = ranged(0, ge=0)  # 0: E / head_dim; else H, and E = H * head_dim (Nemotron-H's mamba_num_heads)
+    n_groups: int = ranged(1, ge=1)  # G groups sharing B and C (Bamba 1, Nemotron-H 8)
+    chunk: int = ranged(64, ge=1)  # tokens per chunk of the CPU chunked kernel
+    dt_min: float = ranged(0.001, gt=0)  # dt_bias initialisation: softplus(dt_bias) log-uniform in [dt_min, dt_max]
+    dt_max: float = ranged(0.1, gt=0)
+    dt_init_floor: float = ranged(1e-4, gt=0)
+    dt_limit: list[float] = ranged(factory=lambda: [0.0, math.inf], ge=0, finite=False)  # clamp of dt after softplus
+    A_init_range: list[float] = ranged(factory=lambda: [1.0, 16.0], gt=0)  # A = -exp(A_log), -A uniform here
     conv_bias: bool = True
     bias: bool = False  # biases of in_proj and out_proj (transformers' use_bias)
-    norm_eps: float = 1e-5
+    norm_eps: float = ranged(1e-5, gt=0)
     impl: Literal["auto", "chunked", "fla", "reference"] = "auto"  # the ssd op's backend
 
     def __post_init__(self):

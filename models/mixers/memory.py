@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.kernels.memory import init_memory_weights, neural_memory
+from loom.models.config import ranged
 from loom.models.mixers.base import Mixer, MixerDims, SeqContext, register
 from loom.models.mixers.conv import ShortConv, short_conv
 from loom.models.norms import RMSNorm
@@ -60,16 +61,16 @@ from loom.models.norms import RMSNorm
 class MemoryOptions:
     """The memory's options, shared by `memory`, `titans_mag` and `titans_mac`."""
 
-    chunk_size: int = 64           # tokens whose gradients are taken at the same weights
-    depth: int = 2                 # memory MLP layers; 1 = linear memory
-    expansion: int = 4             # hidden width = expansion * head_dim (depth >= 2)
+    chunk_size: int = ranged(64, ge=1)           # tokens whose gradients are taken at the same weights
+    depth: int = ranged(2, ge=1)                 # memory MLP layers; 1 = linear memory
+    expansion: int = ranged(4, ge=1)             # hidden width = expansion * head_dim (depth >= 2)
     activation: Literal["gelu", "silu"] = "gelu"
     retrieval: Literal["token", "chunk"] = "token"  # read after each token's write, or at chunk start
     # momentum and decay step at every token (the paper's recurrence) or once per chunk, with the gates
     # of its first token (titans-pytorch's rule; one chunk-end sum per layer instead of two)
     momentum_step: Literal["token", "chunk"] = "token"
-    conv_size: int = 4             # causal depthwise conv taps on q, k, v; 0 disables
-    theta_max: float | None = None  # upper bound of the inner learning rate; None: 1 / (2 chunk_size)
+    conv_size: int = ranged(4, ge=0)             # causal depthwise conv taps on q, k, v; 0 disables
+    theta_max: float | None = ranged(None, gt=0)  # upper bound of the inner learning rate; None: 1 / (2 chunk_size)
     memory_norm: bool = True       # M(x) = rmsnorm(MLP(x)) * gamma; False: the paper's plain MLP
     # loom.kernels.memory backend: auto/chunked (eager) or compiled (torch.compile of each chunk block:
     # ~1.25x faster on CPU once compiled, seconds of compilation per new shape; not under cp)

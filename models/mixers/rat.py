@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from loom.kernels.rat import rat
+from loom.models.config import ranged
 from loom.models.mixers.base import Mixer, MixerDims, SeqContext, register
 from loom.models.mixers.heads import HeadOptions, HeadOutput
 from loom.models.rope import Rotary
@@ -41,8 +42,8 @@ from loom.models.rope import Rotary
 
 @dataclass
 class RatConfig(HeadOptions):
-    chunk: int = 16  # L: tokens per chunk (the paper's 1.3B runs use 16)
-    groups: int = 2  # G: q/k groups tiled to the heads (the paper's ngroups)
+    chunk: int = ranged(16, ge=1)  # L: tokens per chunk (the paper's 1.3B runs use 16)
+    groups: int = ranged(2, ge=1)  # G: q/k groups tiled to the heads (the paper's ngroups)
     rope: bool = True  # RoPE at the chunk index; False gives NoPE (extrapolates better in the paper)
 
     def __post_init__(self):

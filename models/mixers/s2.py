@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from loom.kernels.s2 import covers_all_residues, default_head_offsets, s2_attention
+from loom.models.config import ranged
 from loom.models.mixers.attn import AttnConfig, Attention
 from loom.models.mixers.base import MixerDims, SeqContext, register
 from loom.models.mixers.heads import sink_mass
@@ -41,10 +42,10 @@ from loom.models.mixers.attn import continue_docs
 
 @dataclass
 class S2Config(AttnConfig):
-    block: int = 16  # tokens per sparse block
-    local_blocks: int = 4  # blocks of the local window, the query's own included
-    vert_stride: int = 4  # every V-th earlier block is visible (per head offset)
-    head_shift: int = 0  # added to every head's offset (dkernel's head_sliding_offset)
+    block: int = ranged(16, ge=1)  # tokens per sparse block
+    local_blocks: int = ranged(4, ge=1)  # blocks of the local window, the query's own included
+    vert_stride: int = ranged(4, ge=1)  # every V-th earlier block is visible (per head offset)
+    head_shift: int = ranged(0, ge=0)  # added to every head's offset (dkernel's head_sliding_offset)
 
     def __post_init__(self):
         if self.block < 1 or self.local_blocks < 1 or self.vert_stride < 1:

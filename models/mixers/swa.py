@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from loom.kernels.swa import sliding_window_attention
+from loom.models.config import ranged
 from loom.models.mixers.attn import AttnConfig, Attention, continue_docs
 from loom.models.mixers.base import MixerDims, SeqContext, register
 from loom.models.mixers.heads import sink_mass
@@ -30,7 +31,7 @@ from loom.models.mixers.heads import sink_mass
 
 @dataclass
 class SWAConfig(AttnConfig):
-    window: int = 256  # tokens behind the query that stay visible (transformers' sliding_window - 1)
+    window: int = ranged(256, ge=0)  # tokens behind the query that stay visible (transformers' sliding_window - 1)
 
     def __post_init__(self):
         if self.window < 0:

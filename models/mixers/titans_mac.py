@@ -53,6 +53,7 @@ from torch import nn
 
 from loom.kernels.sequence import stateful_scan
 from loom.kernels.memory import MemoryState, doc_chunks, memory_read
+from loom.models.config import ranged
 from loom.models.mixers.base import Mixer, MixerDims, SeqContext, register
 from loom.models.mixers.conv import ShortConv
 from loom.models.mixers.memory import MemoryOptions, NeuralMemory
@@ -63,8 +64,8 @@ from loom.models.rope import Rotary, apply_rotary
 
 @dataclass
 class MACConfig(MemoryOptions):
-    segment: int = 256       # attention span; a multiple of chunk_size
-    persistent: int = 4      # persistent memory tokens; 0 disables
+    segment: int = ranged(256, ge=1)       # attention span; a multiple of chunk_size
+    persistent: int = ranged(4, ge=0)      # persistent memory tokens; 0 disables
     rope: bool = True
 
     def __post_init__(self):

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from loom.kernels.sequence import with_halo
+from loom.models.config import ranged
 from loom.models.mixers.base import Mixer, MixerDims, SeqContext, register
 from loom.models.mixers.memory import MemoryOptions, NeuralMemory
 from loom.models.mixers.attn import continue_docs
@@ -44,8 +45,8 @@ from loom.models.rope import Rotary, apply_rotary
 
 @dataclass
 class MAGConfig(MemoryOptions):
-    window: int = 512        # keys at most `window` tokens behind a query are visible
-    persistent: int = 4      # persistent memory tokens; 0 disables
+    window: int = ranged(512, ge=1)        # keys at most `window` tokens behind a query are visible
+    persistent: int = ranged(4, ge=0)      # persistent memory tokens; 0 disables
     rope: bool = True
 
     def __post_init__(self):

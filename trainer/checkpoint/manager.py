@@ -313,6 +313,10 @@ class CheckpointManager:
         """
         candidates = [path for _, path in reversed(self.list())]
         skipped: list[tuple[str, str]] = []
+        pointer_file = self.root / LATEST_FILE
+        if pointer_file.exists() and not pointer_file.is_file():
+            raise CheckpointError(f"{pointer_file} is not a file (the pointer to the checkpoint to resume from); "
+                                  "remove it: the run then resumes from the newest valid checkpoint")
         pointer = self._read_latest()
         if pointer is not None:
             named = [p for p in candidates if p.name == pointer]
@@ -374,6 +378,8 @@ class CheckpointManager:
             return "missing manifest"
         except ValueError:
             return "unreadable manifest"
+        except OSError as e:
+            return f"unreadable manifest ({e.strerror})"
         try:
             if manifest["format"] != FORMAT:
                 return f"unsupported manifest format {manifest['format']!r}"
@@ -387,7 +393,10 @@ class CheckpointManager:
                 return f"missing file {name}"
             if file.stat().st_size != size:
                 return f"{name} size mismatch ({file.stat().st_size} bytes, manifest says {size})"
-        digests = _sha256_files([path / name for name in expected])
+        try:
+            digests = _sha256_files([path / name for name in expected])
+        except OSError as e:
+            return f"unreadable file {Path(e.filename or '?').name} ({e.strerror})"
         for (name, (_, sha)), digest in zip(expected.items(), digests):
             if digest != sha:
                 return f"{name} checksum mismatch"
@@ -399,9 +408,15 @@ class CheckpointManager:
         return None if name is None else self.root / name
 
     def _read_latest(self) -> str | None:
+        """The step folder name ``latest`` holds; None when it is missing, unreadable, not text or not a
+        step name (the callers then scan the checkpoints, newest first)."""
         try:
-            name = (self.root / LATEST_FILE).read_text().strip()
-        except FileNotFoundError:
+            raw = (self.root / LATEST_FILE).read_bytes()
+        except OSError:
+            return None
+        try:
+            name = raw.decode("ascii").strip()
+        except UnicodeDecodeError:
             return None
         return name if _STEP_DIR.fullmatch(name) else None
 

@@ -41,6 +41,8 @@ def cmd_prepare(args) -> int:
     from loom.trainer.data.prepare import REAL_KINDS, cache_path, prepare_source
     from loom.trainer.data.prepared import open_prepared
 
+    if args.worker >= args.workers:
+        raise ConfigError(f"--worker must be < --workers ({args.workers}), got {args.worker}")
     common = dict(worker=args.worker, workers=args.workers, procs=args.procs, say=_say)
     if args.source is not None:
         if args.recipe is not None or not args.out:
@@ -105,6 +107,8 @@ def cmd_verify(args) -> int:
 
 def add_data_commands(sub) -> None:
     """Register `loom data {prepare,stats,verify}` on the CLI's subparsers."""
+    from loom.trainer.cli_args import count
+
     data = sub.add_parser("data", help="prepare, inspect and verify tokenized data")
     dsub = data.add_subparsers(dest="data_command", required=True)
     p = dsub.add_parser("prepare", help="tokenize sources into memory-mappable shards")
@@ -114,9 +118,9 @@ def add_data_commands(sub) -> None:
     p.add_argument("--tokenizer", default="byte", help="with --source: 'byte' or a tokenizer.json")
     p.add_argument("--out", help="with --source: the folder to write")
     p.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"])
-    p.add_argument("--worker", type=int, default=0, help="this worker's index (machines share units)")
-    p.add_argument("--workers", type=int, default=1, help="number of workers")
-    p.add_argument("--procs", type=int, default=1, help="processes on this machine")
+    p.add_argument("--worker", type=count(0), default=0, help="this worker's index (machines share units)")
+    p.add_argument("--workers", type=count(1), default=1, help="number of workers")
+    p.add_argument("--procs", type=count(1), default=1, help="processes on this machine")
     p.set_defaults(fn=cmd_prepare)
     s = dsub.add_parser("stats", help="documents, tokens and lengths of a prepared folder")
     s.add_argument("dir")

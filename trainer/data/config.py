@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from loom.models.config import ConfigError
+from loom.models.config import ConfigError, check_ranges, ranged
 
 
 @dataclass
@@ -13,9 +13,9 @@ class StageConfig:
     """One stage of data.seq_len_schedule: from training step `step` on, windows of
     `seq_len` tokens, `batch_size` rows per rank (None: keep tokens per step)."""
 
-    step: int = 0
-    seq_len: int = 512
-    batch_size: Optional[int] = None
+    step: int = ranged(0, ge=0)
+    seq_len: int = ranged(512, ge=1)
+    batch_size: Optional[int] = ranged(None, ge=1)
 
 
 @dataclass
@@ -50,7 +50,7 @@ class SourceConfig:
     """
 
     kind: Literal["prepared", "files", "hub", "stdlib", "datatrove", "chat", "passkey", "mqar", "copy"] = "stdlib"
-    weight: float = 1.0
+    weight: float = ranged(1.0, gt=0)
     path: Optional[str] = None
     paths: list[str] = field(default_factory=list)
     text_field: str = "text"
@@ -58,17 +58,17 @@ class SourceConfig:
     name: Optional[str] = None
     subset: Optional[str] = None
     split: str = "train"
-    val_fraction: float = 0.05
-    max_bytes: Optional[int] = None
-    min_tokens: int = 0
-    max_tokens: Optional[int] = None
-    length_upsample: list[list[float]] = field(default_factory=list)
-    depth: Optional[float] = None
-    key_digits: int = 5
-    n_pairs: int = 16
-    n_queries: int = 4
-    min_period: int = 32
-    max_period: int = 64
+    val_fraction: float = ranged(0.05, gt=0, lt=1)
+    max_bytes: Optional[int] = ranged(None, gt=0)
+    min_tokens: int = ranged(0, ge=0)
+    max_tokens: Optional[int] = ranged(None, ge=1)
+    length_upsample: list[list[float]] = ranged(factory=list, ge=0)
+    depth: Optional[float] = ranged(None, ge=0, le=1)
+    key_digits: int = ranged(5, ge=1)
+    n_pairs: int = ranged(16, ge=1)
+    n_queries: int = ranged(4, ge=1)
+    min_period: int = ranged(32, ge=1)
+    max_period: int = ranged(64, ge=1)
     loss_on: Literal["assistant", "all"] = "assistant"
     too_long: Literal["truncate", "skip"] = "truncate"
 
@@ -94,11 +94,11 @@ class DataConfig:
         ~/.cache/loom/data.
     """
 
-    seq_len: int = 512
+    seq_len: int = ranged(512, ge=1)
     tokenizer: str = "byte"
     sources: list[SourceConfig] = field(default_factory=_default_sources)
     val_sources: Optional[list[SourceConfig]] = None
-    val_windows: int = 32
+    val_windows: int = ranged(32, ge=1)
     seq_len_schedule: list[StageConfig] = field(default_factory=list)
     cache_dir: Optional[str] = None
 
@@ -107,8 +107,6 @@ def _check_source(src: SourceConfig, where: str) -> None:
     def bad(key: str, msg: str) -> ConfigError:
         return ConfigError(f"{where}.{key}: {msg}")
 
-    if src.weight <= 0:
-        raise bad("weight", f"must be > 0, got {src.weight}")
     if src.kind == "files" and not src.path and not src.paths:
         raise bad("path", "a files source needs path or paths")
     if src.kind == "hub" and not src.name:
@@ -118,25 +116,15 @@ def _check_source(src: SourceConfig, where: str) -> None:
     if src.kind in ("prepared", "datatrove") and not src.path:
         raise bad("path", f"a {src.kind} source needs the folder it reads")
     if src.kind in ("prepared", "files", "hub", "stdlib", "datatrove", "chat"):
-        if src.min_tokens < 0:
-            raise bad("min_tokens", f"must be >= 0, got {src.min_tokens}")
         if src.max_tokens is not None and src.max_tokens < max(src.min_tokens, 1):
             raise bad("max_tokens", f"must be >= min_tokens ({src.min_tokens}) and >= 1, got {src.max_tokens}")
         for rule in src.length_upsample:
-            if len(rule) != 2 or rule[0] < 0 or rule[1] < 0:
+            if len(rule) != 2:
                 raise bad("length_upsample", f"entries are [min_len >= 0, weight >= 0], got {rule}")
     if src.kind == "chat" and src.length_upsample:
         raise bad("length_upsample", "is not available for chat sources (conversations are packed whole)")
-    if src.kind in ("files", "hub", "stdlib", "datatrove", "chat"):
-        if not 0 < src.val_fraction < 1:
-            raise bad("val_fraction", f"must be in (0, 1), got {src.val_fraction}")
-        if src.max_bytes is not None and src.max_bytes <= 0:
-            raise bad("max_bytes", f"must be > 0, got {src.max_bytes}")
-    if src.kind == "passkey":
-        if src.depth is not None and not 0 <= src.depth <= 1:
-            raise bad("depth", f"must be in [0, 1] or null, got {src.depth}")
-        if src.key_digits < 1:
-            raise bad("key_digits", f"must be >= 1, got {src.key_digits}")
+    # single-value ranges (weight > 0, val_fraction in (0, 1), depth in [0, 1], ...) are declared on the
+    # fields above and checked by loom.models.config.build; these relate fields or depend on the kind
     if src.kind == "copy" and not 1 <= src.min_period <= src.max_period:
         raise bad("min_period", f"need 1 <= min_period <= max_period, "
                                 f"got min_period={src.min_period}, max_period={src.max_period}")
@@ -150,10 +138,7 @@ def validate_data_config(cfg: DataConfig, prefix: str = "data") -> None:
 
     Raises ConfigError (a ValueError) naming the key, e.g. data.sources[1].path.
     """
-    if cfg.seq_len < 1:
-        raise ConfigError(f"{prefix}.seq_len: must be >= 1, got {cfg.seq_len}")
-    if cfg.val_windows < 1:
-        raise ConfigError(f"{prefix}.val_windows: must be >= 1, got {cfg.val_windows}")
+    check_ranges(cfg, prefix)  # a DataConfig made in code, not by build()
     if not cfg.sources:
         raise ConfigError(f"{prefix}.sources: needs at least one source")
     if cfg.val_sources is not None and not cfg.val_sources:

@@ -175,6 +175,8 @@ def read_manifest(path: str) -> dict:
             manifest = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise _fail(f"{mpath} cannot be read ({e}); prepare the folder again") from None
+    except UnicodeDecodeError:
+        raise _fail(f"{mpath} is not text (damaged); prepare the folder again") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise _fail(f"{mpath} is not a Loom prepared-data manifest; create the folder with `loom data prepare`")
     version = manifest.get("format_version")

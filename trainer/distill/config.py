@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from loom.models.config import ConfigError
+from loom.models.config import ConfigError, ranged
 
 __all__ = ["DistillConfig", "DistillStage", "stage_at", "validate_distill"]
 
@@ -23,9 +23,9 @@ __all__ = ["DistillConfig", "DistillStage", "stage_at", "validate_distill"]
 @dataclass
 class DistillStage:
     kind: Literal["align", "kl"] = "kl"
-    steps: int = 1  # optimiser steps of this stage (the last stage: until train.steps)
-    temperature: float = 1.0  # kl: both distributions are softmax(z / temperature)
-    kl_weight: float = 1.0  # kl: loss = kl_weight * T^2 * KL + (1 - kl_weight) * LM loss
+    steps: int = ranged(1, ge=1)  # optimiser steps of this stage (the last stage: until train.steps)
+    temperature: float = ranged(1.0, gt=0)  # kl: both distributions are softmax(z / temperature)
+    kl_weight: float = ranged(1.0, ge=0, le=1)  # kl: loss = kl_weight * T^2 * KL + (1 - kl_weight) * LM loss
 
 
 @dataclass
@@ -52,11 +52,4 @@ def validate_distill(cfg: DistillConfig) -> None:
         if cfg.stages:
             raise ConfigError("distill.stages is set but distill.teacher is not; name the teacher folder")
         return
-    for i, st in enumerate(cfg.stages):
-        where = f"distill.stages[{i}]"
-        if st.steps < 1:
-            raise ConfigError(f"{where}.steps must be >= 1, got {st.steps}")
-        if st.temperature <= 0:
-            raise ConfigError(f"{where}.temperature must be > 0, got {st.temperature}")
-        if not 0.0 <= st.kl_weight <= 1.0:
-            raise ConfigError(f"{where}.kl_weight must be in [0, 1], got {st.kl_weight}")
+    # each stage's steps, temperature and kl_weight ranges are declared on DistillStage's fields

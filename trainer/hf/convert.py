@@ -53,7 +53,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from loom.models import HybridLM, ModelConfig
-from loom.models.config import build
+from loom.models.config import build, check_ranges
 from loom.models.rope import RopeConfig
 from loom.trainer.hf.common import ConvertError, require as _require, rope_from_params
 from loom.trainer.hf.families import FAMILIES, family_of
@@ -94,6 +94,8 @@ def read_hf_config(src: str | Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConvertError(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError:
+        raise ConvertError(f"{path}: not UTF-8 text (a damaged or binary file)") from None
 
 
 def check_architecture(hf: dict) -> str:
@@ -134,8 +136,26 @@ def rope_from_hf(hf: dict) -> RopeConfig:
     return rope
 
 
+HF_SIZES = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size",
+            "intermediate_size", "vocab_size", "head_dim")
+
+
+def check_hf_sizes(hf: dict, where: str = "config.json") -> None:
+    """Every size field of config.json (and of its text_config) a positive integer: a zero or
+    negative head or layer count is refused naming the field, before anything divides by it."""
+    for key in HF_SIZES:
+        value = hf.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConvertError(f"{where}: {key} must be a positive integer, got {value!r}")
+    if isinstance(hf.get("text_config"), dict):
+        check_hf_sizes(hf["text_config"], f"{where} text_config")
+
+
 def model_config_from_hf(hf: dict) -> ModelConfig:
     """A Loom ModelConfig computing the same function as the transformers model."""
+    check_hf_sizes(hf)
     arch = check_architecture(hf)
     family = family_of(hf)
     if family is not None:
@@ -278,9 +298,12 @@ def convert_state_dict(files: list[Path], cfg: ModelConfig, rename=loom_name, tr
                 if hf_name in raw:
                     raise ConvertError(f"tensor {hf_name!r} appears in more than one file ({path.name})")
                 try:
-                    raw[hf_name] = f.get_tensor(hf_name)
+                    raw[hf_name] = t = f.get_tensor(hf_name)
                 except SafetensorError as e:
                     raise ConvertError(f"{path}: cannot read tensor {hf_name!r} ({_first_line(e)})") from None
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise ConvertError(f"{path}: tensor {hf_name!r} holds NaN or inf values; the source weights "
+                                       "are damaged (re-download them)")
     if transform is not None:
         raw = transform(raw)
     out: dict[str, torch.Tensor] = {}
@@ -328,6 +351,8 @@ def convert_hf(src: str | Path, out: str | Path) -> Path:
     src, out = Path(src), Path(out)
     hf = read_hf_config(src)
     cfg = model_config_from_hf(hf)
+    check_ranges(cfg, "model")  # the sizes and constants config.json gave, as a recipe's are checked
+    cfg.resolved()
     files = weight_files(src)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out}: already exists and is not empty; remove it or choose another output folder")
@@ -382,7 +407,12 @@ def converted_config(path: str | Path) -> ModelConfig:
     path = Path(path) / "model.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{path.parent}: no model.yaml (expected a folder written by `loom convert hf`)")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConvertError(f"{path}: not UTF-8 text (a damaged or binary file)") from None
+    except yaml.YAMLError as e:
+        raise ConvertError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
         raise ConvertError(f"{path}: expected a `model:` mapping")
     return build(ModelConfig, data["model"], "model")

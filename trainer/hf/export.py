@@ -333,6 +333,15 @@ def _readme(src: LoomSource, target: str, tokenizer_files: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _reads_from(src_path: str | Path, out: Path) -> Path | None:
+    """The folder `out` lies inside (or is) that the export reads: the source folder, or the run folder of a
+    checkpoint folder (checkpoints/step-N); None when `out` is outside both."""
+    src = Path(src_path).resolve()
+    folders = [src] + ([src.parent.parent] if src.parent.name == "checkpoints" else [])
+    target = out.resolve()
+    return next((f for f in folders if target == f or f in target.parents), None)
+
+
 def export_hf(src_path: str | Path, out: str | Path, target: str = "auto") -> tuple[Path, str]:
     """Write the Hugging Face folder `out` for the Loom model at `src_path`.
 
@@ -345,6 +354,10 @@ def export_hf(src_path: str | Path, out: str | Path, target: str = "auto") -> tu
         AutoModelForCausalLM.from_pretrained("out/quickstart-hf")
     """
     out = Path(out)
+    inside = _reads_from(src_path, out)
+    if inside is not None:
+        raise ConvertError(f"{out}: inside {inside}, which this export reads; choose an output folder outside it "
+                           "(a run folder holds only what `loom train` writes)")
     src = load_source(src_path)
     target = choose_target(src.cfg, target)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

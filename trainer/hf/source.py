@@ -77,7 +77,12 @@ def _from_checkpoint(run: Path, ckpt: Path) -> LoomSource:
     config_file = run / "config.yaml"
     if not config_file.is_file():
         raise FileNotFoundError(f"{ckpt}: its run folder {run} has no config.yaml (the resolved recipe)")
-    run_cfg = config_from_dict(yaml.safe_load(config_file.read_text()) or {})
+    try:
+        data = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+    except (UnicodeDecodeError, yaml.YAMLError):
+        raise ValueError(f"{config_file}: not a readable resolved recipe (damaged?); restore it from the "
+                         "recipe the run was started with") from None
+    run_cfg = config_from_dict(data)
     state = read_safetensors(ckpt / MODEL_FILE)
     cfg = _with_vocab(run_cfg.model, state, ckpt)
     tokenizer = load_tokenizer(run_cfg.data.tokenizer)

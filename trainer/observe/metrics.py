@@ -31,10 +31,19 @@ def _plain(v):
     return v
 
 
+class MetricsError(ValueError):
+    """metrics.jsonl cannot be read or replaced; the message is one user-facing line."""
+
+
 def _parse_lines(path: Path, warn=None) -> list[tuple[str, dict]]:
     """(line, record) of every whole JSON line; a torn or garbled line is dropped with one warning."""
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise MetricsError(f"cannot read {path} ({e.strerror}); a resumed run rewrites it: move it aside "
+                           "(the run starts a new one) or make it a readable file") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -76,6 +85,19 @@ class MetricsWriter:
         self.warn = warn
         self.failed_writes = 0
         self.tb = None
+        if enabled and self.path.exists():  # before anything is written beside it (tb/)
+            try:
+                with open(self.path, "rb"):
+                    pass
+            except OSError as e:
+                raise MetricsError(f"cannot read {self.path} ({e.strerror}); a resumed run rewrites it: move it "
+                                   "aside (the run starts a new one) or make it a readable file") from None
+            try:
+                with open(self.path, "ab"):  # appends nothing; an existing file is neither created nor changed
+                    pass
+            except OSError as e:
+                raise MetricsError(f"cannot write {self.path} ({e.strerror}); make it writable (or move it aside: "
+                                   "the run starts a new one)") from None
         if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -90,11 +112,15 @@ class MetricsWriter:
             return
         keep = [line for line, record in _parse_lines(self.path, self.warn) if record["step"] <= step]
         tmp = self.path.with_suffix(".jsonl.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in keep))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write("".join(line + "\n" for line in keep))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise MetricsError(f"cannot rewrite {self.path} ({e.strerror}); make it and its folder writable") from None
 
     def write(self, record: dict) -> None:
         if not self.enabled:

@@ -16,7 +16,7 @@ on some network file systems it only excludes processes of the same host.
 Example::
 
     lock = RunLock("runs/debug")
-    problem = lock.acquire()        # None, or "run folder runs/debug is in use by ..."
+    problem = lock.acquire()        # None, or "run folder runs/debug is in use by ..." (or not writable)
     ...
     lock.release()
 """
@@ -42,8 +42,19 @@ class RunLock:
     def acquire(self) -> str | None:
         """Take the lock; return None, or a one-line reason naming the process that holds it."""
         self._created = not self.run_dir.exists()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            return (f"cannot create run folder {self.run_dir} ({e.strerror}); make its parent writable "
+                    "or choose another output_dir")
+        if self.path.is_dir() or (self.path.exists() and not self.path.is_file()):
+            return (f"run folder lock {self.path} is not a file; remove it (it holds no state) "
+                    "or choose another output_dir")
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            return (f"cannot open the run folder lock {self.path} ({e.strerror}); make {self.run_dir} and the "
+                    "file writable (a read-only folder cannot be trained in) or choose another output_dir")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -51,26 +62,59 @@ class RunLock:
             os.close(fd)
             return (f"run folder {self.run_dir} is in use by {owner}; wait for it to finish, stop it, "
                     "or choose another output_dir")
+        except OSError as e:
+            os.close(fd)
+            return (f"cannot lock {self.path} ({e.strerror}; a file system without flock?); "
+                    "choose an output_dir on a local disk")
         self.stale_owner = _read(fd) or None  # a line left behind means its owner died holding the lock
         host = socket.gethostname()
         started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"process {os.getpid()} on {host} (started {started})\n".encode(), 0)
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"process {os.getpid()} on {host} (started {started})\n".encode(), 0)
+            os.fsync(fd)
+        except OSError as e:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            return (f"cannot write the run folder lock {self.path} ({e.strerror}); make it writable "
+                    "or choose another output_dir")
         self._fd = fd
+        problem = unwritable(self.run_dir, self.run_dir / "checkpoints")
+        if problem is not None:
+            self.release()
+            return problem
         return None
 
     def release(self) -> None:
         """Clear the owner line and unlock (also done by the kernel when the process exits)."""
         if self._fd is None:
             return
-        os.ftruncate(self._fd, 0)
+        try:
+            os.ftruncate(self._fd, 0)
+        except OSError:  # the file became read-only meanwhile: the stale line only says who held it
+            pass
         if self._created and [p.name for p in self.run_dir.iterdir()] == [LOCK_FILE]:
             self.path.unlink()  # still locked by us: nobody can be waiting on this file
             self.run_dir.rmdir()
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None
+
+
+def unwritable(*folders: Path) -> str | None:
+    """One line naming the first existing folder a file cannot be created in (read-only mount,
+    immutable folder, permissions), found by creating and removing a probe file; None if all can."""
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        probe = folder / f".loom-write-probe-{os.getpid()}"
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            os.unlink(probe)
+        except OSError as e:
+            return (f"run folder {folder} is not writable ({e.strerror}); a run writes its checkpoints and "
+                    "metrics there: make it writable, or copy the run elsewhere and point output_dir at the copy")
+    return None
 
 
 def _read(fd: int) -> str:
