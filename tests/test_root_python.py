@@ -31,7 +31,7 @@ m = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=32, 
         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
 assert m(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 64)
 import kernels, loom.kernels
-from kernels import CUDAProperties  # the name transformers failed on when the folder shadowed the package
+assert kernels.CUDAProperties  # the name transformers failed on when the folder shadowed the package
 from loom.kernels.attention import attention
 print(kernels.__file__)
 print(loom.kernels.__file__)

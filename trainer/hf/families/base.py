@@ -22,6 +22,7 @@ N - 1 tokens before it (masking_utils.sliding_window_overlay: kv > q - N), Loom'
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 from loom.models import ModelConfig
@@ -38,7 +39,7 @@ ROPE_FIELDS = {"none": [], "linear": ["factor"], "ntk": ["factor"],
                "llama3": ["factor", "original_max_len", "low_freq_factor", "high_freq_factor"]}
 
 
-class Family:
+class Family(ABC):
     model_types: ClassVar[tuple[str, ...]] = ()  # config.json model_type values handled
     architecture: ClassVar[str] = ""  # the *ForCausalLM class (import and native export)
     target: ClassVar[str] = ""  # `loom convert to-hf --target` name
@@ -67,8 +68,9 @@ class Family:
         """(the language model's config, a note for the user or None); multimodal families override."""
         return hf, None
 
+    @abstractmethod
     def config_from_hf(self, hf: dict) -> ModelConfig:
-        raise NotImplementedError
+        """The ModelConfig of a (text) config.json; ConvertError naming a field Loom cannot express."""
 
     def from_hf(self, name: str) -> str | None:
         if _SKIP.fullmatch(name):
@@ -101,11 +103,13 @@ class Family:
             return f"model.layers.{m.group(1)}.{back[m.group(2)]}"
         raise ConvertError(f"tensor {name!r} has no {self.architecture} equivalent")
 
+    @abstractmethod
     def native_problem(self, cfg: ModelConfig) -> str | None:
-        raise NotImplementedError
+        """Why `cfg` cannot be exported as this family's class (one line naming the option), or None."""
 
+    @abstractmethod
     def hf_config(self, cfg: ModelConfig) -> dict:
-        raise NotImplementedError
+        """The config.json of this family's class for an expressible `cfg`."""
 
 
 # ----- helpers the attention families share -----
