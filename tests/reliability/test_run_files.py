@@ -18,18 +18,6 @@ from pathlib import Path
 import pytest
 
 import loom.trainer.checkpoint.manager as manager_mod
-from loom.trainer.cli import main
-
-from .conftest import TINY
-
-
-@pytest.fixture(scope="module")
-def stopped(tmp_path_factory):
-    d = tmp_path_factory.mktemp("stopped")
-    recipe = d / "tiny.yaml"
-    recipe.write_text(TINY.read_text())
-    assert main(["train", str(recipe), f"output_dir={d / 'run'}", "train.stop_after_steps=4"]) == 0
-    return recipe, d / "run"
 
 
 def snapshot(root: Path) -> dict:
