@@ -16,6 +16,11 @@ each stays within a few minutes on 2 cores) write results/data_<step>.json:
             the first batch, and resident memory (VmRSS, and RssAnon: memory not backed by
             the data files); the same for the previous in-RAM path (datasets + tokenize
             everything + PackedStream, from git commit 5f7bcf9) at 10M and 100M tokens.
+  checksum  what the data checksums cost on the 1B-token set (byte tokenizer): crc32 GB/s
+            of this CPU; start-up of `open_prepared` with its default checks (sizes + index
+            crc32), sizes only, and every sha256 (`loom data verify`); windows/s of the reader
+            at seq_len 4K, 32K and 128K with the per-block crc32 (first touch of each block)
+            and with it patched out, in the same run, warm page cache.
   loader    windows/s of the reader (window + packing + collate, one process) at
             seq_len 32K and 128K on the 1B-token set, against the windows/s one GPU
             consumes training rat-swa-350m at that length (FLOPs/token from the model,
@@ -25,6 +30,7 @@ each stays within a few minutes on 2 cores) write results/data_<step>.json:
     python benchmarks/data.py prepare
     python benchmarks/data.py startup
     python benchmarks/data.py loader
+    python benchmarks/data.py checksum
 """
 from __future__ import annotations
 
@@ -316,15 +322,109 @@ def cmd_loader(args) -> dict:
     return res
 
 
+def _prepared_1b(root: Path) -> Path:
+    """The 1B-token prepared set of `startup` (generated and prepared here when missing)."""
+    from loom.trainer.data import SourceConfig, load_tokenizer
+    from loom.trainer.data.prepare import prepare_source
+
+    dest = root / "prepared" / "1B"
+    if (dest / "manifest.json").is_file():
+        return dest
+    raw = root / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    files = [raw / f"part-{i:03d}.jsonl" for i in range(10)]
+    for i, p in enumerate(files):
+        if not p.exists():
+            _write_jsonl(p, FILE_MB * 10**6, seed=i)
+    t0 = time.perf_counter()
+    prepare_source(SourceConfig(kind="files", paths=[str(p) for p in files]), load_tokenizer("byte"), str(dest),
+                   procs=2, say=lambda m: None)
+    print(f"prepared 1B ({time.perf_counter() - t0:.0f}s)", flush=True)
+    return dest
+
+
+def _windows_per_s(dest: Path, T: int, check: bool, seconds: float) -> tuple[float, int]:
+    """(windows/s, blocks crc32-checked) of a fresh reader at seq_len T, its check on or patched out."""
+    from loom.trainer.data import Batcher, DataConfig, SourceConfig, build_dataset, load_tokenizer
+    from loom.trainer.data import reader
+
+    saved, calls = reader.check_block, [0]
+
+    def counted(*a, **k):
+        calls[0] += 1
+        return saved(*a, **k)
+
+    reader.check_block = counted if check else (lambda *a, **k: None)
+    try:
+        ds = build_dataset(DataConfig(seq_len=T, sources=[SourceConfig(kind="prepared", path=str(dest))]),
+                           load_tokenizer("byte"), "train", 0)
+        b = Batcher(ds, 1, start=10_000)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            b.next()
+            n += 1
+        return n / (time.perf_counter() - t0), calls[0]
+    finally:
+        reader.check_block = saved
+
+
+def cmd_checksum(args) -> dict:
+    import zlib
+
+    import torch
+
+    from loom.trainer.data.prepared import open_prepared, verify_shards
+
+    torch.set_num_threads(1)
+    dest = _prepared_1b(Path(args.root))
+    prep = open_prepared(str(dest), verify=False)
+    files = [f for s in prep.shards for f in (s.tokens, s.index)]
+    nbytes = sum(os.path.getsize(f) for f in files)
+    for f in files:                                                    # warm page cache for every timing
+        with open(f, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+    buf = np.memmap(prep.shards[0].tokens, dtype=np.uint8, mode="r")[: 1 << 30]
+    t0 = time.perf_counter()
+    zlib.crc32(buf)
+    crc_gbs = len(buf) / (time.perf_counter() - t0) / 1e9
+
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    res: dict = {"tokens": prep.totals("all")[1], "bytes": nbytes, "crc32_gb_per_s": crc_gbs,
+                 "open_sizes_only_s": timed(lambda: open_prepared(str(dest), verify=False)),
+                 "open_default_s": timed(lambda: open_prepared(str(dest))),
+                 "verify_all_sha256_s": timed(lambda: verify_shards(prep, full=True)), "reader": {}}
+    print(f"1B set: {res['tokens']:,} tokens, {nbytes / 1e9:.2f} GB; crc32 {crc_gbs:.2f} GB/s; open: sizes "
+          f"{res['open_sizes_only_s']:.3f}s, default {res['open_default_s']:.3f}s; every sha256 "
+          f"{res['verify_all_sha256_s']:.1f}s", flush=True)
+    for T in (4096, 32768, 131072):
+        on, blocks = _windows_per_s(dest, T, True, args.seconds)
+        off, _ = _windows_per_s(dest, T, False, args.seconds)
+        on2, _ = _windows_per_s(dest, T, True, args.seconds)              # on / off / on: drift shows
+        on = (on + on2) / 2
+        res["reader"][T] = {"windows_per_s_checked": on, "windows_per_s_unchecked": off,
+                            "ms_per_window_checked": 1e3 / on, "ms_per_window_unchecked": 1e3 / off,
+                            "overhead_ms_per_window": 1e3 / on - 1e3 / off, "blocks_checked_first_run": blocks}
+        print(f"seq_len {T}: {on:.1f} windows/s checked, {off:.1f} unchecked: "
+              f"{1e3 / on - 1e3 / off:+.3f} ms per window ({blocks} blocks checked)", flush=True)
+    return res
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("step", choices=["gen", "prepare", "startup", "loader"])
+    p.add_argument("step", choices=["gen", "prepare", "startup", "loader", "checksum"])
     p.add_argument("--root", default="/tmp/loom-bench-data")
     p.add_argument("--gb", type=float, default=2.0, help="gen: GB of jsonl")
     p.add_argument("--files", type=int, default=4, help="prepare: files to tokenize")
     p.add_argument("--mb", type=float, default=10.0, help="prepare: MB of jsonl per file")
+    p.add_argument("--seconds", type=float, default=10.0, help="checksum: seconds per reader timing")
     args = p.parse_args()
-    res = {"gen": cmd_gen, "prepare": cmd_prepare, "startup": cmd_startup, "loader": cmd_loader}[args.step](args)
+    res = {"gen": cmd_gen, "prepare": cmd_prepare, "startup": cmd_startup, "loader": cmd_loader,
+           "checksum": cmd_checksum}[args.step](args)
     RESULTS.mkdir(exist_ok=True)
     with open(RESULTS / f"data_{args.step}.json", "w") as f:
         json.dump({"date": time.strftime("%Y-%m-%d"), **res}, f, indent=1, default=str)
