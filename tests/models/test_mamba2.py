@@ -66,28 +66,3 @@ def test_impl_reference_equals_auto():
 def test_bad_options_fail_naming_the_key(opts, match):
     with pytest.raises((ConfigError, ValueError), match=match):
         HybridLM(ModelConfig(vocab_size=64, d_model=32, n_heads=2, layers=["mamba2"], mixers={"mamba2": opts}))
-
-
-def test_conv_equals_short_conv_plus_bias_with_documents_and_cache():
-    """BiasedConv (one F.conv1d, corrected near document starts) computes ShortConv's taps + bias,
-    with packed documents, a one-token document, a cache, and a row continuing mid-document."""
-    from loom.models.mixers.conv import ShortConv
-    from loom.models.mixers.mamba2 import BiasedConv
-
-    torch.manual_seed(0)
-    conv = BiasedConv(6, 4, bias=True).double()
-    conv.reset_parameters()
-    plain = ShortConv(6, 4).double()
-    plain.weight.data.copy_(conv.weight.data)
-    x = torch.randn(2, 23, 6, dtype=torch.float64, requires_grad=True)
-    pos = torch.stack([torch.cat([torch.arange(5), torch.arange(1), torch.arange(2), torch.arange(15)]),
-                       torch.arange(7, 30)])
-    cache = torch.randn(2, 3, 6, dtype=torch.float64)
-    y, c = conv(x, pos, cache)
-    y_ref, c_ref = plain(x, pos, cache)
-    torch.testing.assert_close(y, y_ref + conv.bias, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(c, c_ref, rtol=0, atol=0)
-    g = torch.autograd.grad(y.pow(2).sum(), (x, conv.weight))
-    g_ref = torch.autograd.grad((y_ref + conv.bias).pow(2).sum(), (x, plain.weight))
-    for a, b in zip(g, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
