@@ -78,7 +78,8 @@ def recipe(conv: Path, tmp: Path) -> Path:
     section = yaml.safe_load((conv / "model.yaml").read_text())
     assert section["model"]["rope"].get("scaling") or any(
         m.get("rope", {}).get("scaling") for m in section["model"].get("mixers", {}).values()), section
-    section.update({
+    recipe = {
+        "base": "conv/model.yaml",  # the model section `loom convert hf` wrote, as the README shows
         "init_from": str(conv),
         "data": {"tokenizer": str(conv / "tokenizer.json"), "cache_dir": str(tmp / "cache"), "seq_len": 48,
                  "seq_len_schedule": [{"step": 0, "seq_len": 48}, {"step": 3, "seq_len": 96}],
@@ -86,9 +87,10 @@ def recipe(conv: Path, tmp: Path) -> Path:
         "optim": {"lr": 1.0e-3, "warmup_steps": 1},
         "train": {"steps": 6, "batch_size": 2, "log_every": 1, "eval_every": 6, "save_every": 3, "keep_last": 2},
         "eval": {"passkey_n": 0},
-    })
+    }
+    assert conv == tmp / "conv"
     path = tmp / "cpt.yaml"
-    path.write_text(yaml.safe_dump(section, sort_keys=False))
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
 
 
