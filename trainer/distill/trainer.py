@@ -20,18 +20,27 @@ teacher, some layers of another mixer kind) and starts from the teacher's weight
 
 The stage of a step is a function of the step alone, so a resumed run continues the
 schedule exactly (the teacher is fixed and takes no RNG). The teacher is replicated on
-every rank under ddp and deepspeed; under fsdp it is sharded as the student is
-(shard_teacher: FSDP2 per block, then the root).
+every rank under ddp and deepspeed ZeRO 0-2; under fsdp it is sharded as the student is
+(shard_teacher: FSDP2 per block, then the root), under ZeRO-3 partitioned as the student
+is (deepspeed_engine.partition_frozen: DeepSpeed's parameter-only engine, the run's
+zero_optimization section). The head weights, used outside any module by the KL and the
+teacher's loss, are made whole for those calls: the student's through a ZeRO-3 head call
+(`head_calls`, gathered again in backward), the teacher's by a gathered context.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
+import torch.nn.functional as F
 import torch.distributed as tdist
 
 from loom.kernels.loss import linear_cross_entropy
 from loom.models import HybridLM
 from loom.models.config import ConfigError
 from loom.models.mixers import SeqContext
+from loom.models.model import softcap
 from loom.trainer.data.schedule import resolve_stages
 from loom.trainer.distill.config import stage_at
 from loom.trainer.distill.kl import chunked_kl
@@ -100,12 +109,28 @@ def _full(w: torch.Tensor) -> torch.Tensor:
     return w.full_tensor() if hasattr(w, "full_tensor") else w
 
 
+def student_kl(lm: HybridLM, h_s: torch.Tensor, *args) -> torch.Tensor:
+    """chunked_kl with the student's own head weight (a ZeRO-3 head call: see DistillTrainer)."""
+    return chunked_kl(h_s, lm.head_weight, *args)
+
+
+def head_loss_sum(hidden: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, cap: float | None,
+                  chunk: int) -> torch.Tensor:
+    """Summed next-token loss of head weight `w` (no gradient wanted), soft-capped like HybridLM.loss."""
+    h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    if cap is None:
+        return linear_cross_entropy(h, w, y, reduction="sum", chunk=chunk)
+    return sum(F.cross_entropy(softcap(F.linear(h[a:a + chunk], w).float(), cap), y[a:a + chunk],
+                               ignore_index=-100, reduction="sum") for a in range(0, h.shape[0], chunk))
+
+
 class DistillTrainer(Trainer):
     """Trainer + teacher: forward_backward_step follows the stage of distill.stages."""
 
     def build_model(self) -> HybridLM:
         cfg = self.cfg
         student = build_model(cfg, self.tokenizer)
+        student.head_calls = {"kl": student_kl}   # routed through a module under ZeRO-3 (deepspeed_engine)
         self.teacher, what = load_teacher(cfg.distill.teacher, student.cfg)
         self.init_report = report = init_student(student, self.teacher)
         self.replaced = report.replaced
@@ -138,10 +163,19 @@ class DistillTrainer(Trainer):
     def __init__(self, cfg, env, manager, latest):
         super().__init__(cfg, env, manager, latest)
         self.teacher.to(env.device)
-        if getattr(self.engine, "name", None) == "fsdp":
+        engine = getattr(self.engine, "name", None)
+        self._teacher_zero3 = engine == "deepspeed" and self.engine.stage == 3
+        if engine == "fsdp":
             shard_teacher(self.teacher, cfg.parallel, env)
             self._startup.append(f"distill: teacher sharded like the student (fsdp: {len(self.teacher.blocks)} "
                                  f"blocks and the root over {env.world} rank(s))")
+        elif self._teacher_zero3:
+            from loom.trainer.distributed.deepspeed_engine import partition_frozen
+            held, total = partition_frozen(self.teacher, self.engine)
+            self._startup.append(f"distill: teacher partitioned like the student (ZeRO-3 over {env.world} rank(s)): "
+                                 f"{held} of {total} elements on rank {env.rank}")
+        routed = getattr(self.model, "kl", None)   # the ZeRO-3 head call, else the plain function
+        self._student_kl = routed if isinstance(routed, torch.nn.Module) else functools.partial(student_kl, self.model)
         if env.is_main:
             for line in self._startup:
                 dist.log(line)
@@ -174,14 +208,17 @@ class DistillTrainer(Trainer):
         tdist.all_reduce(count)
         return total / count.clamp_min(1) * env.world
 
-    def _teacher_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The teacher's next-token loss (no_grad), this rank's share of the global mean."""
-        t = self.teacher
-        if t.cfg.logit_softcap is None:   # the head weight gathered whole when fsdp shards the teacher
-            total = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), _full(t.head_weight),
-                                         labels.reshape(-1), reduction="sum", chunk=self.cfg.train.loss_chunk)
-        else:
-            total = t.loss(hidden, labels, chunk=self.cfg.train.loss_chunk, reduction="sum")
+    @contextlib.contextmanager
+    def _teacher_head(self):
+        """The teacher's head weight, whole (gathered when fsdp shards or ZeRO-3 partitions it)."""
+        w = self.teacher.head_weight
+        with self.engine.gathered([w]) if self._teacher_zero3 else contextlib.nullcontext():
+            yield _full(w)
+
+    def _teacher_loss(self, hidden: torch.Tensor, labels: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The teacher's next-token loss (no_grad) with its whole head weight `w`, this rank's
+        share of the global mean."""
+        total = head_loss_sum(hidden, w, labels, self.teacher.cfg.logit_softcap, self.cfg.train.loss_chunk)
         return self._global_mean(total, (labels != -100).sum())
 
     def _align(self, batch: dict, last: bool):
@@ -189,8 +226,8 @@ class DistillTrainer(Trainer):
         with forward_autocast(cfg.parallel, env.device):
             out, pairs, ctx = capture_mixers(self.teacher, self.replaced, batch["input_ids"], batch["position_ids"],
                                              batch["seq_ids"], env.cp)
-            with torch.no_grad():
-                teacher_loss = self._teacher_loss(out.hidden, batch["labels"])
+            with torch.no_grad(), self._teacher_head() as w_t:
+                teacher_loss = self._teacher_loss(out.hidden, batch["labels"], w_t)
             per_layer = align_losses(self.model, pairs, ctx)
             mse = torch.stack(list(per_layer.values())).mean()
         share = mse / cfg.train.grad_accum
@@ -221,15 +258,17 @@ class DistillTrainer(Trainer):
                 with torch.no_grad():
                     t_out = self.teacher(batch["input_ids"], position_ids=batch["position_ids"],
                                          seq_ids=batch["seq_ids"], cp=env.cp)
-                    teacher_loss = self._teacher_loss(t_out.hidden, labels)
                 lm = env.reduce_loss(self.model, out.hidden, labels, cfg.train.loss_chunk, count)
                 if count is None:
                     lm = lm / cfg.train.grad_accum
                 mask = (labels != -100).reshape(-1)
                 D = out.hidden.shape[-1]
-                kl_sum = chunked_kl(out.hidden.reshape(-1, D), self.model.head_weight, t_out.hidden.reshape(-1, D),
-                                    _full(self.teacher.head_weight), mask, stage.temperature, cfg.train.loss_chunk,
-                                    self.model.cfg.logit_softcap, self.teacher.cfg.logit_softcap)
+                with self._teacher_head() as w_t:
+                    with torch.no_grad():
+                        teacher_loss = self._teacher_loss(t_out.hidden, labels, w_t)
+                    kl_sum = self._student_kl(out.hidden.reshape(-1, D), t_out.hidden.reshape(-1, D), w_t, mask,
+                                              stage.temperature, cfg.train.loss_chunk, self.model.cfg.logit_softcap,
+                                              self.teacher.cfg.logit_softcap)
                 kl = self._share(kl_sum, mask.sum(), count)
                 w, T = stage.kl_weight, stage.temperature
                 loss = w * T * T * kl + (1 - w) * lm

@@ -138,31 +138,49 @@ def deepspeed_config(p, batch_size: int, grad_accum: int, grad_clip: float, devi
 
 
 class _HeadCall(torch.nn.Module):
-    """Runs a HybridLM method that uses the (tied) head weight, `loss` or `logits`,
-    as the forward of a module, so that ZeRO-3 gathers that weight for it in
-    forward and again in backward (where the chunked cross-entropy recomputes its
-    logits). It owns no parameters; the head weight is an external parameter."""
+    """Runs `fn(lm, ...)`, a function that uses the (tied) head weight (HybridLM.loss or
+    .logits, or one of `lm.head_calls`), as the forward of a module, so that ZeRO-3 gathers
+    that weight for it in forward and again in backward (where the chunked cross-entropy
+    recomputes its logits). It owns no parameters; the head weight is an external parameter."""
 
-    def __init__(self, lm, method: str):
+    def __init__(self, lm, fn):
         super().__init__()
         object.__setattr__(self, "lm", lm)  # a reference, not a submodule: no second copy of lm's parameters
-        self.method = method
+        self.fn = fn
 
     def forward(self, *args, **kwargs):
-        return getattr(type(self.lm), self.method)(self.lm, *args, **kwargs)
+        return self.fn(self.lm, *args, **kwargs)
 
 
 def _head_calls_inside_modules(model, deepspeed) -> None:
     """ZeRO-3 frees a parameter once the module owning it has run, but the loop
     calls `model.loss(hidden, labels)` and evaluation `model.logits(hidden)`
-    after the forward, with the head weight outside any module. Route both
-    through _HeadCall children (they add nothing to the state dict), which
-    DeepSpeed hooks like any other module."""
-    for method in ("loss", "logits"):
-        call = _HeadCall(model, method)
+    after the forward, with the head weight outside any module. Route both, and
+    any `model.head_calls` {name: fn(model, ...)} a trainer adds (distillation's
+    KL), through _HeadCall children (they add nothing to the state dict), which
+    DeepSpeed hooks like any other module; `model.<name>(...)` then calls them."""
+    calls = {"loss": type(model).loss, "logits": type(model).logits, **getattr(model, "head_calls", {})}
+    for name, fn in calls.items():
+        call = _HeadCall(model, fn)
         deepspeed.zero.register_external_parameter(call, model.head_weight)
-        model.add_module(f"zero3_{method}", call)
-        object.__setattr__(model, method, call)  # the instance attribute shadows HybridLM.<method>
+        model.add_module(f"zero3_{name}", call)
+        object.__setattr__(model, name, call)  # the instance attribute shadows HybridLM.<name>
+
+
+def partition_frozen(module: torch.nn.Module, engine: "DeepSpeedEngine") -> tuple[int, int]:
+    """ZeRO-3 partitioning of a frozen module beside the trained one (distillation's teacher):
+    DeepSpeed's parameter-only engine (no optimiser: ZeRO-Inference) with the run's
+    zero_optimization section, so its parameters are split over the ranks as the student's
+    are and gathered module by module when it runs. Returns (elements held by this rank,
+    elements in all). Outside a forward, `engine.gathered([...])` makes a parameter whole."""
+    deepspeed = import_deepspeed()
+    zero = {k: v for k, v in engine.config["zero_optimization"].items() if k != "offload_optimizer"}
+    config = {k: engine.config[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                                             "bf16", "steps_per_print", "wall_clock_breakdown")}
+    deepspeed.initialize(model=module, config={**config, "zero_optimization": zero}, dist_init_required=False)
+    held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in module.parameters())
+    total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in module.parameters())
+    return held, total
 
 
 class DeepSpeedEngine:
@@ -175,7 +193,7 @@ class DeepSpeedEngine:
         self._gathered = deepspeed.zero.GatheredParameters
         ensure_process_group(env)
         config = deepspeed_config(parallel, batch_size, grad_accum, optim_cfg.grad_clip, env.device)
-        self.stage = config["zero_optimization"]["stage"]
+        self.config, self.stage = config, config["zero_optimization"]["stage"]
         self.model = model
         self._names = [[n for n, p in model.named_parameters() if any(p is q for q in g["params"])]
                        for g in param_groups(model, optim_cfg.weight_decay)]
@@ -201,6 +219,10 @@ class DeepSpeedEngine:
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss, scale_wrt_gas=False)
+
+    def gathered(self, params: list[torch.Tensor]):
+        """A context in which ZeRO-3-partitioned `params` are whole (read-only); no-op below stage 3."""
+        return self._gathered(params, enabled=self.stage == 3)
 
     def step(self) -> float:
         norm = None
