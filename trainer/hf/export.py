@@ -163,8 +163,9 @@ def _special_ids(tokenizer) -> dict:
     return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
 
 
-def native_config(src: LoomSource, target: str) -> dict:
-    cfg = src.cfg
+def native_config(src: LoomSource, target: str, cfg: ModelConfig | None = None) -> dict:
+    """config.json of a native target; cfg: the model written (export_form's), default src.cfg."""
+    cfg = cfg or src.cfg
     arch, model_type = ARCH[target]
     if target in FAMILY_TARGETS:
         return {"architectures": [arch], "model_type": model_type, "vocab_size": cfg.vocab_size,
@@ -365,7 +366,12 @@ def export_hf(src_path: str | Path, out: str | Path, target: str = "auto") -> tu
     if target == "remote":
         config, state = remote_config(src), {f"model.{k}": v.contiguous() for k, v in src.state.items()}
     else:
-        config, state = native_config(src, target), native_state(src.state, src.cfg, target)
+        cfg, state = src.cfg, src.state
+        if target in FAMILY_TARGETS:  # an equivalent model in the class's conventions (families/transforms.py)
+            fam = FAMILY_TARGETS[target]
+            cfg = fam.export_form(src.cfg)
+            state = fam.export_state(src.cfg, cfg, src.state)
+        config, state = native_config(src, target, cfg), native_state(state, cfg, target)
     generation = {"do_sample": False, **_special_ids(src.tokenizer)}
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -111,6 +111,15 @@ class Family(ABC):
     def hf_config(self, cfg: ModelConfig) -> dict:
         """The config.json of this family's class for an expressible `cfg`."""
 
+    def export_form(self, cfg: ModelConfig) -> ModelConfig:
+        """The model the export writes for `cfg`: an equivalent one in the class's conventions
+        (the hybrid families rewrite exactly: hybrid.export_form); `cfg` itself by default."""
+        return cfg
+
+    def export_state(self, cfg: ModelConfig, form: ModelConfig, state: dict) -> dict:
+        """cfg's HybridLM state dict as export_form's model's (the same function); `state` by default."""
+        return state
+
 
 # ----- helpers the attention families share -----
 
