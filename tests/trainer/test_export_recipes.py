@@ -5,7 +5,8 @@ BambaForCausalLM, through the exact rewrites of trainer/hf/families/transforms.p
 (zero-centred norms as w - 1, the block / q-k norms' eps by rescaling, the gate packed
 into q_proj, an untied head, NoPE heads widened with zero rotated dims). For each recipe,
 with tiny sizes and random weights (conftest make_run: norms near 1, so a missed w - 1
-shows), on a run folder as `loom train` leaves it:
+shows), on a run folder as `loom train` leaves it (and a Nemotron-H layout with a tied head,
+the plain-rounding norm and a Mamba-2 norm eps of its own: untied copy, rescaled stream):
 - auto picks the native class and plain transformers loads the folder (no auto_map,
   no trust_remote_code); fp32 logits equal Loom's within 1e-5 at 77 tokens (no 64-token
   chunk divides it); greedy generation of 24 tokens is identical;
@@ -35,15 +36,27 @@ from loom.trainer.hf.export import export_hf, native_problem  # noqa: E402
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 T, NEW = 77, 24
 TINY = {"d_model": 64, "n_heads": 4}
-CASES = {  # recipe -> (tiny overrides, target, transformers class)
-    "gdn-hybrid": ({**TINY, "mixers": {"gdn": {"head_k_dim": 16, "head_v_dim": 16}}}, "qwen3_5",
-                   "Qwen3_5ForCausalLM"),
-    "mamba2-hybrid": ({**TINY, "mixers": {"mamba2": {"d_state": 16, "head_dim": 16}}}, "bamba", "BambaForCausalLM"),
+TINY_OVERRIDES = {  # recipe -> tiny sizes
+    "gdn-hybrid": {**TINY, "mixers": {"gdn": {"head_k_dim": 16, "head_v_dim": 16}}},
+    "mamba2-hybrid": {**TINY, "mixers": {"mamba2": {"d_state": 16, "head_dim": 16}}},
 }
 
 
 def recipe_model(recipe: str, overrides: dict) -> dict:
     return deep_merge(read_recipe(RECIPES / f"{recipe}.yaml")["model"], overrides)
+
+
+CASES = {  # name -> (model section, target, transformers class)
+    "gdn-hybrid": (recipe_model("gdn-hybrid", TINY_OVERRIDES["gdn-hybrid"]), "qwen3_5", "Qwen3_5ForCausalLM"),
+    "mamba2-hybrid": (recipe_model("mamba2-hybrid", TINY_OVERRIDES["mamba2-hybrid"]), "bamba", "BambaForCausalLM"),
+    # Nemotron-H's layout with a tied head, the weight multiplied after rounding and a Mamba-2 gated
+    # norm eps other than the blocks': untied copy, norm_weight_fp32 and the stream rescaled
+    "nemotron_h-layout-tied": ({**TINY, "layers": ["mamba2", "attn", "mlp", "mamba2", "mlp"], "block_mlp": False,
+                                "mlp_kind": "relu2", "tie_embeddings": True,
+                                "mixers": {"attn": {"rope": False}, "mamba2": {"d_state": 16, "head_dim": 16,
+                                                                               "n_groups": 2, "norm_eps": 1e-6}}},
+                               "nemotron_h", "NemotronHForCausalLM"),
+}
 
 
 def check_same_function(hf, net, ids):
@@ -58,10 +71,10 @@ def check_same_function(hf, net, ids):
     assert torch.equal(hf.generate(prompt, max_new_tokens=NEW, do_sample=False), net.generate(prompt, NEW))
 
 
-@pytest.mark.parametrize("recipe", list(CASES))
-def test_recipe_exports_natively(tmp_path, make_run, recipe):
-    overrides, target, cls = CASES[recipe]
-    net = make_run(tmp_path / "run", recipe_model(recipe, overrides), std=0.05)
+@pytest.mark.parametrize("case", list(CASES))
+def test_recipe_exports_natively(tmp_path, make_run, case):
+    model, target, cls = CASES[case]
+    net = make_run(tmp_path / "run", model, std=0.05)
     _, chosen = export_hf(tmp_path / "run", tmp_path / "out")
     assert chosen == target
     config = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -84,7 +97,7 @@ def test_recipe_exports_natively(tmp_path, make_run, recipe):
 
 
 def test_gdn_hybrid_shifts_exactly_the_zero_centred_norms(tmp_path, make_run):
-    net = make_run(tmp_path / "run", recipe_model("gdn-hybrid", CASES["gdn-hybrid"][0]), std=0.05)
+    net = make_run(tmp_path / "run", CASES["gdn-hybrid"][0], std=0.05)
     export_hf(tmp_path / "run", tmp_path / "out")
     out, mine = load_file(tmp_path / "out" / "model.safetensors"), net.state_dict()
     assert "lm_head.weight" in out  # the recipe ties; the eps rescaling of the stream unties
@@ -115,7 +128,7 @@ def test_every_recipe_of_the_families_is_expressible(recipe, target):
     ("mamba2-hybrid", {"mixers": {"attn": {"gate": "headwise"}}}, "bamba", r"model\.mixers\.attn"),
 ])
 def test_real_differences_are_refused_naming_the_field(tmp_path, make_run, capsys, recipe, overrides, target, match):
-    make_run(tmp_path / "run", recipe_model(recipe, deep_merge(CASES[recipe][0], overrides)))
+    make_run(tmp_path / "run", recipe_model(recipe, deep_merge(TINY_OVERRIDES[recipe], overrides)))
     with pytest.raises(ConvertError, match=match) as e:
         export_hf(tmp_path / "run", tmp_path / "out", target)
     assert "\n" not in str(e.value)
