@@ -33,7 +33,11 @@ and the tokenizer (tokenizer.json + tokenizer_config.json +
 special_tokens_map.json): the run's HF tokenizer.json as it is, or, for Loom's
 byte tokenizer, an equivalent tokenizer.json (ids 0..255 are the bytes, then
 <s>, </s>, <pad> = 256, 257, 258; the post-processor prepends <s>, as the
-packer starts every document with bos). transformers is not needed to export.
+packer starts every document with bos). tokenizer_config.json carries the chat
+template Loom's SFT renders with (data/chat.py: the run tokenizer folder's, with
+the special tokens it names; BYTE_CHAT_TEMPLATE for the byte tokenizer), so
+AutoTokenizer.from_pretrained(OUT).apply_chat_template gives the same text.
+transformers is not needed to export.
 """
 from __future__ import annotations
 
@@ -53,6 +57,7 @@ from loom.models.model import mixer_options
 from loom.trainer.hf.common import rope_to_hf as rope_params_to_hf
 from loom.trainer.hf.convert import ConvertError, model_yaml_dict
 from loom.trainer.hf.families import TARGETS as FAMILY_TARGETS
+from loom.trainer.data.chat import BYTE_CHAT_TEMPLATE, tokenizer_chat_config
 from loom.trainer.data.tokenizer import ByteTokenizer
 from loom.trainer.hf.source import LoomSource, load_source
 
@@ -300,9 +305,14 @@ def write_tokenizer(tokenizer, out: Path) -> list[str]:
         names = {role: tokenizer._tok.id_to_token(tid) for role, tid in
                  (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id), ("pad_token", tokenizer.pad_id))
                  if tid is not None}
+    # the chat template Loom's SFT renders with (data/chat.py), with the special tokens it may name
+    chat = ({"chat_template": BYTE_CHAT_TEMPLATE} if isinstance(tokenizer, ByteTokenizer) else
+            tokenizer_chat_config(os.path.dirname(os.path.abspath(tokenizer.path))))
+    names |= {k: v for k, v in chat.items() if k != "chat_template"}
     (out / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-         "model_max_length": 1 << 30, "model_input_names": ["input_ids", "attention_mask"], **names}, indent=2))
+         "model_max_length": 1 << 30, "model_input_names": ["input_ids", "attention_mask"], **names,
+         **({"chat_template": chat["chat_template"]} if chat else {})}, indent=2, ensure_ascii=False))
     (out / "special_tokens_map.json").write_text(json.dumps(names, indent=2))
     return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 
