@@ -23,8 +23,12 @@ SRC is a run folder (latest valid checkpoint), a checkpoint folder or a
                   AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True).
                   The modeling code wraps the installed `loom` package, which
                   must be importable where the folder is loaded.
+                  The model is first rewritten exactly into the class's conventions
+                  (families/transforms.py: zero-centred norms as w - 1, norm eps by
+                  rescaling, gate packing, an untied head copy, NoPE heads widened),
+                  so Loom's gdn-hybrid recipes become Qwen3.5 and mamba2-hybrid Bamba.
 `--target auto` (default) picks the first native class that fits (llama, mistral,
-qwen2, qwen3, olmo3, gemma3), else remote.
+qwen2, qwen3, olmo3, gemma3, qwen3_5, olmo_hybrid, nemotron_h, bamba), else remote.
 An explicit target the model does not fit is refused in one line naming the
 first layer or option it cannot express.
 

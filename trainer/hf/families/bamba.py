@@ -13,6 +13,8 @@ layer from `attn_layer_indices` (the rest are Mamba-2):
                       q, k, v and o, GQA, head_dim (config.json's, which BambaAttention reads,
                       else hidden_size / num_attention_heads)
 Refused: hidden_act other than silu (it is also the Mamba conv's activation).
+Export: rms_norm_eps is the Mamba gated norm's; NoPE attention (recipes/mamba2-hybrid*.yaml)
+becomes heads of twice the width whose rotated half is zero (transforms.py).
 z_loss_coefficient is a training loss term, not part of the model, and is not imported.
 """
 from __future__ import annotations

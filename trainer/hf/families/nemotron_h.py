@@ -17,7 +17,9 @@ block's mixer_norm, or the MLP block's mlp_norm; `mixer.up_proj` / `mixer.down_p
 MLP layer are the block's mlp.
 NemotronHForCausalLM never ties its head (no _tied_weights_keys): whatever
 tie_word_embeddings says, lm_head is its own tensor, so the import is untied (and a tied
-Loom model does not export to this class).
+Loom model exports with lm_head written as a copy of the embedding: transforms.py).
+One layer_norm_epsilon: the Mamba-2 gated norm's when there are mamba2 layers (the block
+norms' own eps kept by rescaling the residual stream, transforms.py).
 Refused, in one line naming the layer: `moe` layers (Loom has no Nemotron-H
 mixture-of-experts layer). Also refused: mamba_hidden_act other than silu, mlp_hidden_act
 other than relu2. The multi-token prediction layers (mtp.*) are left out, as the

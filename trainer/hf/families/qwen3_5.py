@@ -14,6 +14,9 @@ Qwen3.5's dense text model, as transformers 5.25 computes it (modeling_qwen3_5.p
   Text-only positions make the three M-RoPE sections equal, so mrope_section does not
   change the function.
 Refused: hidden_act other than silu (the gdn conv's activation is hidden_act too).
+Export: one rms_norm_eps, the GDN gated norm's (no rewrite can change that norm's); a Loom
+model with plain norms, other block / q-k norm eps, a separate gate or a tied head is first
+rewritten exactly (transforms.py), so recipes/gdn-hybrid*.yaml export to this class.
 A Qwen3_5ForConditionalGeneration folder imports its language model (text_config, the
 `model.language_model` tensors and the head); the vision tower and the multi-token
 prediction (mtp) weights are left out, as Qwen3_5ForCausalLM leaves them.
