@@ -11,6 +11,9 @@ habit) holds both directions of one mapping, derived from the config class's fie
     to_hf(name)          a HybridLM tensor name -> the checkpoint name
     tensors_from_hf / tensors_to_hf   tensor rewrites around the renaming (the hybrid
                          families: conv tap order, q/k/v merges); identity by default
+    export_form / export_state   the equivalent model (config, tensors) the export writes, in
+                         the class's conventions (the hybrid families: transforms.py); identity
+                         by default
 
 Layer names: HF `model.layers.{i}.<suffix>` <-> Loom `blocks.{i}.<suffix>`, one table
 per family (`LAYER`: hf suffix -> loom suffix), read in both directions.

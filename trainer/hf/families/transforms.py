@@ -24,6 +24,8 @@ Shapes: H query heads, G key/value heads, K head dim, W gate width per head, D d
                       (Bamba: f = 1/2): heads widened to K' = K / (1 - f) with the rotated
                       dims' q / k / v weights zero (a rotated zero is zero) and q times
                       sqrt(K' / K) for the wider head's scale; o_proj reads the last K dims
+Exact in fp32 (Loom checkpoints hold fp32 master weights; a half-precision source rounds the
+rescaled tensors once more in its dtype).
 Whatever still differs is a real difference: roundtrip_problem (hybrid.py) names it.
 """
 from __future__ import annotations
