@@ -5,7 +5,8 @@ zero-centring, norm_weight_fp32, untying, the block norms' eps with a tied head,
 norms' eps with per-head and full-width norms, gate packing separate <-> head <-> group
 with headwise / elementwise gates and biases, NoPE heads widened for a rotary fraction of
 1/2 and 1/4), class_form moves exactly that field and class_state's tensors give the same
-fp64 logits (1e-9) and fp32 logits (1e-5, or twice the models' own fp32 errors) at 45 tokens; a field no rewrite reaches is left as it is.
+fp64 logits (1e-9) and fp32 logits (1e-5, or twice the models' own fp32 errors) at 45
+tokens; a field no rewrite reaches is left as it is.
 Cost: ~2 s on one core.
 """
 import dataclasses
