@@ -65,6 +65,33 @@ def _token_text(value) -> Optional[str]:
     return value if isinstance(value, str) else None
 
 
+def tokenizer_chat_config(folder: str) -> dict:
+    """The chat part of a Hugging Face tokenizer folder: {"chat_template": its template (text,
+    or transformers' list of named templates), and the special-token texts (bos_token,
+    eos_token, ...)} from tokenizer_config.json (special_tokens_map.json overriding the tokens
+    unless the config has added_tokens_decoder, as transformers 5.25 loads them), the template
+    from chat_template.jinja when the config has none; {} without a template. What
+    `loom convert hf` / `to-hf` carry along."""
+    cfg_path = os.path.join(folder, "tokenizer_config.json")
+    cfg = {}
+    if os.path.isfile(cfg_path):
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    map_path = os.path.join(folder, "special_tokens_map.json")
+    if "added_tokens_decoder" not in cfg and os.path.isfile(map_path):
+        with open(map_path) as f:  # transformers 5 lets this legacy file override the config's tokens
+            cfg |= {k: v for k, v in json.load(f).items() if k in _SPECIAL_KEYS}
+    template = cfg.get("chat_template")
+    jinja_path = os.path.join(folder, "chat_template.jinja")
+    if template is None and os.path.isfile(jinja_path):
+        with open(jinja_path) as f:
+            template = f.read()
+    if not template:
+        return {}
+    return {"chat_template": template,
+            **{k: t for k in _SPECIAL_KEYS if (t := _token_text(cfg.get(k))) is not None}}
+
+
 def load_chat_template(tokenizer) -> tuple[str, dict]:
     """(template source, special-token variables) of a tokenizer: its tokenizer_config.json's
     chat_template (or chat_template.jinja), BYTE_CHAT_TEMPLATE for the byte tokenizer.
@@ -73,23 +100,15 @@ def load_chat_template(tokenizer) -> tuple[str, dict]:
     if path is None:
         return BYTE_CHAT_TEMPLATE, {"bos_token": "", "eos_token": "<|end|>"}
     folder = os.path.dirname(os.path.abspath(path))
-    cfg_path = os.path.join(folder, "tokenizer_config.json")
-    cfg = {}
-    if os.path.isfile(cfg_path):
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-    template = cfg.get("chat_template")
-    jinja_path = os.path.join(folder, "chat_template.jinja")
-    if template is None and os.path.isfile(jinja_path):
-        with open(jinja_path) as f:
-            template = f.read()
+    chat = tokenizer_chat_config(folder)
+    template = chat.pop("chat_template", None)
     if isinstance(template, list):     # named templates: take "default"
         template = {t.get("name"): t.get("template") for t in template}.get("default")
     if not isinstance(template, str) or not template:
-        raise ValueError(f"tokenizer {path} has no chat template (chat_template in {cfg_path} or "
-                         f"{jinja_path}); a chat source needs one")
-    specials = {k: t for k in _SPECIAL_KEYS if (t := _token_text(cfg.get(k))) is not None}
-    return template, specials
+        raise ValueError(f"tokenizer {path} has no chat template (chat_template in "
+                         f"{os.path.join(folder, 'tokenizer_config.json')} or "
+                         f"{os.path.join(folder, 'chat_template.jinja')}); a chat source needs one")
+    return template, chat
 
 
 class ChatTemplate:

@@ -13,6 +13,9 @@ with `safetensors`. OUT receives
     model.safetensors   the HybridLM state dict (dtype of the source kept)
     model.yaml          `model: {...}`, the model section for a recipe
     tokenizer.json      copied from PATH when present (an HF `tokenizers` file)
+    tokenizer_config.json  with it, when PATH has a chat template: `chat_template` (from
+                        tokenizer_config.json or chat_template.jinja) and the special tokens
+                        it may name, so a `kind: chat` SFT source reads it (data/chat.py)
 
 and a run starts from it with the recipe key `init_from: OUT`, which calls
 `load_converted(OUT)`.
@@ -55,6 +58,7 @@ from safetensors.torch import save_file
 from loom.models import HybridLM, ModelConfig
 from loom.models.config import build, check_ranges
 from loom.models.rope import RopeConfig
+from loom.trainer.data.chat import tokenizer_chat_config
 from loom.trainer.hf.common import ConvertError, require as _require, rope_from_params
 from loom.trainer.hf.families import FAMILIES, family_of
 from loom.trainer.hf.families.base import compact_layers
@@ -379,6 +383,9 @@ def convert_hf(src: str | Path, out: str | Path) -> Path:
         (tmp / "model.yaml").write_text(text)
         if (src / "tokenizer.json").is_file():
             shutil.copyfile(src / "tokenizer.json", tmp / "tokenizer.json")
+            chat = tokenizer_chat_config(str(src))  # the chat template (and the tokens it names) goes along
+            if chat:
+                (tmp / "tokenizer_config.json").write_text(json.dumps(chat, indent=2, ensure_ascii=False) + "\n")
         if out.exists():
             out.rmdir()  # empty, checked above
         tmp.rename(out)

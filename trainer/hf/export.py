@@ -23,8 +23,12 @@ SRC is a run folder (latest valid checkpoint), a checkpoint folder or a
                   AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True).
                   The modeling code wraps the installed `loom` package, which
                   must be importable where the folder is loaded.
+                  The model is first rewritten exactly into the class's conventions
+                  (families/transforms.py: zero-centred norms as w - 1, norm eps by
+                  rescaling, gate packing, an untied head copy, NoPE heads widened),
+                  so Loom's gdn-hybrid recipes become Qwen3.5 and mamba2-hybrid Bamba.
 `--target auto` (default) picks the first native class that fits (llama, mistral,
-qwen2, qwen3, olmo3, gemma3), else remote.
+qwen2, qwen3, olmo3, gemma3, qwen3_5, olmo_hybrid, nemotron_h, bamba), else remote.
 An explicit target the model does not fit is refused in one line naming the
 first layer or option it cannot express.
 
@@ -33,7 +37,11 @@ and the tokenizer (tokenizer.json + tokenizer_config.json +
 special_tokens_map.json): the run's HF tokenizer.json as it is, or, for Loom's
 byte tokenizer, an equivalent tokenizer.json (ids 0..255 are the bytes, then
 <s>, </s>, <pad> = 256, 257, 258; the post-processor prepends <s>, as the
-packer starts every document with bos). transformers is not needed to export.
+packer starts every document with bos). tokenizer_config.json carries the chat
+template Loom's SFT renders with (data/chat.py: the run tokenizer folder's, with
+the special tokens it names; BYTE_CHAT_TEMPLATE for the byte tokenizer), so
+AutoTokenizer.from_pretrained(OUT).apply_chat_template gives the same text.
+transformers is not needed to export.
 """
 from __future__ import annotations
 
@@ -53,6 +61,7 @@ from loom.models.model import mixer_options
 from loom.trainer.hf.common import rope_to_hf as rope_params_to_hf
 from loom.trainer.hf.convert import ConvertError, model_yaml_dict
 from loom.trainer.hf.families import TARGETS as FAMILY_TARGETS
+from loom.trainer.data.chat import BYTE_CHAT_TEMPLATE, tokenizer_chat_config
 from loom.trainer.data.tokenizer import ByteTokenizer
 from loom.trainer.hf.source import LoomSource, load_source
 
@@ -163,8 +172,9 @@ def _special_ids(tokenizer) -> dict:
     return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
 
 
-def native_config(src: LoomSource, target: str) -> dict:
-    cfg = src.cfg
+def native_config(src: LoomSource, target: str, cfg: ModelConfig | None = None) -> dict:
+    """config.json of a native target; cfg: the model written (export_form's), default src.cfg."""
+    cfg = cfg or src.cfg
     arch, model_type = ARCH[target]
     if target in FAMILY_TARGETS:
         return {"architectures": [arch], "model_type": model_type, "vocab_size": cfg.vocab_size,
@@ -299,9 +309,14 @@ def write_tokenizer(tokenizer, out: Path) -> list[str]:
         names = {role: tokenizer._tok.id_to_token(tid) for role, tid in
                  (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id), ("pad_token", tokenizer.pad_id))
                  if tid is not None}
+    # the chat template Loom's SFT renders with (data/chat.py), with the special tokens it may name
+    chat = ({"chat_template": BYTE_CHAT_TEMPLATE} if isinstance(tokenizer, ByteTokenizer) else
+            tokenizer_chat_config(os.path.dirname(os.path.abspath(tokenizer.path))))
+    names |= {k: v for k, v in chat.items() if k != "chat_template"}
     (out / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-         "model_max_length": 1 << 30, "model_input_names": ["input_ids", "attention_mask"], **names}, indent=2))
+         "model_max_length": 1 << 30, "model_input_names": ["input_ids", "attention_mask"], **names,
+         **({"chat_template": chat["chat_template"]} if chat else {})}, indent=2, ensure_ascii=False))
     (out / "special_tokens_map.json").write_text(json.dumps(names, indent=2))
     return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 
@@ -365,7 +380,12 @@ def export_hf(src_path: str | Path, out: str | Path, target: str = "auto") -> tu
     if target == "remote":
         config, state = remote_config(src), {f"model.{k}": v.contiguous() for k, v in src.state.items()}
     else:
-        config, state = native_config(src, target), native_state(src.state, src.cfg, target)
+        cfg, state = src.cfg, src.state
+        if target in FAMILY_TARGETS:  # an equivalent model in the class's conventions (families/transforms.py)
+            fam = FAMILY_TARGETS[target]
+            cfg = fam.export_form(src.cfg)
+            state = fam.export_state(src.cfg, cfg, src.state)
+        config, state = native_config(src, target, cfg), native_state(state, cfg, target)
     generation = {"do_sample": False, **_special_ids(src.tokenizer)}
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,8 @@ layer from `attn_layer_indices` (the rest are Mamba-2):
                       q, k, v and o, GQA, head_dim (config.json's, which BambaAttention reads,
                       else hidden_size / num_attention_heads)
 Refused: hidden_act other than silu (it is also the Mamba conv's activation).
+Export: rms_norm_eps is the Mamba gated norm's; NoPE attention (recipes/mamba2-hybrid*.yaml)
+becomes heads of twice the width whose rotated half is zero (transforms.py).
 z_loss_coefficient is a training loss term, not part of the model, and is not imported.
 """
 from __future__ import annotations
@@ -21,7 +23,8 @@ from loom.models import ModelConfig
 from loom.models.model import mixer_options
 from loom.trainer.hf.common import rope_from_params, rope_to_hf
 from loom.trainer.hf.families.base import ConvertError, Family, attention_names, compact_layers, sizes
-from loom.trainer.hf.families.hybrid import MAMBA2_NAMES, check_groups, dt_limit, map_convs, need_silu, roundtrip_problem
+from loom.trainer.hf.families.hybrid import (MAMBA2_NAMES, check_groups, dt_limit, export_form, export_state,
+                                             map_convs, need_silu, roundtrip_problem)
 
 _TOP = {"model.embed_tokens.weight": "embed.weight", "model.final_layernorm.weight": "norm.weight",
         "lm_head.weight": "lm_head.weight"}
@@ -98,10 +101,18 @@ class Bamba(Family):
     def native_problem(self, cfg: ModelConfig) -> str | None:
         return roundtrip_problem(self, cfg)
 
+    def export_form(self, cfg: ModelConfig) -> ModelConfig:
+        return export_form(self, cfg)
+
+    def export_state(self, cfg: ModelConfig, form: ModelConfig, state: dict) -> dict:
+        return export_state(cfg, form, state)
+
     def hf_config(self, cfg: ModelConfig) -> dict:
         opts = mixer_options(cfg)
         kinds = cfg.layer_kinds()
-        out = {"num_key_value_heads": cfg.n_kv_heads, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
+        # one rms_norm_eps, the Mamba gated norm's too: that norm's (export_form rescales the block norms')
+        eps = opts["mamba2"].norm_eps if "mamba2" in opts else cfg.norm_eps
+        out = {"num_key_value_heads": cfg.n_kv_heads, "rms_norm_eps": eps, "hidden_act": "silu",
                "tie_word_embeddings": cfg.tie_embeddings, "mlp_bias": cfg.mlp_bias, "attention_dropout": 0.0,
                "attn_layer_indices": [i for i, k in enumerate(kinds) if k == "attn"],
                "rope_parameters": {**rope_to_hf(cfg.rope), "partial_rotary_factor": 0.5}}

@@ -11,6 +11,9 @@ habit) holds both directions of one mapping, derived from the config class's fie
     to_hf(name)          a HybridLM tensor name -> the checkpoint name
     tensors_from_hf / tensors_to_hf   tensor rewrites around the renaming (the hybrid
                          families: conv tap order, q/k/v merges); identity by default
+    export_form / export_state   the equivalent model (config, tensors) the export writes, in
+                         the class's conventions (the hybrid families: transforms.py); identity
+                         by default
 
 Layer names: HF `model.layers.{i}.<suffix>` <-> Loom `blocks.{i}.<suffix>`, one table
 per family (`LAYER`: hf suffix -> loom suffix), read in both directions.
@@ -110,6 +113,15 @@ class Family(ABC):
     @abstractmethod
     def hf_config(self, cfg: ModelConfig) -> dict:
         """The config.json of this family's class for an expressible `cfg`."""
+
+    def export_form(self, cfg: ModelConfig) -> ModelConfig:
+        """The model the export writes for `cfg`: an equivalent one in the class's conventions
+        (the hybrid families rewrite exactly: hybrid.export_form); `cfg` itself by default."""
+        return cfg
+
+    def export_state(self, cfg: ModelConfig, form: ModelConfig, state: dict) -> dict:
+        """cfg's HybridLM state dict as export_form's model's (the same function); `state` by default."""
+        return state
 
 
 # ----- helpers the attention families share -----

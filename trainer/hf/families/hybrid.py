@@ -9,7 +9,10 @@
 - Export check by round trip (roundtrip_problem): a ModelConfig is expressible in a
   family's class when importing the config.json that hf_config writes for it gives back
   the same model (every field, every used mixer option that changes the function),
-  so a new option of a mixer is refused until the family maps it.
+  so a new option of a mixer is refused until the family maps it. The model compared is
+  export_form's: the model rewritten exactly into the class's conventions (transforms.py:
+  zero-centred norms, an untied head, norm eps, gate packing, NoPE heads), so only a
+  difference no exact rewrite removes is refused.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from loom.models import ModelConfig
 from loom.models.blocks import MLP_ONLY
 from loom.models.model import mixer_options
 from loom.trainer.hf.common import ConvertError
+from loom.trainer.hf.families.transforms import class_form, class_state
 
 # transformers suffix under the layer's mixer module -> Loom suffix under blocks.{i}.mixer.
 GDN_NAMES = {f"{p}.weight": f"{p}.weight" for p in ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a",
@@ -105,20 +109,41 @@ def _function_options(kind: str, opts, cfg: ModelConfig) -> dict:
     return o
 
 
+def _class_import(fam, cfg: ModelConfig) -> ModelConfig:
+    """The model that importing the config.json fam.hf_config writes for cfg gives."""
+    hf = {"model_type": fam.model_types[0], "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+          "intermediate_size": cfg.mlp_hidden, "num_hidden_layers": len(cfg.layer_kinds()),
+          "num_attention_heads": cfg.n_heads, **fam.hf_config(cfg)}
+    return fam.config_from_hf(hf).resolved()
+
+
+def export_form(fam, cfg: ModelConfig) -> ModelConfig:
+    """cfg rewritten exactly into fam's class's conventions (transforms.class_form); cfg
+    itself when the class cannot even write its config.json."""
+    cfg = cfg.resolved()
+    try:
+        return class_form(cfg, _class_import(fam, cfg))
+    except (ConvertError, KeyError, ValueError):
+        return cfg
+
+
+def export_state(cfg: ModelConfig, form: ModelConfig, state: dict) -> dict:
+    """A HybridLM state dict of cfg -> the same function's tensors in export_form's model."""
+    return class_state(cfg, form, state)
+
+
 def roundtrip_problem(fam, cfg: ModelConfig) -> str | None:
-    """Why `cfg` is not `fam`'s class: the first field the class's config.json cannot carry."""
+    """Why `cfg` is not `fam`'s class: the first field the class's config.json cannot carry
+    once the model is rewritten into the class's conventions (export_form)."""
     name = fam.architecture
     other = [(i, k) for i, k in enumerate(cfg.layer_kinds()) if k not in fam.kinds]
     if other:
         return f"layer {other[0][0]} is {other[0][1]!r}; {name} has {', '.join(fam.kinds)} layers only"
     try:
-        hf = {"model_type": fam.model_types[0], "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
-              "intermediate_size": cfg.mlp_hidden, "num_hidden_layers": len(cfg.layer_kinds()),
-              "num_attention_heads": cfg.n_heads, **fam.hf_config(cfg)}
-        back = fam.config_from_hf(hf).resolved()
+        cfg = export_form(fam, cfg)
+        back = _class_import(fam, cfg)
     except (ConvertError, KeyError, ValueError) as e:
         return f"{name} cannot express this model ({str(e).splitlines()[0]})"
-    cfg = cfg.resolved()
     kinds, kinds2 = cfg.layer_kinds(), back.layer_kinds()
     if kinds != kinds2:
         i = next((i for i, (a, b) in enumerate(zip(kinds, kinds2)) if a != b), min(len(kinds), len(kinds2)))

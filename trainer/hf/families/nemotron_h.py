@@ -17,7 +17,9 @@ block's mixer_norm, or the MLP block's mlp_norm; `mixer.up_proj` / `mixer.down_p
 MLP layer are the block's mlp.
 NemotronHForCausalLM never ties its head (no _tied_weights_keys): whatever
 tie_word_embeddings says, lm_head is its own tensor, so the import is untied (and a tied
-Loom model does not export to this class).
+Loom model exports with lm_head written as a copy of the embedding: transforms.py).
+One layer_norm_epsilon: the Mamba-2 gated norm's when there are mamba2 layers (the block
+norms' own eps kept by rescaling the residual stream, transforms.py).
 Refused, in one line naming the layer: `moe` layers (Loom has no Nemotron-H
 mixture-of-experts layer). Also refused: mamba_hidden_act other than silu, mlp_hidden_act
 other than relu2. The multi-token prediction layers (mtp.*) are left out, as the
@@ -30,9 +32,8 @@ import re
 from loom.models import ModelConfig
 from loom.models.model import mixer_options
 from loom.trainer.hf.families.base import ConvertError, Family, attention_names, compact_layers
-from loom.trainer.hf.families.hybrid import (MAMBA2_NAMES, check_groups, dt_limit, kinds_from_types, map_convs,
-                                             need_silu,
-                                             roundtrip_problem)
+from loom.trainer.hf.families.hybrid import (MAMBA2_NAMES, check_groups, dt_limit, export_form, export_state,
+                                             kinds_from_types, map_convs, need_silu, roundtrip_problem)
 
 _TYPES = {"linear_attention": "mamba2", "full_attention": "attn", "mlp": "mlp"}
 _LEGACY = {"mamba": "linear_attention", "attention": "full_attention"}
@@ -154,6 +155,12 @@ class NemotronH(Family):
     def native_problem(self, cfg: ModelConfig) -> str | None:
         return roundtrip_problem(self, cfg)
 
+    def export_form(self, cfg: ModelConfig) -> ModelConfig:
+        return export_form(self, cfg)
+
+    def export_state(self, cfg: ModelConfig, form: ModelConfig, state: dict) -> dict:
+        return export_state(cfg, form, state)
+
     def hf_config(self, cfg: ModelConfig) -> dict:
         opts = mixer_options(cfg)
         names = {v: k for k, v in _TYPES.items()}
@@ -169,7 +176,6 @@ class NemotronH(Family):
                     "use_bias": m.bias, "time_step_limit": list(m.dt_limit), "time_step_min": m.dt_min,
                     "time_step_max": m.dt_max, "time_step_floor": m.dt_init_floor,
                     "expand": max(1, heads * m.head_dim // cfg.d_model)}
-            if m.norm_eps != cfg.norm_eps:
-                raise ConvertError(f"model.mixers.mamba2.norm_eps ({m.norm_eps}) differs from model.norm_eps "
-                                   f"({cfg.norm_eps}); NemotronH has one layer_norm_epsilon")
+            # one layer_norm_epsilon: the gated norm's (export_form rescales the block norms' to it)
+            out["layer_norm_epsilon"] = m.norm_eps
         return out

@@ -27,7 +27,8 @@ from loom.models import ModelConfig
 from loom.models.model import mixer_options
 from loom.trainer.hf.common import rope_from_params, rope_to_hf
 from loom.trainer.hf.families.base import ConvertError, Family, attention_names, compact_layers, mlp_names, sizes
-from loom.trainer.hf.families.hybrid import kinds_from_types, map_convs, need_silu, roundtrip_problem
+from loom.trainer.hf.families.hybrid import (export_form, export_state, kinds_from_types, map_convs, need_silu,
+                                             roundtrip_problem)
 
 LINEAR, FULL = "linear_attention", "full_attention"
 _GDN_PRE_MLP = "gdn_pre_mlp_layernorm.weight"  # a GDN layer's post_attention_layernorm (it precedes the MLP)
@@ -175,6 +176,12 @@ class OlmoHybrid(Family):
 
     def native_problem(self, cfg: ModelConfig) -> str | None:
         return roundtrip_problem(self, cfg)
+
+    def export_form(self, cfg: ModelConfig) -> ModelConfig:
+        return export_form(self, cfg)
+
+    def export_state(self, cfg: ModelConfig, form: ModelConfig, state: dict) -> dict:
+        return export_state(cfg, form, state)
 
     def hf_config(self, cfg: ModelConfig) -> dict:
         opts = mixer_options(cfg)

@@ -14,6 +14,9 @@ Qwen3.5's dense text model, as transformers 5.25 computes it (modeling_qwen3_5.p
   Text-only positions make the three M-RoPE sections equal, so mrope_section does not
   change the function.
 Refused: hidden_act other than silu (the gdn conv's activation is hidden_act too).
+Export: one rms_norm_eps, the GDN gated norm's (no rewrite can change that norm's); a Loom
+model with plain norms, other block / q-k norm eps, a separate gate or a tied head is first
+rewritten exactly (transforms.py), so recipes/gdn-hybrid*.yaml export to this class.
 A Qwen3_5ForConditionalGeneration folder imports its language model (text_config, the
 `model.language_model` tensors and the head); the vision tower and the multi-token
 prediction (mtp) weights are left out, as Qwen3_5ForCausalLM leaves them.
@@ -24,8 +27,8 @@ from loom.models import ModelConfig
 from loom.models.model import mixer_options
 from loom.trainer.hf.common import rope_from_params, rope_to_hf
 from loom.trainer.hf.families.base import (ConvertError, Family, attention_names, compact_layers, mlp_names, sizes)
-from loom.trainer.hf.families.hybrid import (GDN_NAMES, kinds_from_types, map_convs, need_silu,
-                                             roundtrip_problem)
+from loom.trainer.hf.families.hybrid import (GDN_NAMES, export_form, export_state, kinds_from_types, map_convs,
+                                             need_silu, roundtrip_problem)
 
 MULTIMODAL = "Qwen3_5ForConditionalGeneration"
 LINEAR, FULL = "linear_attention", "full_attention"
@@ -110,11 +113,20 @@ class Qwen3_5(Family):
     def native_problem(self, cfg: ModelConfig) -> str | None:
         return roundtrip_problem(self, cfg)
 
+    def export_form(self, cfg: ModelConfig) -> ModelConfig:
+        return export_form(self, cfg)
+
+    def export_state(self, cfg: ModelConfig, form: ModelConfig, state: dict) -> dict:
+        return export_state(cfg, form, state)
+
     def hf_config(self, cfg: ModelConfig) -> dict:
         opts = mixer_options(cfg)
         kinds = cfg.layer_kinds()
+        # one rms_norm_eps for every norm: the GDN gated norm's, which no rewrite can change
+        # (export_form rescales the block and q/k norms' to it)
+        eps = opts["gdn"].norm_eps if "gdn" in opts else cfg.norm_eps
         out = {"model_type": "qwen3_5_text", "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
-               "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
+               "rms_norm_eps": eps, "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
                "layer_types": [FULL if k == "attn" else LINEAR if k == "gdn" else k for k in kinds],
                "attention_dropout": 0.0}
         rope = rope_to_hf(cfg.rope)
