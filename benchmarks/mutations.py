@@ -43,7 +43,7 @@ class Mutation:
         ref = "tests/models/reference/"
         stem = Path(self.path).stem
         files = {"rope": ["test_rope", "test_attn"], "rotary": ["test_rope", "test_attn"],
-                 "heads": ["test_attn", "test_rat"], "conv": ["test_attn", "test_memory", "test_gdn"],
+                 "heads": ["test_attn", "test_rat"], "conv": ["test_attn", "test_memory", "test_gdn", "test_mamba2"],
                  "swa": ["test_attn"], "attn": ["test_attn", "test_s2"],
                  "memory": ["test_memory", "test_titans_mag", "test_titans_mac"],
                  "titans_attention": ["test_titans_mag", "test_titans_mac"]}.get(stem, [f"test_{stem}"])
@@ -91,7 +91,7 @@ MUTATIONS = [
       ("o = sliding_window_attention(q, k, v, window=W,",
        "o = sliding_window_attention(q, k, v, window=max(W - 1, 0),")),
     M("conv_reaches_previous_doc", "models/mixers/conv.py", "short conv reaches one token into the previous document",
-      ("same_doc = (position_ids >= j)[..., None]", "same_doc = (position_ids >= j - 1)[..., None]")),
+      ("cross = position_ids[b, t][:, None] < j ", "cross = position_ids[b, t][:, None] < j - 1 ")),
     # rat, linear, memory
     M("rat_output_gate_dropped", "models/mixers/rat.py", "RAT's output gate dropped",
       ("o = o * torch.sigmoid(self.z_proj(x)).view(B, T, H, K)", "o = o")),
@@ -116,8 +116,8 @@ MUTATIONS = [
       ("D=self.D, dt_bias=self.dt_bias", "D=None, dt_bias=self.dt_bias")),
     M("mamba2_norm_not_grouped", "models/mixers/mamba2.py", "Mamba-2 gated norm over all channels, not per group",
       ("hg = h.view(*h.shape[:-1], -1, self.group)", "hg = h.view(*h.shape[:-1], 1, -1)")),
-    M("mamba2_no_conv_bias", "models/mixers/mamba2.py", "Mamba-2 conv bias dropped",
-      ("F.conv1d(xx.transpose(1, 2), w, self.bias, groups=C)", "F.conv1d(xx.transpose(1, 2), w, None, groups=C)")),
+    M("mamba2_no_conv_bias", "models/mixers/conv.py", "Mamba-2 conv bias dropped (ShortConv(bias=True))",
+      ("            y.add_(bias.to(acc))", "            pass")),
     M("mag_no_mem_norm", "models/mixers/titans_mag.py", "MAG memory branch not normalised before its sigmoid",
       ("torch.sigmoid(self.mem_norm(m.to(a.dtype)))", "torch.sigmoid(m.to(a.dtype))")),
     M("mac_memory_tokens_no_rope", "models/mixers/titans_mac.py", "MAC memory-token keys without RoPE",
